@@ -1,0 +1,24 @@
+"""Install the TPRD toolbox: ``pip install -e ".[dev]"``."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tprd",
+    version="0.1.0",
+    description="Knowledge distillation for DETR detectors with teacher prediction refinement (TPRD)",
+    python_requires=">=3.9",
+    packages=find_packages(include=["tprd", "tprd.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy",
+        "scipy",
+        "pycocotools",
+        "omegaconf>=2.1",
+        "fvcore",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+    ],
+    extras_require={"dev": ["pytest>=7"]},
+)

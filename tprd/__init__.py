@@ -1,0 +1,3 @@
+"""TPRD toolbox: knowledge distillation of DETR detectors with teacher prediction refinement."""
+
+__version__ = "0.1.0"
