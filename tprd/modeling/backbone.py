@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-__all__ = ["ResNet", "ChannelMapper", "convert_detectron2_resnet_keys", "convert_torchvision_resnet_keys"]
+__all__ = [
+    "ResNet",
+    "ChannelMapper",
+    "convert_detectron2_resnet_keys",
+    "convert_torchvision_resnet_keys",
+    "torchvision_to_detectron2_resnet_keys",
+]
 
 _RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 _STAGES = ("res2", "res3", "res4", "res5")
@@ -114,6 +120,36 @@ def convert_torchvision_resnet_keys(state_dict: Mapping[str, Tensor]) -> Dict[st
         for k, v in state_dict.items()
         if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
     }
+
+
+_TV_STEM = re.compile(r"(^|(?<![0-9])\.)(conv1|bn1)\.")  # not a block's conv1 ("layer1.0.conv1")
+_TV_BLOCK = re.compile(r"(^|\.)layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\.")
+
+
+def _tv_to_d2(key: str) -> str:
+    if _D2_STEM.search(key) or _D2_BLOCK.search(key):
+        return key  # already detectron2 naming
+    m = _TV_BLOCK.search(key)
+    if m:
+        lead, layer, block, part = m.groups()
+        if part.startswith("downsample"):
+            new = "shortcut." if part.endswith("0") else "shortcut.norm."
+        elif part.startswith("bn"):
+            new = f"conv{part[-1]}.norm."
+        else:
+            new = f"{part}."
+        return key[: m.start()] + f"{lead}res{int(layer) + 1}.{block}." + new + key[m.end():]
+    m = _TV_STEM.search(key)
+    if m:
+        new = "stem.conv1." if m.group(2) == "conv1" else "stem.conv1.norm."
+        return key[: m.start()] + m.group(1) + new + key[m.end():]
+    return key
+
+
+def torchvision_to_detectron2_resnet_keys(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Rename torchvision ResNet keys to detectron2's naming (the inverse of
+    :func:`convert_detectron2_resnet_keys`); ``fc.*`` and ``num_batches_tracked`` are dropped."""
+    return {_tv_to_d2(k): v for k, v in convert_torchvision_resnet_keys(state_dict).items()}
 
 
 class ChannelMapper(nn.Module):
