@@ -1,1 +1,37 @@
 
+from .catalog import (  # noqa: E402
+    COCO_CATEGORIES,
+    VOC_CLASSES,
+    DatasetCatalog,
+    Metadata,
+    MetadataCatalog,
+    datasets_root,
+    prepare_dataset,
+    register_coco_instances,
+    register_pascal_voc,
+)
+from .datasets import (  # noqa: E402
+    CocoDetectionDataset,
+    DatasetFromList,
+    MapDataset,
+    VOCDetectionDataset,
+    load_coco_json,
+    load_voc_instances,
+    read_image,
+)
+from .loader import (  # noqa: E402
+    GroupedBatchSampler,
+    InferenceSampler,
+    TrainingSampler,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset,
+    get_detection_dataset_dicts,
+)
+from .transforms import (  # noqa: E402
+    DetrDatasetMapper,
+    RandomCrop,
+    ResizeShortestEdge,
+    detr_test_augmentation,
+    detr_train_augmentation,
+)
