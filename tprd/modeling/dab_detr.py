@@ -1,0 +1,660 @@
+"""DAB-DETR: DETR with dynamic anchor boxes as queries (Liu et al., ICLR 2022), as in detrex.
+
+Reads top to bottom as the paper's pipeline::
+
+    images -> ResNet (res5 only) -> 1x1 input_proj -> sine position embedding (temperature 20)
+           -> encoder (6 x [self-attn with query_scale-modulated positions, PReLU FFN])
+           -> decoder (6 x [conditional self-attn, conditional cross-attn, PReLU FFN]) whose
+              queries are zero content vectors plus 4-d anchor boxes (cx, cy, w, h), refined by the
+              shared box head after every layer
+           -> shared class head / box MLP on the LayerNorm-ed output of every layer.
+
+The numerics follow detrex (IDEA-Research/detrex, ``projects/dab_detr``) exactly, including the
+order of operations and the initialisation; the module tree is arranged for reading and
+:meth:`DABDETR.convert_detrex_state_dict` maps detrex checkpoint keys onto it.
+
+Things worth knowing:
+
+* The decoder refines anchors with the box head applied to the *raw* layer output, while the
+  returned per-stage boxes apply the same head to the *LayerNorm-ed* output (``post_norm_layer``):
+  stage-l box = sigmoid(inverse_sigmoid(reference_l) + bbox_embed(hidden_l)). The reference of
+  layer l+1 is the (detached) refined box of layer l; the stacked ``references`` keep the
+  non-detached values, so the box loss of stage l+1 also trains layer l, as in detrex.
+* ``freeze_anchor_box_centers``: detrex initialises the anchor centres uniformly in (0, 1) (through
+  inverse sigmoid) and then tries to freeze them with ``weight.data[:, :2].requires_grad = False``,
+  which does nothing (it sets the flag on a temporary view). We reproduce the *effective*
+  behaviour: the flag only selects that initialisation and the whole anchor table stays trainable
+  (METHODS.md section 8, #22).
+* Padding masks: the encoder masks padded memory tokens. detrex never passes the padding mask to
+  the decoder's cross-attention (its ``DabDetrTransformer`` calls the decoder without it), so
+  checkpoints were trained attending to padded tokens; ``mask_decoder_memory=False`` (default)
+  keeps that, ``True`` also masks them there (then a padded image gives the same detections as the
+  image alone, up to the backbone's border effects). detrex's eval forward uses an all-zero mask;
+  we always use the true mask (identical for a single image).
+* Extra query groups (:class:`~tprd.modeling.outputs.QueryGroup`: content ``[B?,Q,D]`` + anchors
+  ``[B?,Q,4]`` normalised, i.e. after sigmoid) are decoded in the same pass as the main group,
+  behind a block-diagonal self-attention mask, and returned split by name.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tprd.layers.box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
+from tprd.layers.conditional_attention import ConditionalCrossAttention, ConditionalSelfAttention
+from tprd.layers.mlp import MLP
+from tprd.layers.position_embedding import PositionEmbeddingSine, get_sine_pos_embed
+from tprd.modeling.backbone import ResNet, convert_detectron2_resnet_keys
+from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
+from tprd.modeling.postprocess import detector_postprocess, select_topk
+
+__all__ = [
+    "DABDETR",
+    "DabDetrTransformer",
+    "DabDetrTransformerEncoder",
+    "DabDetrTransformerDecoder",
+    "FFN",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+class FFN(nn.Module):
+    """``x + Dropout(Linear2(Dropout(act(Linear1(x)))))`` (residual included, as detrex's FFN)."""
+
+    def __init__(self, embed_dim: int, feedforward_dim: int, activation: nn.Module, dropout: float = 0.0):
+        super().__init__()
+        self.linear1 = nn.Linear(embed_dim, feedforward_dim)
+        self.activation = copy.deepcopy(activation)
+        self.dropout1 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(feedforward_dim, embed_dim)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout2(self.linear2(self.dropout1(self.activation(self.linear1(x)))))
+
+
+def _default_activation() -> nn.Module:
+    return nn.PReLU()
+
+
+class DabDetrEncoderLayer(nn.Module):
+    """Post-norm encoder layer: ``x = norm1(x + MHA(x+p, x+p, x)); x = norm2(FFN(x))``."""
+
+    def __init__(self, embed_dim, num_heads, feedforward_dim, attn_dropout, ffn_dropout, activation):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=attn_dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.ffn = FFN(embed_dim, feedforward_dim, activation, ffn_dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        qk = x + pos
+        x = x + self.self_attn(qk, qk, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        x = self.norm1(x)
+        return self.norm2(self.ffn(x))
+
+
+class DabDetrTransformerEncoder(nn.Module):
+    """Encoder whose position embedding is rescaled per layer by ``query_scale(x)`` (an MLP).
+
+    ``forward(x [B,S,D], pos [B,S,D], key_padding_mask [B,S] bool)`` -> memory ``[B,S,D]``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        attn_dropout: float = 0.0,
+        feedforward_dim: int = 2048,
+        ffn_dropout: float = 0.0,
+        activation: Optional[nn.Module] = None,
+        num_layers: int = 6,
+        post_norm: bool = False,
+    ):
+        super().__init__()
+        activation = activation if activation is not None else _default_activation()
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            DabDetrEncoderLayer(embed_dim, num_heads, feedforward_dim, attn_dropout, ffn_dropout, activation)
+            for _ in range(num_layers)
+        )
+        self.query_scale = MLP(embed_dim, embed_dim, embed_dim, 2)
+        self.post_norm_layer = nn.LayerNorm(embed_dim) if post_norm else None
+
+    def forward(self, x: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, pos * self.query_scale(x), key_padding_mask)
+        if self.post_norm_layer is not None:
+            x = self.post_norm_layer(x)
+        return x
+
+
+class DabDetrDecoderLayer(nn.Module):
+    """Post-norm decoder layer: conditional self-attn -> norm1 -> conditional cross-attn -> norm2
+    -> FFN -> norm3 (each attention includes its residual)."""
+
+    def __init__(self, embed_dim, num_heads, feedforward_dim, attn_dropout, ffn_dropout, activation, first: bool):
+        super().__init__()
+        self.self_attn = ConditionalSelfAttention(embed_dim, num_heads, attn_drop=attn_dropout)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.cross_attn = ConditionalCrossAttention(embed_dim, num_heads, attn_drop=attn_dropout, use_query_pos=first)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.ffn = FFN(embed_dim, feedforward_dim, activation, ffn_dropout)
+        self.norm3 = nn.LayerNorm(embed_dim)
+
+    def forward(self, query, query_pos, query_sine_embed, memory, memory_pos, self_attn_mask, memory_mask):
+        query = self.norm1(self.self_attn(query, query_pos, attn_mask=self_attn_mask))
+        query = self.norm2(
+            self.cross_attn(query, memory, memory_pos, query_pos, query_sine_embed, key_padding_mask=memory_mask)
+        )
+        return self.norm3(self.ffn(query))
+
+
+class DabDetrTransformerDecoder(nn.Module):
+    """Decoder over 4-d anchor boxes, refined after every layer by a box head passed to forward.
+
+    Per layer, with the current anchors ``a = (cx, cy, w, h)`` (normalised):
+    ``sine = sine_embed(a)`` (512-d, y before x), ``query_pos = ref_point_head(sine)``;
+    ``sine_xy = sine[:, :256] * (1 if first layer else query_scale(query))``; with
+    ``modulate_hw_attn`` the x-half is multiplied by ``sigmoid(ref_anchor_head(query))[0] / w`` and
+    the y-half by ``[1] / h``; then the layer runs, and the anchors become
+    ``sigmoid(bbox_embed(query) + inverse_sigmoid(a))``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        attn_dropout: float = 0.0,
+        feedforward_dim: int = 2048,
+        ffn_dropout: float = 0.0,
+        activation: Optional[nn.Module] = None,
+        num_layers: int = 6,
+        modulate_hw_attn: bool = True,
+        post_norm: bool = True,
+        query_dim: int = 4,
+    ):
+        super().__init__()
+        if query_dim != 4:
+            raise ValueError("DAB-DETR decoder supports 4-d anchor boxes only (query_dim=4)")
+        if not post_norm:
+            raise ValueError("DAB-DETR decoder requires post_norm=True (the heads read LayerNorm-ed states)")
+        activation = activation if activation is not None else _default_activation()
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            DabDetrDecoderLayer(
+                embed_dim, num_heads, feedforward_dim, attn_dropout, ffn_dropout, activation, first=(i == 0)
+            )
+            for i in range(num_layers)
+        )
+        self.query_scale = MLP(embed_dim, embed_dim, embed_dim, 2)
+        self.ref_point_head = MLP(query_dim // 2 * embed_dim, embed_dim, embed_dim, 2)
+        self.modulate_hw_attn = modulate_hw_attn
+        self.ref_anchor_head = MLP(embed_dim, embed_dim, 2, 2) if modulate_hw_attn else None
+        self.post_norm_layer = nn.LayerNorm(embed_dim)
+
+    def _query_sine_embed(self, query: Tensor, anchors: Tensor, first: bool) -> Tuple[Tensor, Tensor]:
+        # [B,Q,4*D/2]: pos(cy), pos(cx), pos(w), pos(h) (D/2 = 128 in every DAB-DETR config)
+        sine = get_sine_pos_embed(anchors, num_pos_feats=self.embed_dim // 2)
+        query_pos = self.ref_point_head(sine)
+        sine = sine[..., : self.embed_dim]
+        if not first:
+            sine = sine * self.query_scale(query)
+        if self.modulate_hw_attn:
+            ref_hw = self.ref_anchor_head(query).sigmoid()
+            half = self.embed_dim // 2
+            sine_y = sine[..., :half] * (ref_hw[..., 1] / anchors[..., 3]).unsqueeze(-1)
+            sine_x = sine[..., half:] * (ref_hw[..., 0] / anchors[..., 2]).unsqueeze(-1)
+            sine = torch.cat([sine_y, sine_x], dim=-1)
+        return query_pos, sine
+
+    def forward(
+        self,
+        query: Tensor,
+        anchors: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        bbox_embed: nn.Module,
+        self_attn_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """``query [B,Q,D]`` content, ``anchors [B,Q,4]`` normalised boxes, ``memory``/``memory_pos``
+        ``[B,S,D]``, ``self_attn_mask [Q,Q]`` bool (True = blocked), ``memory_mask [B,S]`` bool
+        (True = padding; ``None`` attends to every token).
+
+        Returns ``hidden [L,B,Q,D]`` (after ``post_norm_layer``) and ``references [L,B,Q,4]``, the
+        anchors each layer received (index 0 = the input anchors).
+        """
+        hidden: List[Tensor] = []
+        references: List[Tensor] = [anchors]
+        for idx, layer in enumerate(self.layers):
+            query_pos, sine = self._query_sine_embed(query, anchors, first=(idx == 0))
+            query = layer(query, query_pos, sine, memory, memory_pos, self_attn_mask, memory_mask)
+            refined = (bbox_embed(query) + inverse_sigmoid(anchors)).sigmoid()
+            if idx < self.num_layers - 1:
+                references.append(refined)
+            anchors = refined.detach()
+            hidden.append(self.post_norm_layer(query))
+        return torch.stack(hidden), torch.stack(references)
+
+
+class DabDetrTransformer(nn.Module):
+    """Encoder + anchor decoder; ``init_weights`` applies Xavier-uniform to every matrix in both."""
+
+    def __init__(self, encoder: DabDetrTransformerEncoder, decoder: DabDetrTransformerDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.embed_dim = encoder.embed_dim
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detector
+# ------------------------------------------------------------------------------------------------
+class DABDETR(nn.Module):
+    """DAB-DETR detector.
+
+    ``model(batched_inputs)``: in training the dict of *weighted* detrex-named losses
+    (``loss_class``, ``loss_bbox``, ``loss_giou``, ``loss_class_0`` ...); in eval a list of
+    ``{"boxes" xyxy in the (height, width) frame, "scores", "labels"}``.
+
+    ``batched_inputs``: list of dicts ``image`` ``[3,H,W]`` RGB 0..255, ``height``/``width`` (output
+    size), ``gt_boxes`` ``[G,4]`` xyxy pixels of ``image``, ``gt_classes`` ``[G]`` (training).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transformer: DabDetrTransformer,
+        position_embedding: nn.Module,
+        num_classes: int,
+        num_queries: int = 300,
+        criterion: Optional[nn.Module] = None,
+        in_features: Sequence[str] = ("res5",),
+        in_channels: int = 2048,
+        embed_dim: int = 256,
+        aux_loss: bool = True,
+        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
+        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        freeze_anchor_box_centers: bool = True,
+        select_box_nums_for_evaluation: int = 300,
+        mask_decoder_memory: bool = False,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        self.input_proj = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.anchor_box_embed = nn.Embedding(num_queries, 4)
+        self.class_embed = nn.Linear(embed_dim, num_classes)
+        self.bbox_embed = MLP(embed_dim, embed_dim, 4, 3)
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.embed_dim = embed_dim
+        self.aux_loss = aux_loss
+        self.freeze_anchor_box_centers = freeze_anchor_box_centers
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.mask_decoder_memory = mask_decoder_memory
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """detrex's init of the parts outside the transformer (which Xavier-initialises itself)."""
+        if self.freeze_anchor_box_centers:
+            # Centres uniform in (0, 1) through inverse sigmoid; (w, h) keep N(0, 1). The reference
+            # also "freezes" the centres, which has no effect: they stay trainable (see module doc).
+            with torch.no_grad():
+                w = self.anchor_box_embed.weight
+                w[:, :2] = inverse_sigmoid(torch.rand_like(w[:, :2]))
+        bias_value = -math.log((1 - 0.01) / 0.01)
+        nn.init.constant_(self.class_embed.bias, bias_value)
+        nn.init.constant_(self.bbox_embed.layers[-1].weight, 0.0)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor_box_embed.weight.device
+
+    # --------------------------------------------------------------------------------------------
+    # Inputs
+    # --------------------------------------------------------------------------------------------
+    def preprocess(self, batched_inputs: Sequence[Mapping[str, Any]]) -> ImageBatch:
+        """Normalise each image, pad bottom/right with 0 to the largest size; mask True on padding."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        H = max(s[0] for s in sizes)
+        W = max(s[1] for s in sizes)
+        tensor = images[0].new_zeros((len(images), 3, H, W))
+        mask = torch.ones((len(images), H, W), dtype=torch.bool, device=tensor.device)
+        for i, (img, (h, w)) in enumerate(zip(images, sizes)):
+            tensor[i, :, :h, :w] = img
+            mask[i, :h, :w] = False
+        return ImageBatch(tensor=tensor, mask=mask, image_sizes=sizes)
+
+    def prepare_targets(self, batched_inputs: Sequence[Mapping[str, Any]]) -> List[Dict[str, Tensor]]:
+        """``{"labels", "boxes"}`` per image; boxes normalised cxcywh by the image's own size.
+
+        Reads ``gt_boxes`` (xyxy pixels of ``image``; ``gt_boxes_xyxy`` as in the parity fixtures is
+        accepted too) and ``gt_classes``.
+        """
+        targets = []
+        for i, x in enumerate(batched_inputs):
+            h, w = x["image"].shape[-2:]
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            gt = x.get("gt_boxes", x.get("gt_boxes_xyxy"))
+            if gt is None or "gt_classes" not in x:
+                raise KeyError(f"batched_inputs[{i}] needs 'gt_boxes' and 'gt_classes' for training")
+            boxes = torch.as_tensor(gt).to(self.device, torch.float32).reshape(-1, 4)
+            labels = torch.as_tensor(x["gt_classes"]).to(self.device, torch.int64).reshape(-1)
+            targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(boxes / scale)})
+        return targets
+
+    # --------------------------------------------------------------------------------------------
+    # Stages
+    # --------------------------------------------------------------------------------------------
+    def encode(self, images: ImageBatch) -> Dict[str, Any]:
+        """Backbone -> input_proj -> position embedding -> encoder.
+
+        Returns ``backbone`` (dict of ``[B,C,h,w]``), ``neck`` (``[input_proj [B,D,h,w]]``),
+        ``neck_masks`` (``[[B,h,w]]``), ``memory`` ``[B,S,D]``, ``memory_pos`` ``[B,S,D]``,
+        ``memory_mask`` ``[B,S]`` (True = padding), ``spatial_shapes`` ``[1,2]``.
+        """
+        feats = self.backbone(images.tensor)
+        x = self.input_proj(feats[self.in_features[-1]])
+        B, D, h, w = x.shape
+        mask = F.interpolate(images.mask[None].float(), size=(h, w)).to(torch.bool)[0]
+        pos = self.position_embedding(mask)
+        src = x.flatten(2).transpose(1, 2)
+        pos_flat = pos.flatten(2).transpose(1, 2)
+        mask_flat = mask.flatten(1)
+        memory = self.transformer.encoder(src, pos_flat, key_padding_mask=mask_flat)
+        return {
+            "backbone": feats,
+            "neck": [x],
+            "neck_masks": [mask],
+            "memory": memory,
+            "memory_pos": pos_flat,
+            "memory_mask": mask_flat,
+            "spatial_shapes": torch.tensor([[h, w]], device=x.device),
+        }
+
+    def initial_anchors(self) -> Tensor:
+        """The model's own anchor table as normalised boxes ``[Q,4]`` (sigmoid of the embedding)."""
+        return self.anchor_box_embed.weight.sigmoid()
+
+    def decode(
+        self,
+        memory: Tensor,
+        memory_pos: Tensor,
+        memory_mask: Optional[Tensor] = None,
+        query_groups: Sequence[QueryGroup] = (),
+    ) -> Tuple[StagePredictions, Dict[str, StagePredictions]]:
+        """Decode the main anchors plus ``query_groups`` in one pass (block-diagonal self-attention).
+
+        Returns the main group's :class:`StagePredictions` and a dict of the groups' by name.
+        """
+        B = memory.shape[0]
+        D = self.embed_dim
+        contents = [memory.new_zeros(B, self.num_queries, D)]
+        anchors = [self.initial_anchors().unsqueeze(0).expand(B, -1, -1)]
+        for g in query_groups:
+            if g.position is not None:
+                raise ValueError(f"query group {g.name!r}: DAB-DETR queries have no positional part")
+            ref = g.reference if g.reference.dim() == 3 else g.reference.unsqueeze(0)
+            if ref.shape[-1] != 4:
+                raise ValueError(f"query group {g.name!r}: DAB-DETR needs 4-d anchor boxes, got {tuple(ref.shape)}")
+            con = g.content if g.content.dim() == 3 else g.content.unsqueeze(0)
+            Q = ref.shape[1]
+            anchors.append(ref.to(memory.dtype).expand(B, Q, 4))
+            contents.append(con.to(memory.dtype).expand(B, Q, D))
+        sizes = [a.shape[1] for a in anchors]
+        self_attn_mask = None
+        if len(sizes) > 1:
+            gid = torch.repeat_interleave(torch.arange(len(sizes), device=memory.device), torch.tensor(sizes, device=memory.device))
+            self_attn_mask = gid[:, None] != gid[None, :]
+        hidden, references = self.transformer.decoder(
+            torch.cat(contents, dim=1),
+            torch.cat(anchors, dim=1),
+            memory,
+            memory_pos,
+            self.bbox_embed,
+            self_attn_mask=self_attn_mask,
+            memory_mask=memory_mask if self.mask_decoder_memory else None,
+        )
+        logits = self.class_embed(hidden)
+        boxes = (inverse_sigmoid(references) + self.bbox_embed(hidden)).sigmoid()
+        preds = []
+        for h_, r_, l_, b_ in zip(*(t.split(sizes, dim=2) for t in (hidden, references, logits, boxes))):
+            preds.append(StagePredictions(logits=l_, boxes=b_, hidden=h_, references=r_))
+        return preds[0], {g.name: p for g, p in zip(query_groups, preds[1:])}
+
+    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = ()) -> DetectorOutputs:
+        """Full forward: stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra
+        groups by name, and the taps (``backbone``, ``neck``, ``neck_masks``, ``memory``,
+        ``memory_pos``, ``memory_mask``, ``spatial_shapes``, ``queries`` = anchor table as
+        normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``)."""
+        names = [g.name for g in query_groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"query group names must be unique, got {names}")
+        enc = self.encode(images)
+        main, groups = self.decode(enc["memory"], enc["memory_pos"], enc["memory_mask"], query_groups)
+        taps = dict(enc)
+        taps["queries"] = self.initial_anchors()
+        taps["image_sizes"] = list(images.image_sizes)
+        taps["padded_size"] = tuple(images.tensor.shape[-2:])
+        return DetectorOutputs(main=main, groups=groups, taps=taps)
+
+    def forward(self, batched_inputs: Sequence[Mapping[str, Any]]):
+        images = self.preprocess(batched_inputs)
+        outputs = self.forward_outputs(images)
+        if self.training:
+            if self.criterion is None:
+                raise RuntimeError("DABDETR was built without a criterion; it cannot compute training losses")
+            targets = self.prepare_targets(batched_inputs)
+            if not self.aux_loss:  # only the final stage is supervised
+                m = outputs.main
+                outputs = StagePredictions(m.logits[-1:], m.boxes[-1:], m.hidden[-1:], m.references[-1:])
+            losses = self.criterion(outputs, targets)
+            return self.criterion.weight_losses(losses)
+        detections = self.inference(outputs, images.image_sizes)
+        output_sizes = [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, images.image_sizes)]
+        return self.postprocess(detections, images.image_sizes, output_sizes)
+
+    # --------------------------------------------------------------------------------------------
+    # Inference
+    # --------------------------------------------------------------------------------------------
+    def inference(self, outputs: DetectorOutputs, image_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """Top-``select_box_nums_for_evaluation`` (score, class, box) over the final stage's ``Q x C``
+        sigmoid scores, per image: ``{"boxes"`` xyxy pixels of the network input (unpadded size),
+        ``"scores"``, ``"labels"``, ``"queries"}`` in decreasing score order (detrex ``inference``)."""
+        return select_topk(
+            outputs.main.logits[-1], outputs.main.boxes[-1], image_sizes, self.select_box_nums_for_evaluation
+        )
+
+    @staticmethod
+    def postprocess(detections, image_sizes, output_sizes) -> List[Dict[str, Tensor]]:
+        """Rescale to ``output_sizes`` ``(height, width)``, clip, drop empty boxes (detectron2)."""
+        out = []
+        for det, size, (oh, ow) in zip(detections, image_sizes, output_sizes):
+            det = detector_postprocess(det, size, int(oh), int(ow))
+            out.append({"boxes": det["boxes"], "scores": det["scores"], "labels": det["labels"]})
+        return out
+
+    def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
+        """Our tensors in the layout of the DAB-DETR fixture's ``intermediates.pt``."""
+        taps = outputs.taps
+        return {
+            "backbone": taps["backbone"],
+            "input_proj": taps["neck"][0],
+            "masks": taps["neck_masks"],
+            "transformer_outputs": (outputs.main.hidden, outputs.main.references),
+        }
+
+    # --------------------------------------------------------------------------------------------
+    # detrex interop
+    # --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_detrex_config(cls, cfg: Mapping[str, Any]) -> "DABDETR":
+        """Build from a resolved detrex ``DABDETR`` config (``config.json`` -> ``reduced_config``)."""
+        return _from_detrex_config(cls, cfg)
+
+    @staticmethod
+    def convert_detrex_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """detrex DAB-DETR keys -> this model's keys.
+
+        Backbone keys go through :func:`convert_detectron2_resnet_keys`; transformer layer keys are
+        renamed (``attentions.0/1`` -> ``self_attn``/``cross_attn``, ``norms.k`` -> ``norm{k+1}``,
+        ``ffns.0.layers.0.0/0.1/1`` -> ``ffn.linear1/activation/linear2``, encoder
+        ``attentions.0.attn`` -> ``self_attn``). Aliases of one shared tensor in detrex
+        (``transformer.decoder.bbox_embed.*`` = ``bbox_embed.*``; ``ffns.0.activation`` =
+        ``ffns.0.layers.0.1``) collapse to one key; differing values raise ``ValueError``.
+        """
+        out: Dict[str, Tensor] = {}
+        origin: Dict[str, str] = {}
+        backbone = {k: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        for old in backbone:
+            new = next(iter(convert_detectron2_resnet_keys({old: backbone[old]})))
+            out[new] = backbone[old]
+            origin[new] = old
+        for key, value in state_dict.items():
+            if key.startswith("backbone."):
+                continue
+            new = _rename_detrex_key(key)
+            if new in out:
+                if out[new].shape != value.shape or not torch.equal(out[new], value):
+                    raise ValueError(
+                        f"detrex keys {origin[new]!r} and {key!r} should hold one shared tensor "
+                        f"(both map to {new!r}) but their values differ"
+                    )
+                continue
+            out[new] = value
+            origin[new] = key
+        return out
+
+
+_DETREX_RULES = [
+    (re.compile(r"^transformer\.decoder\.bbox_embed\."), "bbox_embed."),
+    (re.compile(r"^(transformer\.encoder\.layers\.\d+\.)attentions\.0\.attn\."), r"\1self_attn."),
+    (re.compile(r"^(transformer\.decoder\.layers\.\d+\.)attentions\.0\."), r"\1self_attn."),
+    (re.compile(r"^(transformer\.decoder\.layers\.\d+\.)attentions\.1\."), r"\1cross_attn."),
+    (re.compile(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)ffns\.0\.layers\.0\.0\."), r"\1ffn.linear1."),
+    (re.compile(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)ffns\.0\.layers\.0\.1\."), r"\1ffn.activation."),
+    (re.compile(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)ffns\.0\.activation\."), r"\1ffn.activation."),
+    (re.compile(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)ffns\.0\.layers\.1\."), r"\1ffn.linear2."),
+]
+_NORM_RULE = re.compile(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)norms\.(\d+)\.")
+
+
+def _rename_detrex_key(key: str) -> str:
+    for pattern, repl in _DETREX_RULES:
+        if pattern.search(key):
+            return pattern.sub(repl, key, count=1)
+    m = _NORM_RULE.search(key)
+    if m:
+        return f"{m.group(1)}norm{int(m.group(2)) + 1}." + key[m.end():]
+    return key
+
+
+# ------------------------------------------------------------------------------------------------
+# detrex config -> model
+# ------------------------------------------------------------------------------------------------
+def _target(node: Mapping[str, Any]) -> str:
+    return str(node.get("_target_", ""))
+
+
+def _activation_from_config(node: Optional[Mapping[str, Any]]) -> nn.Module:
+    if node is None:
+        return nn.PReLU()
+    from tprd.config import locate
+
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    return locate(_target(node))(**kwargs)
+
+
+def _from_detrex_config(cls, cfg: Mapping[str, Any]) -> DABDETR:
+    bb = cfg["backbone"]
+    stages = bb.get("stages", {})
+    depth = int(stages.get("depth", 50))
+    norm = stages.get("norm", "FrozenBN")
+    if stages.get("stride_in_1x1", False):
+        raise ValueError("stride_in_1x1=True (caffe-style ResNet) is not supported; torchvision style only")
+    backbone = ResNet(
+        depth=depth,
+        out_features=list(bb.get("out_features", ["res2", "res3", "res4", "res5"])),
+        freeze_at=int(bb.get("freeze_at", 1)),
+        norm=norm,
+    )
+    pe = dict(cfg["position_embedding"])
+    pe.pop("_target_", None)
+    position_embedding = PositionEmbeddingSine(**pe)
+    tr = cfg["transformer"]
+    if int(tr.get("num_patterns", 0)) != 0:
+        raise ValueError("DAB-DETR with num_patterns > 0 (Anchor-DETR patterns) is not supported")
+    enc = dict(tr["encoder"])
+    dec = dict(tr["decoder"])
+    for d in (enc, dec):
+        d.pop("_target_", None)
+        d["activation"] = _activation_from_config(d.get("activation"))
+        if d.pop("batch_first", False):
+            raise ValueError("batch_first is an implementation detail of detrex; leave it unset")
+        d.pop("operation_order", None)
+    transformer = DabDetrTransformer(DabDetrTransformerEncoder(**enc), DabDetrTransformerDecoder(**dec))
+    criterion = _criterion_from_config(cfg.get("criterion"), aux_loss=bool(cfg.get("aux_loss", True)))
+    return cls(
+        backbone=backbone,
+        transformer=transformer,
+        position_embedding=position_embedding,
+        num_classes=int(cfg["num_classes"]),
+        num_queries=int(cfg["num_queries"]),
+        criterion=criterion,
+        in_features=list(cfg.get("in_features", ["res5"])),
+        in_channels=int(cfg.get("in_channels", 2048)),
+        embed_dim=int(cfg.get("embed_dim", 256)),
+        aux_loss=bool(cfg.get("aux_loss", True)),
+        pixel_mean=list(cfg.get("pixel_mean", [123.675, 116.280, 103.530])),
+        pixel_std=list(cfg.get("pixel_std", [58.395, 57.120, 57.375])),
+        freeze_anchor_box_centers=bool(cfg.get("freeze_anchor_box_centers", True)),
+        select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 300)),
+    )
+
+
+def _criterion_from_config(node: Optional[Mapping[str, Any]], aux_loss: bool = True):
+    """detrex ``SetCriterion`` + ``HungarianMatcher`` config (focal cost / focal loss) -> ours."""
+    if node is None:
+        return None
+    from tprd.modeling.criterion import SetCriterion
+    from tprd.modeling.matcher import HungarianMatcher
+
+    m = dict(node["matcher"])
+    if m.pop("cost_class_type", "focal_loss_cost") != "focal_loss_cost":
+        raise ValueError("only the focal-loss matching cost (cost_class_type='focal_loss_cost') is supported")
+    if node.get("loss_class_type", "focal_loss") != "focal_loss":
+        raise ValueError("only loss_class_type='focal_loss' is supported")
+    m.pop("_target_", None)
+    return SetCriterion(
+        num_classes=int(node["num_classes"]),
+        matcher=HungarianMatcher(**m),
+        weight_dict=dict(node.get("weight_dict", {})),
+        alpha=float(node.get("alpha", 0.25)),
+        gamma=float(node.get("gamma", 2.0)),
+        aux_loss=aux_loss,
+    )
