@@ -1,1 +1,10 @@
-
+"""Checkpoint conversion and loading: detrex checkpoints, torchvision backbones, parity fill."""
+from .detrex import (  # noqa: F401
+    CheckpointMismatchError,
+    LoadReport,
+    load_detrex_checkpoint,
+    load_state_dict_checked,
+    load_torchvision_backbone,
+    read_checkpoint,
+)
+from .fill import FILL_RULE, fill_state_dict, fill_value  # noqa: F401

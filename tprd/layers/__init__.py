@@ -9,3 +9,12 @@ from .box_ops import (  # noqa: F401
     paired_box_iou,
     paired_generalized_box_iou,
 )
+from .ms_deform_attn import (  # noqa: F401
+    MultiScaleDeformableAttention,
+    available_msda_backends,
+    get_msda_backend,
+    msda_pytorch,
+    multi_scale_deformable_attention,
+    register_msda_backend,
+    set_msda_backend,
+)

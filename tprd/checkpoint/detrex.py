@@ -1,0 +1,133 @@
+"""Load official detrex checkpoints and torchvision ImageNet backbones, reporting every key.
+
+A detrex checkpoint is ``{"model": state_dict, ...}`` (``.pth``) or a pickled dict (``.pkl``,
+numpy arrays). :func:`load_detrex_checkpoint` renames it with the model's own
+``convert_detrex_state_dict`` classmethod (every detector in :mod:`tprd.modeling` has one) and loads
+it; with ``strict=True`` any missing or unexpected key, or any shape mismatch, is an error naming
+the keys.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoadReport", "CheckpointMismatchError", "read_checkpoint", "load_detrex_checkpoint",
+           "load_state_dict_checked", "load_torchvision_backbone"]
+
+StateSource = Union[str, os.PathLike, Mapping[str, Any]]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Keys or shapes of a checkpoint do not match the model."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: keys loaded, keys the model has but the checkpoint lacks, keys the checkpoint
+    has but the model lacks, and ``(key, checkpoint shape, model shape)`` mismatches."""
+
+    matched: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    shape_mismatch: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    def summary(self, limit: int = 20) -> str:
+        lines = [f"checkpoint {self.source or '<state dict>'}: {len(self.matched)} keys loaded"]
+
+        def block(title, items):
+            if items:
+                shown = [str(i) for i in items[:limit]]
+                more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+                lines.append(f"{title} ({len(items)}): " + ", ".join(shown) + more)
+
+        block("missing in checkpoint", self.missing)
+        block("unexpected in checkpoint", self.unexpected)
+        block("shape mismatch (key, checkpoint, model)", self.shape_mismatch)
+        return "\n".join(lines)
+
+
+def _to_tensor(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return value
+
+
+def read_checkpoint(source: StateSource) -> Dict[str, Tensor]:
+    """A flat state dict from a path (``.pkl``: pickle with latin1, numpy -> tensors; otherwise
+    ``torch.load``) or a mapping; a top-level ``"model"`` (or ``"state_dict"``) entry is unwrapped."""
+    if isinstance(source, Mapping):
+        data = source
+    else:
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                data = pickle.load(f, encoding="latin1")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(data, Mapping) and wrapper in data and isinstance(data[wrapper], Mapping):
+            data = data[wrapper]
+            break
+    if not isinstance(data, Mapping):
+        raise TypeError(f"checkpoint {source!r} does not hold a state dict (got {type(data).__name__})")
+    converted = {k: _to_tensor(v) for k, v in data.items()}
+    return {k: v for k, v in converted.items() if isinstance(v, Tensor)}
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
+                            source: str = "") -> LoadReport:
+    """Load ``state_dict`` into ``module`` key by key, reporting; ``strict``: raise on any mismatch."""
+    own = module.state_dict()
+    report = LoadReport(source=source)
+    report.missing = [k for k in own if k not in state_dict]
+    report.unexpected = [k for k in state_dict if k not in own]
+    loadable = {}
+    for k, v in state_dict.items():
+        if k not in own:
+            continue
+        if tuple(v.shape) != tuple(own[k].shape):
+            report.shape_mismatch.append((k, tuple(v.shape), tuple(own[k].shape)))
+            continue
+        loadable[k] = v
+        report.matched.append(k)
+    if strict and not report.ok:
+        raise CheckpointMismatchError(
+            report.summary()
+            + "\nThe checkpoint does not fit this model: check num_classes, backbone depth, "
+            "with_box_refine / as_two_stage, or load with strict=False."
+        )
+    module.load_state_dict(loadable, strict=False)
+    return report
+
+
+def load_detrex_checkpoint(model: nn.Module, path_or_state_dict: StateSource, strict: bool = True) -> LoadReport:
+    """Load a detrex checkpoint into ``model`` through ``type(model).convert_detrex_state_dict``."""
+    convert = getattr(type(model), "convert_detrex_state_dict", None)
+    if convert is None:
+        raise TypeError(f"{type(model).__name__} has no convert_detrex_state_dict; cannot load detrex weights")
+    source = "" if isinstance(path_or_state_dict, Mapping) else os.fspath(path_or_state_dict)
+    state_dict = convert(read_checkpoint(path_or_state_dict))
+    return load_state_dict_checked(model, state_dict, strict=strict, source=source)
+
+
+def load_torchvision_backbone(backbone: nn.Module, path_or_sd: StateSource) -> LoadReport:
+    """Load a torchvision ImageNet ResNet state dict (e.g. ``resnet18-f37072fd.pth``) into our
+    :class:`~tprd.modeling.backbone.ResNet`; ``fc.*`` and ``num_batches_tracked`` are ignored, every
+    other key must match."""
+    sd = read_checkpoint(path_or_sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    source = "" if isinstance(path_or_sd, Mapping) else os.fspath(path_or_sd)
+    return load_state_dict_checked(backbone, sd, strict=True, source=source)

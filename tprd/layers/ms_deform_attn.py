@@ -1,0 +1,276 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021).
+
+Each query looks at ``num_points`` sampled locations per head and per feature level, around its
+reference point; the sampled values (bilinear interpolation, zero outside the map) are averaged
+with softmax weights over ``num_levels * num_points``.
+
+The sampling kernel is a pluggable function. :func:`multi_scale_deformable_attention` dispatches
+to the backend chosen with :func:`set_msda_backend` (default ``"auto"``): a compiled CUDA op when
+one is importable and the tensors live on a GPU, otherwise :func:`msda_pytorch`, the pure PyTorch
+path (``F.grid_sample`` bilinear, zero padding, ``align_corners=False``) that detrex itself uses on
+CPU, and against which the parity fixtures were produced. A new kernel is added with
+:func:`register_msda_backend`.
+
+Shapes used throughout: ``B`` batch, ``Q`` queries, ``S`` = sum of ``H_l * W_l`` value tokens,
+``M`` heads, ``Dh`` channels per head, ``L`` levels, ``P`` points.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MultiScaleDeformableAttention",
+    "multi_scale_deformable_attention",
+    "msda_pytorch",
+    "register_msda_backend",
+    "set_msda_backend",
+    "get_msda_backend",
+    "available_msda_backends",
+]
+
+# A backend: (value [B,S,M,Dh], spatial_shapes [L,2] (h, w) int64, level_start_index [L],
+#             sampling_locations [B,Q,M,L,P,2] in [0,1] (x, y), attention_weights [B,Q,M,L,P])
+#             -> output [B,Q,M*Dh]
+MSDAFunction = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def msda_pytorch(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Reference kernel: bilinear ``grid_sample`` per level, weighted sum over levels and points.
+
+    ``value [B,S,M,Dh]``; ``sampling_locations [B,Q,M,L,P,2]`` normalised ``(x, y)`` with ``(0, 0)``
+    the top-left corner of the map and ``(1, 1)`` its bottom-right corner (pixel ``i`` covers
+    ``[i/W, (i+1)/W]``); ``attention_weights [B,Q,M,L,P]``. Returns ``[B,Q,M*Dh]``.
+    """
+    bsz, _, heads, dh = value.shape
+    _, nq, _, nlevels, npoints, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    per_level = value.split(sizes, dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] convention
+    sampled = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        # [B, h*w, M, Dh] -> [B*M, Dh, h, w]
+        v = per_level[lvl].flatten(2).transpose(1, 2).reshape(bsz * heads, dh, int(h), int(w))
+        # [B, Q, M, P, 2] -> [B*M, Q, P, 2]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        # -> [B*M, Dh, Q, P]
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [B, Q, M, L, P] -> [B*M, 1, Q, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(bsz * heads, 1, nq, nlevels * npoints)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [B*M, Dh, Q]
+    return out.view(bsz, heads * dh, nq).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Backend registry
+# --------------------------------------------------------------------------------------------
+
+_BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_pytorch}
+_CUDA_ONLY = set()
+_ACTIVE = "auto"
+
+
+def register_msda_backend(name: str, fn: MSDAFunction, cuda_only: bool = True) -> None:
+    """Make ``fn`` selectable as backend ``name`` (same signature as :func:`msda_pytorch`).
+
+    With ``cuda_only`` the ``"auto"`` mode uses it only for CUDA tensors.
+    """
+    _BACKENDS[name] = fn
+    if cuda_only:
+        _CUDA_ONLY.add(name)
+    else:
+        _CUDA_ONLY.discard(name)
+
+
+def set_msda_backend(name: str) -> None:
+    """``"auto"`` (compiled kernel on CUDA when available, else PyTorch), ``"pytorch"``, or any
+    registered name."""
+    global _ACTIVE
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(
+            f"unknown deformable-attention backend {name!r}; available: {['auto'] + sorted(_BACKENDS)}"
+        )
+    _ACTIVE = name
+
+
+def get_msda_backend() -> str:
+    return _ACTIVE
+
+
+def available_msda_backends() -> Tuple[str, ...]:
+    return tuple(sorted(_BACKENDS))
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Dispatch to the active backend (see :func:`set_msda_backend`). Returns ``[B,Q,M*Dh]``."""
+    name = _ACTIVE
+    if name == "auto":
+        name = "pytorch"
+        if value.is_cuda:
+            for candidate in sorted(_CUDA_ONLY):
+                name = candidate
+                break
+    return _BACKENDS[name](value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _try_register_compiled_op() -> None:
+    """Register the original Deformable-DETR CUDA op (module ``MultiScaleDeformableAttention``,
+    built from ``models/ops`` of fundamentalvision/Deformable-DETR) when it is installed."""
+    try:
+        import MultiScaleDeformableAttention as _ext  # type: ignore
+    except Exception:  # not installed: the PyTorch path is used
+        return
+
+    class _CompiledMSDA(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, shapes, starts, locations, weights, step):
+            ctx.step = step
+            ctx.save_for_backward(value, shapes, starts, locations, weights)
+            return _ext.ms_deform_attn_forward(value, shapes, starts, locations, weights, step)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_out):
+            value, shapes, starts, locations, weights = ctx.saved_tensors
+            g_value, g_loc, g_w = _ext.ms_deform_attn_backward(
+                value, shapes, starts, locations, weights, grad_out.contiguous(), ctx.step
+            )
+            return g_value, None, None, g_loc, g_w, None
+
+    def compiled(value, shapes, starts, locations, weights):
+        dtype = value.dtype
+        out = _CompiledMSDA.apply(
+            value.float(), shapes, starts, locations.float(), weights.float(), 64
+        )
+        return out.to(dtype)
+
+    register_msda_backend("cuda_ext", compiled, cuda_only=True)
+
+
+_try_register_compiled_op()
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Deformable attention over ``num_levels`` flattened feature maps.
+
+    Parameters (detrex names): ``sampling_offsets`` Linear(D -> M*L*P*2), ``attention_weights``
+    Linear(D -> M*L*P), ``value_proj`` and ``output_proj`` Linear(D -> D). The module returns
+    ``output_proj(attention)`` only: residual connection and dropout belong to the layer that uses it.
+    """
+
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = embed_dim // num_heads
+        if head_dim & (head_dim - 1):
+            warnings.warn(f"deformable attention head dim {head_dim} is not a power of 2 (slower CUDA kernel)")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """detrex/Deformable-DETR init: zero offset weights; offset biases point each head in its own
+        direction (angle 2*pi*m/M, scaled so the larger component is 1) at distance 1..P for point
+        1..P; uniform attention; Xavier-uniform value/output projections with zero bias."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        direction = torch.stack([angles.cos(), angles.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True)[0]
+        scale = torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        bias = direction.view(self.num_heads, 1, 1, 2) * scale
+        bias = bias.expand(self.num_heads, self.num_levels, self.num_points, 2)
+        self.sampling_offsets.bias.copy_(bias.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def sampling(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
+        """Sampling locations ``[B,Q,M,L,P,2]`` and softmax weights ``[B,Q,M,L,P]`` of ``query [B,Q,D]``.
+
+        ``reference_points``: ``[B,Q,L,2]`` normalised points (offsets are in pixels of each level),
+        or ``[B,Q,L,4]`` boxes ``(cx, cy, w, h)`` (offsets are ``offset / P * wh * 0.5``).
+        """
+        bsz, nq, _ = query.shape
+        m, nl, npnt = self.num_heads, self.num_levels, self.num_points
+        offsets = self.sampling_offsets(query).view(bsz, nq, m, nl, npnt, 2)
+        weights = self.attention_weights(query).view(bsz, nq, m, nl * npnt).softmax(-1)
+        weights = weights.view(bsz, nq, m, nl, npnt)
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / npnt * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        return locations, weights
+
+    def forward(
+        self,
+        query: Tensor,
+        value: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        query_pos: Optional[Tensor] = None,
+        value_padding_mask: Optional[Tensor] = None,
+        return_sampling: bool = False,
+    ):
+        """Attend from ``query [B,Q,D]`` (plus ``query_pos``) into ``value [B,S,D]``.
+
+        ``value_padding_mask [B,S]`` (``True`` = padding) zeroes those value tokens after the value
+        projection. Returns ``[B,Q,D]``, or ``(output, {"sampling_locations", "attention_weights"})``
+        with ``return_sampling``.
+        """
+        if query_pos is not None:
+            query = query + query_pos
+        bsz, nq, _ = query.shape
+        _, nv, _ = value.shape
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(bsz, nv, self.num_heads, -1)
+        locations, weights = self.sampling(query, reference_points, spatial_shapes)
+        out = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights)
+        out = self.output_proj(out)
+        if return_sampling:
+            return out, {"sampling_locations": locations, "attention_weights": weights}
+        return out
