@@ -31,6 +31,9 @@ Things worth knowing:
   keeps that, ``True`` also masks them there (then a padded image gives the same detections as the
   image alone, up to the backbone's border effects). detrex's eval forward uses an all-zero mask;
   we always use the true mask (identical for a single image).
+* Inputs, inference and the train/eval ``forward`` come from
+  :class:`~tprd.modeling.detector.DETRDetector`; detrex config / key helpers from
+  :mod:`tprd.modeling.detrex_compat`.
 * Extra query groups (:class:`~tprd.modeling.outputs.QueryGroup`: content ``[B?,Q,D]`` + anchors
   ``[B?,Q,4]`` normalised, i.e. after sigmoid) are decoded in the same pass as the main group,
   behind a block-diagonal self-attention mask, and returned split by name.
@@ -38,21 +41,34 @@ Things worth knowing:
 from __future__ import annotations
 
 import copy
-import math
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tprd.layers.box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
+from tprd.layers.box_ops import inverse_sigmoid
 from tprd.layers.conditional_attention import ConditionalCrossAttention, ConditionalSelfAttention
 from tprd.layers.mlp import MLP
-from tprd.layers.position_embedding import PositionEmbeddingSine, get_sine_pos_embed
-from tprd.modeling.backbone import ResNet, convert_detectron2_resnet_keys
+from tprd.layers.position_embedding import get_sine_pos_embed
+from tprd.modeling.detector import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    DETRDetector,
+    block_diagonal_mask,
+    focal_prior_bias,
+    level_masks,
+)
+from tprd.modeling.detrex_compat import (
+    build_backbone,
+    build_matcher,
+    build_position_embedding,
+    check_focal_loss,
+    config_target,
+    convert_backbone_key,
+    convert_with_aliases,
+)
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
-from tprd.modeling.postprocess import detector_postprocess, select_topk
 
 __all__ = [
     "DABDETR",
@@ -267,7 +283,7 @@ class DabDetrTransformer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Detector
 # ------------------------------------------------------------------------------------------------
-class DABDETR(nn.Module):
+class DABDETR(DETRDetector):
     """DAB-DETR detector.
 
     ``model(batched_inputs)``: in training the dict of *weighted* detrex-named losses
@@ -275,8 +291,10 @@ class DABDETR(nn.Module):
     ``{"boxes" xyxy in the (height, width) frame, "scores", "labels"}``.
 
     ``batched_inputs``: list of dicts ``image`` ``[3,H,W]`` RGB 0..255, ``height``/``width`` (output
-    size), ``gt_boxes`` ``[G,4]`` xyxy pixels of ``image``, ``gt_classes`` ``[G]`` (training).
+    size), ``gt_boxes`` ``[G,4]`` xyxy pixels of ``image``, ``gt_classes`` ``[G]`` (training; required).
     """
+
+    require_gt = True
 
     def __init__(
         self,
@@ -290,8 +308,8 @@ class DABDETR(nn.Module):
         in_channels: int = 2048,
         embed_dim: int = 256,
         aux_loss: bool = True,
-        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
         freeze_anchor_box_centers: bool = True,
         select_box_nums_for_evaluation: int = 300,
         mask_decoder_memory: bool = False,
@@ -313,8 +331,7 @@ class DABDETR(nn.Module):
         self.freeze_anchor_box_centers = freeze_anchor_box_centers
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.mask_decoder_memory = mask_decoder_memory
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -325,48 +342,14 @@ class DABDETR(nn.Module):
             with torch.no_grad():
                 w = self.anchor_box_embed.weight
                 w[:, :2] = inverse_sigmoid(torch.rand_like(w[:, :2]))
-        bias_value = -math.log((1 - 0.01) / 0.01)
-        nn.init.constant_(self.class_embed.bias, bias_value)
+        nn.init.constant_(self.class_embed.bias, focal_prior_bias(0.01))
         nn.init.constant_(self.bbox_embed.layers[-1].weight, 0.0)
         nn.init.constant_(self.bbox_embed.layers[-1].bias, 0.0)
 
-    @property
-    def device(self) -> torch.device:
-        return self.anchor_box_embed.weight.device
-
     # --------------------------------------------------------------------------------------------
-    # Inputs
+    # Inputs: preprocess (normalise, zero-pad -> ImageBatch [B,3,H,W] + mask [B,H,W]) and
+    # prepare_targets (labels [G], normalised cxcywh boxes [G,4]) come from DETRDetector.
     # --------------------------------------------------------------------------------------------
-    def preprocess(self, batched_inputs: Sequence[Mapping[str, Any]]) -> ImageBatch:
-        """Normalise each image, pad bottom/right with 0 to the largest size; mask True on padding."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        sizes = [tuple(img.shape[-2:]) for img in images]
-        H = max(s[0] for s in sizes)
-        W = max(s[1] for s in sizes)
-        tensor = images[0].new_zeros((len(images), 3, H, W))
-        mask = torch.ones((len(images), H, W), dtype=torch.bool, device=tensor.device)
-        for i, (img, (h, w)) in enumerate(zip(images, sizes)):
-            tensor[i, :, :h, :w] = img
-            mask[i, :h, :w] = False
-        return ImageBatch(tensor=tensor, mask=mask, image_sizes=sizes)
-
-    def prepare_targets(self, batched_inputs: Sequence[Mapping[str, Any]]) -> List[Dict[str, Tensor]]:
-        """``{"labels", "boxes"}`` per image; boxes normalised cxcywh by the image's own size.
-
-        Reads ``gt_boxes`` (xyxy pixels of ``image``; ``gt_boxes_xyxy`` as in the parity fixtures is
-        accepted too) and ``gt_classes``.
-        """
-        targets = []
-        for i, x in enumerate(batched_inputs):
-            h, w = x["image"].shape[-2:]
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            gt = x.get("gt_boxes", x.get("gt_boxes_xyxy"))
-            if gt is None or "gt_classes" not in x:
-                raise KeyError(f"batched_inputs[{i}] needs 'gt_boxes' and 'gt_classes' for training")
-            boxes = torch.as_tensor(gt).to(self.device, torch.float32).reshape(-1, 4)
-            labels = torch.as_tensor(x["gt_classes"]).to(self.device, torch.int64).reshape(-1)
-            targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(boxes / scale)})
-        return targets
 
     # --------------------------------------------------------------------------------------------
     # Stages
@@ -381,7 +364,7 @@ class DABDETR(nn.Module):
         feats = self.backbone(images.tensor)
         x = self.input_proj(feats[self.in_features[-1]])
         B, D, h, w = x.shape
-        mask = F.interpolate(images.mask[None].float(), size=(h, w)).to(torch.bool)[0]
+        mask = level_masks(images.mask, images.image_sizes, [(h, w)], "nearest")[0]
         pos = self.position_embedding(mask)
         src = x.flatten(2).transpose(1, 2)
         pos_flat = pos.flatten(2).transpose(1, 2)
@@ -427,10 +410,7 @@ class DABDETR(nn.Module):
             anchors.append(ref.to(memory.dtype).expand(B, Q, 4))
             contents.append(con.to(memory.dtype).expand(B, Q, D))
         sizes = [a.shape[1] for a in anchors]
-        self_attn_mask = None
-        if len(sizes) > 1:
-            gid = torch.repeat_interleave(torch.arange(len(sizes), device=memory.device), torch.tensor(sizes, device=memory.device))
-            self_attn_mask = gid[:, None] != gid[None, :]
+        self_attn_mask = block_diagonal_mask(sizes, memory.device) if len(sizes) > 1 else None
         hidden, references = self.transformer.decoder(
             torch.cat(contents, dim=1),
             torch.cat(anchors, dim=1),
@@ -463,41 +443,15 @@ class DABDETR(nn.Module):
         taps["padded_size"] = tuple(images.tensor.shape[-2:])
         return DetectorOutputs(main=main, groups=groups, taps=taps)
 
-    def forward(self, batched_inputs: Sequence[Mapping[str, Any]]):
-        images = self.preprocess(batched_inputs)
-        outputs = self.forward_outputs(images)
-        if self.training:
-            if self.criterion is None:
-                raise RuntimeError("DABDETR was built without a criterion; it cannot compute training losses")
-            targets = self.prepare_targets(batched_inputs)
-            if not self.aux_loss:  # only the final stage is supervised
-                m = outputs.main
-                outputs = StagePredictions(m.logits[-1:], m.boxes[-1:], m.hidden[-1:], m.references[-1:])
-            losses = self.criterion(outputs, targets)
-            return self.criterion.weight_losses(losses)
-        detections = self.inference(outputs, images.image_sizes)
-        output_sizes = [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, images.image_sizes)]
-        return self.postprocess(detections, images.image_sizes, output_sizes)
-
     # --------------------------------------------------------------------------------------------
-    # Inference
+    # Training / inference: forward, inference and postprocess come from DETRDetector
     # --------------------------------------------------------------------------------------------
-    def inference(self, outputs: DetectorOutputs, image_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Top-``select_box_nums_for_evaluation`` (score, class, box) over the final stage's ``Q x C``
-        sigmoid scores, per image: ``{"boxes"`` xyxy pixels of the network input (unpadded size),
-        ``"scores"``, ``"labels"``, ``"queries"}`` in decreasing score order (detrex ``inference``)."""
-        return select_topk(
-            outputs.main.logits[-1], outputs.main.boxes[-1], image_sizes, self.select_box_nums_for_evaluation
-        )
-
-    @staticmethod
-    def postprocess(detections, image_sizes, output_sizes) -> List[Dict[str, Tensor]]:
-        """Rescale to ``output_sizes`` ``(height, width)``, clip, drop empty boxes (detectron2)."""
-        out = []
-        for det, size, (oh, ow) in zip(detections, image_sizes, output_sizes):
-            det = detector_postprocess(det, size, int(oh), int(ow))
-            out.append({"boxes": det["boxes"], "scores": det["scores"], "labels": det["labels"]})
-        return out
+    def compute_losses(self, outputs: DetectorOutputs, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """Weighted GT losses (detrex names); without ``aux_loss`` only the final stage is supervised."""
+        if not self.aux_loss:
+            m = outputs.main
+            outputs = StagePredictions(m.logits[-1:], m.boxes[-1:], m.hidden[-1:], m.references[-1:])
+        return super().compute_losses(outputs, targets)
 
     def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
         """Our tensors in the layout of the DAB-DETR fixture's ``intermediates.pt``."""
@@ -528,27 +482,7 @@ class DABDETR(nn.Module):
         (``transformer.decoder.bbox_embed.*`` = ``bbox_embed.*``; ``ffns.0.activation`` =
         ``ffns.0.layers.0.1``) collapse to one key; differing values raise ``ValueError``.
         """
-        out: Dict[str, Tensor] = {}
-        origin: Dict[str, str] = {}
-        backbone = {k: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        for old in backbone:
-            new = next(iter(convert_detectron2_resnet_keys({old: backbone[old]})))
-            out[new] = backbone[old]
-            origin[new] = old
-        for key, value in state_dict.items():
-            if key.startswith("backbone."):
-                continue
-            new = _rename_detrex_key(key)
-            if new in out:
-                if out[new].shape != value.shape or not torch.equal(out[new], value):
-                    raise ValueError(
-                        f"detrex keys {origin[new]!r} and {key!r} should hold one shared tensor "
-                        f"(both map to {new!r}) but their values differ"
-                    )
-                continue
-            out[new] = value
-            origin[new] = key
-        return out
+        return convert_with_aliases(state_dict, _rename_detrex_key)
 
 
 _DETREX_RULES = [
@@ -565,6 +499,8 @@ _NORM_RULE = re.compile(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)norms\.(\
 
 
 def _rename_detrex_key(key: str) -> str:
+    if key.startswith("backbone."):
+        return convert_backbone_key(key)
     for pattern, repl in _DETREX_RULES:
         if pattern.search(key):
             return pattern.sub(repl, key, count=1)
@@ -577,35 +513,18 @@ def _rename_detrex_key(key: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # detrex config -> model
 # ------------------------------------------------------------------------------------------------
-def _target(node: Mapping[str, Any]) -> str:
-    return str(node.get("_target_", ""))
-
-
 def _activation_from_config(node: Optional[Mapping[str, Any]]) -> nn.Module:
     if node is None:
         return nn.PReLU()
     from tprd.config import locate
 
     kwargs = {k: v for k, v in node.items() if k != "_target_"}
-    return locate(_target(node))(**kwargs)
+    return locate(config_target(node))(**kwargs)
 
 
 def _from_detrex_config(cls, cfg: Mapping[str, Any]) -> DABDETR:
-    bb = cfg["backbone"]
-    stages = bb.get("stages", {})
-    depth = int(stages.get("depth", 50))
-    norm = stages.get("norm", "FrozenBN")
-    if stages.get("stride_in_1x1", False):
-        raise ValueError("stride_in_1x1=True (caffe-style ResNet) is not supported; torchvision style only")
-    backbone = ResNet(
-        depth=depth,
-        out_features=list(bb.get("out_features", ["res2", "res3", "res4", "res5"])),
-        freeze_at=int(bb.get("freeze_at", 1)),
-        norm=norm,
-    )
-    pe = dict(cfg["position_embedding"])
-    pe.pop("_target_", None)
-    position_embedding = PositionEmbeddingSine(**pe)
+    backbone = build_backbone(cfg["backbone"], default_out_features=("res2", "res3", "res4", "res5"), allow_bn=True)
+    position_embedding = build_position_embedding(cfg["position_embedding"], strict=True)
     tr = cfg["transformer"]
     if int(tr.get("num_patterns", 0)) != 0:
         raise ValueError("DAB-DETR with num_patterns > 0 (Anchor-DETR patterns) is not supported")
@@ -630,8 +549,8 @@ def _from_detrex_config(cls, cfg: Mapping[str, Any]) -> DABDETR:
         in_channels=int(cfg.get("in_channels", 2048)),
         embed_dim=int(cfg.get("embed_dim", 256)),
         aux_loss=bool(cfg.get("aux_loss", True)),
-        pixel_mean=list(cfg.get("pixel_mean", [123.675, 116.280, 103.530])),
-        pixel_std=list(cfg.get("pixel_std", [58.395, 57.120, 57.375])),
+        pixel_mean=list(cfg.get("pixel_mean", PIXEL_MEAN)),
+        pixel_std=list(cfg.get("pixel_std", PIXEL_STD)),
         freeze_anchor_box_centers=bool(cfg.get("freeze_anchor_box_centers", True)),
         select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 300)),
     )
@@ -642,17 +561,11 @@ def _criterion_from_config(node: Optional[Mapping[str, Any]], aux_loss: bool = T
     if node is None:
         return None
     from tprd.modeling.criterion import SetCriterion
-    from tprd.modeling.matcher import HungarianMatcher
 
-    m = dict(node["matcher"])
-    if m.pop("cost_class_type", "focal_loss_cost") != "focal_loss_cost":
-        raise ValueError("only the focal-loss matching cost (cost_class_type='focal_loss_cost') is supported")
-    if node.get("loss_class_type", "focal_loss") != "focal_loss":
-        raise ValueError("only loss_class_type='focal_loss' is supported")
-    m.pop("_target_", None)
+    check_focal_loss(node)
     return SetCriterion(
         num_classes=int(node["num_classes"]),
-        matcher=HungarianMatcher(**m),
+        matcher=build_matcher(node["matcher"]),
         weight_dict=dict(node.get("weight_dict", {})),
         alpha=float(node.get("alpha", 0.25)),
         gamma=float(node.get("gamma", 2.0)),

@@ -15,6 +15,10 @@ names are our own (``self_attn``, ``cross_attn``, ``ffn.linear1``, ``norm1`` ...
 maps detrex's (``attentions.0``, ``ffns.0.layers.0.0``, ``norms.0`` ...). Heads that detrex shares
 between stages (no box refinement) are stored once (``class_embed.0``, ``bbox_embed.0``).
 
+Inputs (normalise + pad), the backbone -> neck -> encoder front end, proposal generation, inference
+and the train/eval ``forward`` live in :mod:`tprd.modeling.detector` (shared with DINO); detrex
+config and key helpers in :mod:`tprd.modeling.detrex_compat`.
+
 Beyond detrex, :meth:`DeformableDETR.forward_outputs` decodes extra query groups in the same
 decoder pass (block-diagonal self-attention mask), returns stacked per-stage predictions and the
 intermediate tensors distillation methods tap, and the padding masks are correct in eval as well.
@@ -22,22 +26,44 @@ intermediate tensors distillation methods tap, and the padding masks are correct
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
 from ..layers.mlp import MLP
+from ..layers.box_ops import inverse_sigmoid
 from ..layers.ms_deform_attn import MultiScaleDeformableAttention
-from ..layers.position_embedding import PositionEmbeddingSine
-from .backbone import ChannelMapper, ResNet, convert_detectron2_resnet_keys
 from .criterion import SetCriterion
-from .matcher import HungarianMatcher
+from .detector import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    MultiScaleDETRDetector,
+    attention_taps,
+    block_diagonal_mask,
+    check_mask_mode,
+    encoder_output_proposals,
+    focal_prior_bias,
+    group_slices,
+    images_to_batch,
+    level_masks,
+    reset_neck_parameters,
+    valid_ratio,
+)
+from .detrex_compat import (
+    build_backbone,
+    build_matcher,
+    build_neck,
+    build_position_embedding,
+    check_focal_loss,
+    config_target,
+    convert_with_aliases,
+    deformable_alias_target,
+    deformable_detrex_to_ours,
+    layer_kwargs,
+)
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
-from .postprocess import detector_postprocess, select_topk
 
 __all__ = [
     "DeformableDETR",
@@ -47,6 +73,7 @@ __all__ = [
     "DeformableEncoderLayer",
     "DeformableDecoderLayer",
     "FFN",
+    "reset_deformable_parameters",
     "images_to_batch",
     "level_masks",
 ]
@@ -229,6 +256,18 @@ def _refine(delta: Tensor, reference: Tensor) -> Tensor:
     return torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1).sigmoid()
 
 
+@torch.no_grad()
+def reset_deformable_parameters(module: nn.Module) -> None:
+    """detrex transformer init: Xavier-uniform for every matrix of ``module``, then the
+    deformable-attention init of each :class:`MultiScaleDeformableAttention` in it."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in module.modules():
+        if isinstance(m, MultiScaleDeformableAttention):
+            m.reset_parameters()
+
+
 class DeformableTransformer(nn.Module):
     """Encoder + decoder + level embeddings + the query initialisation parameters.
 
@@ -260,51 +299,19 @@ class DeformableTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """detrex init: Xavier-uniform for every matrix, deformable-attention init, Xavier-normal
         reference-point layer with zero bias, N(0,1) level embeddings."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m.reset_parameters()
+        reset_deformable_parameters(self)
         if not self.as_two_stage:
             nn.init.xavier_normal_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embeds)
 
-    @staticmethod
-    def valid_ratio(mask: Tensor) -> Tensor:
-        """``[B,2]`` (w, h) fraction of valid cells along the first row/column of ``mask [B,H,W]``."""
-        _, h, w = mask.shape
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
-        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    # The valid fraction of each level (``[B,2]`` (w, h) of a mask ``[B,H,W]``), shared with DINO.
+    valid_ratio = staticmethod(valid_ratio)
 
     def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
         """One proposal per valid token: cell centre, size 0.05 * 2^level (un-sigmoided ``[B,S,4]``,
         ``inf`` on padding and near the border) and the projected memory ``[B,S,D]`` (zero there)."""
-        bsz = memory.shape[0]
-        proposals, start = [], 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-            mask_l = padding_mask[:, start:start + h * w].view(bsz, h, w, 1)
-            valid_h = torch.sum(~mask_l[:, :, 0, 0], 1)
-            valid_w = torch.sum(~mask_l[:, 0, :, 0], 1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
-                indexing="ij",
-            )
-            grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
-            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(bsz, 1, 1, 2)
-            grid = (grid.unsqueeze(0).expand(bsz, -1, -1, -1) + 0.5) / scale
-            wh = torch.ones_like(grid) * 0.05 * (2.0**lvl)
-            proposals.append(torch.cat((grid, wh), -1).view(bsz, -1, 4))
-            start += h * w
-        proposals = torch.cat(proposals, 1)
-        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-        proposals = torch.log(proposals / (1 - proposals))
-        proposals = proposals.masked_fill(padding_mask.unsqueeze(-1), float("inf"))
-        proposals = proposals.masked_fill(~valid, float("inf"))
-        out = memory.masked_fill(padding_mask.unsqueeze(-1), 0.0).masked_fill(~valid, 0.0)
+        out, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
         return self.enc_output_norm(self.enc_output(out)), proposals
 
     @staticmethod
@@ -317,66 +324,11 @@ class DeformableTransformer(nn.Module):
 
 
 # ============================================================================================
-# Batching and masks
-# ============================================================================================
-
-
-def images_to_batch(images: Sequence[Tensor], pixel_mean: Tensor, pixel_std: Tensor) -> ImageBatch:
-    """Normalise each ``[3,h,w]`` image, pad bottom/right with 0 to the largest size; mask True on padding."""
-    normed = [(img.to(pixel_mean.device, torch.float32) - pixel_mean) / pixel_std for img in images]
-    sizes = [tuple(int(s) for s in x.shape[-2:]) for x in normed]
-    hmax = max(h for h, _ in sizes)
-    wmax = max(w for _, w in sizes)
-    tensor = normed[0].new_zeros(len(normed), 3, hmax, wmax)
-    mask = torch.ones(len(normed), hmax, wmax, dtype=torch.bool, device=tensor.device)
-    for i, (x, (h, w)) in enumerate(zip(normed, sizes)):
-        tensor[i, :, :h, :w] = x
-        mask[i, :h, :w] = False
-    return ImageBatch(tensor=tensor, mask=mask, image_sizes=sizes)
-
-
-def _halvings_extent(n: int, full: int, target: int) -> int:
-    """Valid extent at a level of size ``target`` reached from ``full`` by stride-2 steps
-    (each step ``ceil(x/2)``), for ``n`` valid input pixels; proportional if no such chain exists."""
-    size, valid = full, n
-    while size > target:
-        size, valid = -(-size // 2), -(-valid // 2)
-    if size == target:
-        return max(valid, 1)
-    return max(1, math.ceil(n * target / full))
-
-
-def level_masks(mask: Tensor, image_sizes: Sequence[Tuple[int, int]], shapes: Sequence[Tuple[int, int]],
-                mode: str = "nearest") -> List[Tensor]:
-    """Padding mask of every feature level (``True`` = padding).
-
-    ``"nearest"`` (detrex): ``F.interpolate`` of the pixel mask, nearest mode -- at coarse levels a
-    cell can be marked valid although it only saw padding. ``"exact"``: the valid extent of image
-    ``b`` at a level is what its feature map would have alone (repeated ``ceil(x/2)``), so a padded
-    image is treated exactly as the same image alone.
-    """
-    if mode == "nearest":
-        m = mask[None].float()
-        return [F.interpolate(m, size=s).to(torch.bool)[0] for s in shapes]
-    if mode != "exact":
-        raise ValueError(f"mask_mode must be 'nearest' or 'exact', got {mode!r}")
-    full_h, full_w = mask.shape[-2:]
-    out = []
-    for h_l, w_l in shapes:
-        vh = torch.tensor([_halvings_extent(h, full_h, h_l) for h, _ in image_sizes], device=mask.device)
-        vw = torch.tensor([_halvings_extent(w, full_w, w_l) for _, w in image_sizes], device=mask.device)
-        rows = torch.arange(h_l, device=mask.device)[None, :, None] >= vh[:, None, None]
-        cols = torch.arange(w_l, device=mask.device)[None, None, :] >= vw[:, None, None]
-        out.append(rows | cols)
-    return out
-
-
-# ============================================================================================
 # The detector
 # ============================================================================================
 
 
-class DeformableDETR(nn.Module):
+class DeformableDETR(MultiScaleDETRDetector):
     """Deformable DETR with detrex's constructor arguments.
 
     Args:
@@ -405,8 +357,8 @@ class DeformableDETR(nn.Module):
         num_classes: int,
         num_queries: int,
         criterion: Optional[SetCriterion] = None,
-        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
         embed_dim: int = 256,
         aux_loss: bool = True,
         with_box_refine: bool = False,
@@ -421,8 +373,7 @@ class DeformableDETR(nn.Module):
                 f"as_two_stage={as_two_stage} but transformer.as_two_stage={transformer.as_two_stage}; "
                 "set both (model.as_two_stage and model.transformer.as_two_stage) to the same value"
             )
-        if mask_mode not in ("nearest", "exact"):
-            raise ValueError(f"mask_mode must be 'nearest' or 'exact', got {mask_mode!r}")
+        check_mask_mode(mask_mode)
         self.backbone = backbone
         self.neck = neck
         self.position_embedding = position_embedding
@@ -446,8 +397,7 @@ class DeformableDETR(nn.Module):
         num_heads = num_pred if with_box_refine else 1
         self.class_embed = nn.ModuleList(nn.Linear(embed_dim, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_heads))
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
         self.reset_head_parameters()
         if device is not None:
             self.to(device)
@@ -457,8 +407,7 @@ class DeformableDETR(nn.Module):
         """detrex init: class bias -log(99) (prior 0.01); last box layer zero; per-stage heads (box
         refinement) identical copies; box size bias -2 on the first box head only (0 in two-stage);
         neck convs Xavier-uniform with zero bias."""
-        bias_value = -math.log((1 - 0.01) / 0.01)
-        nn.init.constant_(self.class_embed[0].bias, bias_value)
+        nn.init.constant_(self.class_embed[0].bias, focal_prior_bias(0.01))
         nn.init.zeros_(self.bbox_embed[0].layers[-1].weight)
         nn.init.zeros_(self.bbox_embed[0].layers[-1].bias)
         for heads in (self.class_embed, self.bbox_embed):  # per-stage heads start as copies (detrex)
@@ -466,15 +415,7 @@ class DeformableDETR(nn.Module):
                 head.load_state_dict(heads[0].state_dict())
         if not self.as_two_stage:
             self.bbox_embed[0].layers[-1].bias[2:] = -2.0
-        for m in self.neck.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight, gain=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+        reset_neck_parameters(self.neck)
 
     @property
     def num_stages(self) -> int:
@@ -485,60 +426,11 @@ class DeformableDETR(nn.Module):
         return self.class_embed[i], self.bbox_embed[i]
 
     # ---------------------------------------------------------------------------------------
-    # Inputs
+    # Inputs -> backbone -> neck -> encoder: shared with DINO (MultiScaleDETRDetector):
+    # preprocess, prepare_targets, extract_features (backbone dict, neck maps [B,D,H_l,W_l], masks
+    # [B,H_l,W_l]) and encode (-> memory [B,S,D], memory_mask [B,S], pos, spatial_shapes [L,2],
+    # level_start_index [L], valid_ratios [B,L,2]).
     # ---------------------------------------------------------------------------------------
-    def preprocess(self, batched_inputs: Sequence[Dict[str, Any]]) -> ImageBatch:
-        """Normalised, zero-padded ``[B,3,H,W]`` batch and its padding mask (``True`` = padding)."""
-        return images_to_batch([x["image"] for x in batched_inputs], self.pixel_mean, self.pixel_std)
-
-    def prepare_targets(self, batched_inputs: Sequence[Dict[str, Any]]) -> List[Dict[str, Tensor]]:
-        """``{"labels" [G], "boxes" [G,4]}`` per image; boxes normalised cxcywh by the image's own size."""
-        targets = []
-        for x in batched_inputs:
-            h, w = x["image"].shape[-2:]
-            boxes = torch.as_tensor(x.get("gt_boxes", torch.zeros(0, 4)), dtype=torch.float32, device=self.device)
-            labels = torch.as_tensor(x.get("gt_classes", torch.zeros(0)), dtype=torch.int64, device=self.device)
-            scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(boxes.reshape(-1, 4) / scale)})
-        return targets
-
-    # ---------------------------------------------------------------------------------------
-    # Backbone -> neck -> encoder
-    # ---------------------------------------------------------------------------------------
-    def extract_features(self, images: ImageBatch):
-        """Backbone dict, neck maps (list of ``[B,D,H_l,W_l]``) and their padding masks."""
-        features = self.backbone(images.tensor)
-        feats = self.neck(features)
-        masks = level_masks(images.mask, images.image_sizes, [f.shape[-2:] for f in feats], self.mask_mode)
-        return features, feats, masks
-
-    def encode(self, feats: Sequence[Tensor], masks: Sequence[Tensor]) -> Dict[str, Tensor]:
-        """Add sine + level embeddings, flatten the levels and run the encoder.
-
-        Returns ``memory [B,S,D]``, ``memory_mask [B,S]``, ``pos [B,S,D]``, ``spatial_shapes [L,2]``,
-        ``level_start_index [L]``, ``valid_ratios [B,L,2]``.
-        """
-        tr = self.transformer
-        src, pos, mask_flat, shapes = [], [], [], []
-        for lvl, (feat, mask) in enumerate(zip(feats, masks)):
-            shapes.append(feat.shape[-2:])
-            pos_l = self.position_embedding(mask).flatten(2).transpose(1, 2)
-            pos.append(pos_l + tr.level_embeds[lvl].view(1, 1, -1))
-            src.append(feat.flatten(2).transpose(1, 2))
-            mask_flat.append(mask.flatten(1))
-        src, pos, mask_flat = torch.cat(src, 1), torch.cat(pos, 1), torch.cat(mask_flat, 1)
-        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([tr.valid_ratio(m) for m in masks], 1)
-        memory = tr.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask_flat)
-        return {
-            "memory": memory,
-            "memory_mask": mask_flat,
-            "pos": pos,
-            "spatial_shapes": spatial_shapes,
-            "level_start_index": level_start_index,
-            "valid_ratios": valid_ratios,
-        }
 
     # ---------------------------------------------------------------------------------------
     # Queries -> decoder -> heads
@@ -632,21 +524,14 @@ class DeformableDETR(nn.Module):
         content = torch.cat([p[0] for p in parts], 1)
         position = torch.cat([p[1] for p in parts], 1)
         reference = torch.cat([p[2] for p in parts], 1)
-        attn_mask = None
-        if len(groups) > 1:
-            gid = torch.repeat_interleave(torch.arange(len(groups), device=content.device),
-                                          torch.as_tensor(sizes, device=content.device))
-            attn_mask = gid[:, None] != gid[None, :]
+        attn_mask = block_diagonal_mask(sizes, content.device) if len(groups) > 1 else None
         hidden, references, next_ref, maps = self.transformer.decoder(
             content, position, reference, enc["memory"], enc["spatial_shapes"], enc["level_start_index"],
             enc["valid_ratios"], enc["memory_mask"], self_attn_mask=attn_mask,
             bbox_embed=self.bbox_embed if self.with_box_refine else None, return_attention=return_attention,
         )
         logits, boxes = self.predict(hidden, references)
-        slices, start = {}, 0
-        for name, n in zip(names, sizes):
-            slices[name] = slice(start, start + n)
-            start += n
+        slices = group_slices(names, sizes)
         preds = {
             name: StagePredictions(logits[:, :, s], boxes[:, :, s], hidden[:, :, s], _slice_queries(references, s))
             for name, s in slices.items()
@@ -657,12 +542,6 @@ class DeformableDETR(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Full stage-wise forward
     # ---------------------------------------------------------------------------------------
-    def encode_images(self, images: ImageBatch) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-        """Backbone, neck and encoder: the encoder state and the feature taps."""
-        features, feats, masks = self.extract_features(images)
-        enc = self.encode(feats, masks)
-        return enc, {"backbone": features, "neck": feats, "neck_masks": masks}
-
     def decode_memory(
         self,
         enc: Dict[str, Tensor],
@@ -674,22 +553,13 @@ class DeformableDETR(nn.Module):
         main, enc_out = self.initial_queries(enc)
         main_preds, groups, maps, slices, next_ref = self.decode(enc, main, query_groups, return_attention)
         taps = dict(taps or {})
+        taps.update(self.memory_taps(enc))
         taps.update(
-            memory=enc["memory"],
-            memory_mask=enc["memory_mask"],
-            spatial_shapes=enc["spatial_shapes"],
-            level_start_index=enc["level_start_index"],
-            valid_ratios=enc["valid_ratios"],
             queries=QueryGroup("queries", main.content, main.reference, main.position),
             next_reference=next_ref,
             group_slices=slices,
         )
-        if maps is not None:
-            taps["decoder_self_attn"] = [m["self_attn"] for m in maps]
-            taps["decoder_cross_attn"] = [
-                {"sampling_locations": m["sampling_locations"], "attention_weights": m["attention_weights"]}
-                for m in maps
-            ]
+        taps.update(attention_taps(maps))
         return DetectorOutputs(main=main_preds, groups=groups, enc=enc_out, taps=taps)
 
     def forward_outputs(
@@ -705,36 +575,9 @@ class DeformableDETR(nn.Module):
         return self.decode_memory(enc, query_groups, return_attention, taps)
 
     # ---------------------------------------------------------------------------------------
-    # Training / inference entry point
+    # Training / inference: forward, compute_losses, inference and postprocess come from
+    # DETRDetector (weighted detrex losses in training; top-k detections rescaled in eval).
     # ---------------------------------------------------------------------------------------
-    def forward(self, batched_inputs: Sequence[Dict[str, Any]]):
-        """Training: dict of weighted losses (detrex names). Eval: per image ``{"boxes" xyxy in the
-        ``(height, width)`` frame, "scores", "labels"}``."""
-        images = self.preprocess(batched_inputs)
-        outputs = self.forward_outputs(images)
-        if self.training:
-            if self.criterion is None:
-                raise RuntimeError("DeformableDETR was built without a criterion; it cannot compute losses")
-            targets = self.prepare_targets(batched_inputs)
-            return self.criterion.weight_losses(self.criterion(outputs, targets))
-        detections = self.inference(outputs, images.image_sizes)
-        output_sizes = [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, images.image_sizes)]
-        return self.postprocess(detections, images.image_sizes, output_sizes)
-
-    def inference(self, outputs: DetectorOutputs, image_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Top-k detections of the final stage, xyxy pixels of the network input (before rescaling)."""
-        return select_topk(outputs.main.logits[-1], outputs.main.boxes[-1], image_sizes,
-                           self.select_box_nums_for_evaluation)
-
-    @staticmethod
-    def postprocess(detections, image_sizes, output_sizes) -> List[Dict[str, Tensor]]:
-        """Rescale to ``output_sizes`` (height, width), clip, drop empty boxes."""
-        out = []
-        for det, size, (oh, ow) in zip(detections, image_sizes, output_sizes):
-            det = detector_postprocess(det, size, int(oh), int(ow))
-            out.append({"boxes": det["boxes"], "scores": det["scores"], "labels": det["labels"]})
-        return out
-
     def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
         """Our tensors in the layout of a detrex parity fixture's ``intermediates.pt``."""
         taps = outputs.taps
@@ -770,80 +613,20 @@ class DeformableDETR(nn.Module):
         """``{detrex key: our key}``; aliases of a shared tensor map to the key that holds it."""
         keys = list(keys)
         refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in keys)
-        return {k: _detrex_to_ours(k, refine) or _alias_target(k, refine) for k in keys}
+        return {k: deformable_detrex_to_ours(k, refine) or deformable_alias_target(k, refine) for k in keys}
 
     @classmethod
     def convert_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Rename a detrex Deformable DETR state dict to ours; aliases of shared tensors (the shared
         heads without box refinement, ``transformer.decoder.{class,bbox}_embed``) collapse to one
         entry, after checking that they really hold the same values."""
-        keys = list(state_dict.keys())
-        refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in keys)
-        out: Dict[str, Tensor] = {}
-        aliases = []
-        for key in keys:
-            new = _detrex_to_ours(key, refine)
-            if new is None:
-                aliases.append(key)
-            else:
-                out[new] = state_dict[key]
-        for key in aliases:
-            target = _alias_target(key, refine)
-            kept = out.get(target)
-            value = state_dict[key]
-            if kept is None:
-                raise KeyError(f"detrex key {key!r} aliases {target!r}, which the checkpoint does not hold")
-            if kept.shape != value.shape or not torch.equal(kept, value):
-                raise ValueError(
-                    f"detrex key {key!r} should hold the same tensor as {target!r} (shared between stages) "
-                    "but its values differ; was the checkpoint made with a different with_box_refine?"
-                )
-        return out
-
-
-_ENC_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.*)$")
-_DEC_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
-_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
-_FFN = {"ffns.0.layers.0.0.": "ffn.linear1.", "ffns.0.layers.1.": "ffn.linear2."}
-
-
-def _rename_layer_part(rest: str, table: Dict[str, str]) -> str:
-    for old, new in list(table.items()) + list(_FFN.items()):
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    raise KeyError(rest)
-
-
-def _detrex_to_ours(key: str, refine: bool) -> Optional[str]:
-    if key.startswith("backbone."):
-        return next(iter(convert_detectron2_resnet_keys({key: None})))
-    m = _ENC_LAYER.match(key)
-    if m:
-        table = {"attentions.0.": "self_attn.", "norms.0.": "norm1.", "norms.1.": "norm2."}
-        return f"transformer.encoder.layers.{m.group(1)}." + _rename_layer_part(m.group(2), table)
-    m = _DEC_LAYER.match(key)
-    if m:
-        table = {"attentions.0.attn.": "self_attn.", "attentions.1.": "cross_attn.",
-                 "norms.0.": "norm1.", "norms.1.": "norm2.", "norms.2.": "norm3."}
-        return f"transformer.decoder.layers.{m.group(1)}." + _rename_layer_part(m.group(2), table)
-    if key.startswith("transformer.encoder.post_norm_layer."):
-        return "transformer.encoder.norm." + key[len("transformer.encoder.post_norm_layer."):]
-    if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
-        return None
-    m = _HEAD.match(key)
-    if m and not refine:
-        return f"{m.group(1)}.0.{m.group(3)}" if m.group(2) == "0" else None
-    return key
-
-
-def _alias_target(key: str, refine: bool) -> str:
-    """Our key holding the tensor that the dropped detrex alias ``key`` duplicates."""
-    if key.startswith("transformer.decoder."):
-        key = key[len("transformer.decoder."):]
-    m = _HEAD.match(key)
-    if m is None:
-        raise KeyError(key)
-    return key if refine else f"{m.group(1)}.0.{m.group(3)}"
+        refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state_dict)
+        return convert_with_aliases(
+            state_dict,
+            lambda k: deformable_detrex_to_ours(k, refine),
+            lambda k: deformable_alias_target(k, refine),
+            hint=" (shared between stages); was the checkpoint made with a different with_box_refine?",
+        )
 
 
 # ============================================================================================
@@ -851,59 +634,11 @@ def _alias_target(key: str, refine: bool) -> str:
 # ============================================================================================
 
 
-def _target(node: Mapping[str, Any]) -> str:
-    return str(node.get("_target_", ""))
-
-
-def _build_backbone(cfg: Mapping[str, Any]) -> ResNet:
-    target = _target(cfg)
-    if "stages" in cfg:  # detectron2 ResNet(stem=BasicStem, stages=make_default_stages(depth, ...))
-        stages = cfg["stages"]
-        if stages.get("stride_in_1x1", False):
-            raise ValueError("detectron2 ResNet with stride_in_1x1=True (MSRA weights) is not supported; "
-                             "torchvision-style ResNets put the stride on the 3x3 conv")
-        if stages.get("norm", "FrozenBN") != "FrozenBN":
-            raise ValueError(f"only FrozenBN backbones are supported, got norm={stages.get('norm')!r}")
-        depth = int(stages["depth"])
-    elif "depth" in cfg:  # detrex ResNet / our ResNet
-        depth = int(cfg["depth"])
-    else:
-        raise ValueError(f"cannot build a backbone from config with _target_ {target!r}")
-    return ResNet(depth=depth, out_features=tuple(cfg.get("out_features", ("res3", "res4", "res5"))),
-                  freeze_at=int(cfg.get("freeze_at", 1)))
-
-
-def _build_neck(cfg: Mapping[str, Any]) -> ChannelMapper:
-    in_features = list(cfg["in_features"])
-    shapes = cfg["input_shapes"]
-    in_channels = [int(shapes[f]["channels"]) for f in in_features]
-    norm = cfg.get("norm_layer") or {}
-    if cfg.get("activation") not in (None, "None"):
-        raise ValueError("ChannelMapper with an activation is not supported")
-    return ChannelMapper(
-        in_channels=in_channels,
-        out_channels=int(cfg.get("out_channels", 256)),
-        num_outs=int(cfg.get("num_outs", len(in_channels))),
-        kernel_size=int(cfg.get("kernel_size", 3)),
-        num_groups=int(norm.get("num_groups", 32)),
-        in_features=in_features,
-    )
-
-
-def _build_position_embedding(cfg: Mapping[str, Any]) -> PositionEmbeddingSine:
-    kwargs = {k: cfg[k] for k in ("num_pos_feats", "temperature", "normalize", "scale", "eps", "offset") if k in cfg}
-    return PositionEmbeddingSine(**kwargs)
-
-
-_LAYER_ARGS = ("embed_dim", "num_heads", "feedforward_dim", "attn_dropout", "ffn_dropout", "num_layers",
-               "num_feature_levels")
-
-
 def _build_transformer(cfg: Mapping[str, Any]) -> DeformableTransformer:
     enc_cfg, dec_cfg = cfg["encoder"], cfg["decoder"]
-    encoder = DeformableTransformerEncoder(**{k: enc_cfg[k] for k in _LAYER_ARGS if k in enc_cfg},
+    encoder = DeformableTransformerEncoder(**layer_kwargs(enc_cfg),
                                            post_norm=bool(enc_cfg.get("post_norm", False)))
-    decoder = DeformableTransformerDecoder(**{k: dec_cfg[k] for k in _LAYER_ARGS if k in dec_cfg},
+    decoder = DeformableTransformerDecoder(**layer_kwargs(dec_cfg),
                                            return_intermediate=bool(dec_cfg.get("return_intermediate", True)))
     return DeformableTransformer(
         encoder, decoder,
@@ -916,17 +651,10 @@ def _build_transformer(cfg: Mapping[str, Any]) -> DeformableTransformer:
 def _build_criterion(cfg: Optional[Mapping[str, Any]], two_stage: bool) -> Optional[SetCriterion]:
     if not cfg:
         return None
-    if cfg.get("loss_class_type", "focal_loss") != "focal_loss":
-        raise ValueError(f"only the focal classification loss is supported, got {cfg.get('loss_class_type')!r}")
-    m = cfg.get("matcher") or {}
-    if m.get("cost_class_type", "focal_loss_cost") != "focal_loss_cost":
-        raise ValueError(f"only the focal matching cost is supported, got {m.get('cost_class_type')!r}")
-    matcher = HungarianMatcher(
-        cost_class=float(m.get("cost_class", 2.0)), cost_bbox=float(m.get("cost_bbox", 5.0)),
-        cost_giou=float(m.get("cost_giou", 2.0)), alpha=float(m.get("alpha", 0.25)), gamma=float(m.get("gamma", 2.0)),
-    )
+    check_focal_loss(cfg)
+    matcher = build_matcher(cfg.get("matcher"))
     # detrex's DeformableCriterion supervises two-stage proposals as a single class
-    binary = bool(cfg.get("two_stage_binary_cls", "DeformableCriterion" in _target(cfg)))
+    binary = bool(cfg.get("two_stage_binary_cls", "DeformableCriterion" in config_target(cfg)))
     return SetCriterion(
         num_classes=int(cfg["num_classes"]), matcher=matcher, weight_dict=dict(cfg.get("weight_dict", {})),
         alpha=float(cfg.get("alpha", 0.25)), gamma=float(cfg.get("gamma", 2.0)), two_stage_binary_cls=binary,
@@ -936,15 +664,15 @@ def _build_criterion(cfg: Optional[Mapping[str, Any]], two_stage: bool) -> Optio
 def _parse_detrex_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     two_stage = bool(cfg.get("as_two_stage", False))
     return dict(
-        backbone=_build_backbone(cfg["backbone"]),
-        position_embedding=_build_position_embedding(cfg["position_embedding"]),
-        neck=_build_neck(cfg["neck"]),
+        backbone=build_backbone(cfg["backbone"]),
+        position_embedding=build_position_embedding(cfg["position_embedding"]),
+        neck=build_neck(cfg["neck"]),
         transformer=_build_transformer(cfg["transformer"]),
         num_classes=int(cfg["num_classes"]),
         num_queries=int(cfg["num_queries"]),
         criterion=_build_criterion(cfg.get("criterion"), two_stage),
-        pixel_mean=list(cfg.get("pixel_mean", (123.675, 116.280, 103.530))),
-        pixel_std=list(cfg.get("pixel_std", (58.395, 57.120, 57.375))),
+        pixel_mean=list(cfg.get("pixel_mean", PIXEL_MEAN)),
+        pixel_std=list(cfg.get("pixel_std", PIXEL_STD)),
         embed_dim=int(cfg.get("embed_dim", 256)),
         aux_loss=bool(cfg.get("aux_loss", True)),
         with_box_refine=bool(cfg.get("with_box_refine", False)),

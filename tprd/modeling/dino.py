@@ -18,9 +18,11 @@ The model reads top to bottom as the paper does::
              --> logits [L,B,Q,C], boxes [L,B,Q,4]
 
 Numerics follow detrex (``projects/dino``, IDEA-Research/detrex) operation by operation; module names
-are those of :mod:`tprd.modeling.deformable_detr` (whose encoder, decoder layer and proposal
-generation DINO reuses, because the numerics are identical), and
-:meth:`DINO.convert_detrex_state_dict` maps detrex checkpoint keys onto them.
+are those of :mod:`tprd.modeling.deformable_detr` (whose encoder and decoder layer DINO reuses,
+because the numerics are identical), and :meth:`DINO.convert_detrex_state_dict` maps detrex
+checkpoint keys onto them (:mod:`tprd.modeling.detrex_compat`). Inputs, the backbone -> neck ->
+encoder front end, proposal generation, inference and the train/eval ``forward`` are shared with
+Deformable DETR (:class:`~tprd.modeling.detector.MultiScaleDETRDetector`).
 
 Things worth knowing (all as in detrex):
 
@@ -45,32 +47,41 @@ use; denoising can be switched off per call (``use_dn=False``, the distillation 
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from ..layers.mlp import MLP
-from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from ..layers.position_embedding import get_sine_pos_embed
 from .criterion import SetCriterion, get_num_boxes
-from .deformable_detr import (
-    DeformableDecoderLayer,
-    DeformableTransformer,
-    DeformableTransformerEncoder,
-    _alias_target,
-    _build_backbone,
-    _build_neck,
-    _build_position_embedding,
-    _detrex_to_ours,
-    images_to_batch,
-    level_masks,
+from .deformable_detr import DeformableDecoderLayer, DeformableTransformerEncoder, reset_deformable_parameters
+from .detector import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    MultiScaleDETRDetector,
+    attention_taps,
+    block_diagonal_mask,
+    check_mask_mode,
+    encoder_output_proposals,
+    focal_prior_bias,
+    group_slices,
+    reset_neck_parameters,
+    valid_ratio,
 )
-from .matcher import HungarianMatcher
+from .detrex_compat import (
+    build_backbone,
+    build_matcher,
+    build_neck,
+    build_position_embedding,
+    check_focal_loss,
+    convert_with_aliases,
+    deformable_alias_target,
+    deformable_detrex_to_ours,
+    layer_kwargs,
+)
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
-from .postprocess import detector_postprocess, select_topk
 
 __all__ = [
     "DINO",
@@ -195,19 +206,18 @@ class DINOTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """detrex init: Xavier-uniform for every matrix, deformable-attention init, N(0,1) level
         embeddings."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m.reset_parameters()
+        reset_deformable_parameters(self)
         nn.init.normal_(self.level_embeds)
 
-    # Identical to two-stage Deformable DETR: the valid fraction of each level, and one proposal per
-    # valid token (cell centre, size 0.05 * 2^level; ``inf`` on padding and near the border) with
-    # the projected memory ``enc_output_norm(enc_output(memory))`` (zeroed memory there).
-    valid_ratio = staticmethod(DeformableTransformer.valid_ratio)
-    gen_encoder_output_proposals = DeformableTransformer.gen_encoder_output_proposals
+    # The valid fraction of each level (``[B,2]`` (w, h) of a mask ``[B,H,W]``), as Deformable DETR.
+    valid_ratio = staticmethod(valid_ratio)
+
+    def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
+        """As two-stage Deformable DETR: one proposal per valid token (cell centre, size
+        0.05 * 2^level, un-sigmoided ``[B,S,4]``, ``inf`` on padding and near the border) and the
+        projected memory ``enc_output_norm(enc_output(memory))`` ``[B,S,D]`` (zeroed memory there)."""
+        out, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
+        return self.enc_output_norm(self.enc_output(out)), proposals
 
 
 # ============================================================================================
@@ -275,7 +285,7 @@ class DINOCriterion(SetCriterion):
 # ============================================================================================
 
 
-class DINO(nn.Module):
+class DINO(MultiScaleDETRDetector):
     """DINO with detrex's constructor arguments.
 
     Args:
@@ -314,8 +324,8 @@ class DINO(nn.Module):
         num_classes: int = 80,
         num_queries: int = 900,
         criterion: Optional[DINOCriterion] = None,
-        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
         aux_loss: bool = True,
         select_box_nums_for_evaluation: int = 300,
         dn_number: int = 100,
@@ -333,8 +343,7 @@ class DINO(nn.Module):
                 f"{transformer.two_stage_num_proposals}: DINO selects exactly num_queries proposals; set "
                 "model.transformer.two_stage_num_proposals='${..num_queries}'"
             )
-        if mask_mode not in ("nearest", "exact"):
-            raise ValueError(f"mask_mode must be 'nearest' or 'exact', got {mask_mode!r}")
+        check_mask_mode(mask_mode)
         if input_format not in (None, "RGB"):
             raise ValueError(f"input_format={input_format!r}: images are expected as RGB 0..255")
         self.backbone = backbone
@@ -359,8 +368,7 @@ class DINO(nn.Module):
         self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_pred))
         # denoising: embedding of the (noised) GT labels
         self.label_enc = nn.Embedding(num_classes, embed_dim)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
         self.reset_head_parameters()
         if device is not None:
             self.to(device)
@@ -369,81 +377,23 @@ class DINO(nn.Module):
     def reset_head_parameters(self) -> None:
         """detrex init: class bias -log(99) (prior 0.01); last box layer zero; neck convs
         Xavier-uniform with zero bias."""
-        bias_value = -math.log((1 - 0.01) / 0.01)
         for head in self.class_embed:
-            nn.init.constant_(head.bias, bias_value)
+            nn.init.constant_(head.bias, focal_prior_bias(0.01))
         for head in self.bbox_embed:
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
-        for m in self.neck.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight, gain=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+        reset_neck_parameters(self.neck)
 
     @property
     def num_stages(self) -> int:
         return self.transformer.decoder.num_layers
 
     # ---------------------------------------------------------------------------------------
-    # Inputs
+    # Inputs -> backbone -> neck -> encoder: as Deformable DETR (MultiScaleDETRDetector):
+    # preprocess, prepare_targets, extract_features (backbone dict, neck maps [B,D,H_l,W_l], masks
+    # [B,H_l,W_l]) and encode (-> memory [B,S,D], memory_mask [B,S], pos [B,S,D], spatial_shapes
+    # [L,2], level_start_index [L], valid_ratios [B,L,2]).
     # ---------------------------------------------------------------------------------------
-    def preprocess(self, batched_inputs: Sequence[Mapping[str, Any]]) -> ImageBatch:
-        """Normalised, zero-padded ``[B,3,H,W]`` batch and its padding mask (``True`` = padding)."""
-        return images_to_batch([x["image"] for x in batched_inputs], self.pixel_mean, self.pixel_std)
-
-    def prepare_targets(self, batched_inputs: Sequence[Mapping[str, Any]]) -> List[Dict[str, Tensor]]:
-        """``{"labels" [G], "boxes" [G,4]}`` per image; boxes normalised cxcywh by the image's own size."""
-        targets = []
-        for x in batched_inputs:
-            h, w = x["image"].shape[-2:]
-            boxes = torch.as_tensor(x.get("gt_boxes", torch.zeros(0, 4)), dtype=torch.float32, device=self.device)
-            labels = torch.as_tensor(x.get("gt_classes", torch.zeros(0)), dtype=torch.int64, device=self.device)
-            scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            targets.append({"labels": labels.reshape(-1), "boxes": box_xyxy_to_cxcywh(boxes.reshape(-1, 4) / scale)})
-        return targets
-
-    # ---------------------------------------------------------------------------------------
-    # Backbone -> neck -> encoder
-    # ---------------------------------------------------------------------------------------
-    def extract_features(self, images: ImageBatch):
-        """Backbone dict, neck maps (list of ``[B,D,H_l,W_l]``) and their padding masks ``[B,H_l,W_l]``."""
-        features = self.backbone(images.tensor)
-        feats = self.neck(features)
-        masks = level_masks(images.mask, images.image_sizes, [f.shape[-2:] for f in feats], self.mask_mode)
-        return features, feats, masks
-
-    def encode(self, feats: Sequence[Tensor], masks: Sequence[Tensor]) -> Dict[str, Tensor]:
-        """Add sine + level embeddings, flatten the levels and run the encoder.
-
-        Returns ``memory [B,S,D]``, ``memory_mask [B,S]`` (True = padding), ``pos [B,S,D]``,
-        ``spatial_shapes [L,2]``, ``level_start_index [L]``, ``valid_ratios [B,L,2]``.
-        """
-        tr = self.transformer
-        src, pos, mask_flat, shapes = [], [], [], []
-        for lvl, (feat, mask) in enumerate(zip(feats, masks)):
-            shapes.append(tuple(feat.shape[-2:]))
-            pos_l = self.position_embedding(mask).flatten(2).transpose(1, 2)
-            pos.append(pos_l + tr.level_embeds[lvl].view(1, 1, -1))
-            src.append(feat.flatten(2).transpose(1, 2))
-            mask_flat.append(mask.flatten(1))
-        src, pos, mask_flat = torch.cat(src, 1), torch.cat(pos, 1), torch.cat(mask_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([tr.valid_ratio(m) for m in masks], 1)
-        memory = tr.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask_flat)
-        return {
-            "memory": memory,
-            "memory_mask": mask_flat,
-            "pos": pos,
-            "spatial_shapes": spatial_shapes,
-            "level_start_index": level_start_index,
-            "valid_ratios": valid_ratios,
-        }
 
     # ---------------------------------------------------------------------------------------
     # Queries: two-stage selection and contrastive denoising
@@ -627,9 +577,7 @@ class DINO(nn.Module):
         first = sizes[0] + (sizes[1] if dn is not None else 0)  # dn and main share a block
         if len(sizes) > (2 if dn is not None else 1):
             block_of = [0, 0] + list(range(1, len(sizes) - 1)) if dn is not None else list(range(len(sizes)))
-            gid = torch.repeat_interleave(torch.as_tensor(block_of, device=memory.device),
-                                          torch.as_tensor(sizes, device=memory.device))
-            attn_mask = gid[:, None] != gid[None, :]
+            attn_mask = block_diagonal_mask(sizes, memory.device, block_of)
         if dn is not None:
             if attn_mask is None:
                 attn_mask = dn["attn_mask"]
@@ -644,10 +592,7 @@ class DINO(nn.Module):
             hidden = torch.cat([hidden[:1] + self.label_enc.weight[0, 0] * 0.0, hidden[1:]], 0)
         references = torch.cat([reference[None], refined[:-1]], 0)
         logits, boxes = self.predict(hidden, references)
-        slices, start = {}, 0
-        for name, n in zip(names, sizes):
-            slices[name] = slice(start, start + n)
-            start += n
+        slices = group_slices(names, sizes)
         preds = {
             name: StagePredictions(logits[:, :, s], boxes[:, :, s], hidden[:, :, s], references[:, :, s])
             for name, s in slices.items()
@@ -660,16 +605,10 @@ class DINO(nn.Module):
     # Full stage-wise forward
     # ---------------------------------------------------------------------------------------
     def encode_images(self, images: ImageBatch) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-        """Backbone, neck and encoder: the encoder state and the feature taps."""
-        features, feats, masks = self.extract_features(images)
-        enc = self.encode(feats, masks)
-        taps = {
-            "backbone": features,
-            "neck": feats,
-            "neck_masks": masks,
-            "image_sizes": list(images.image_sizes),
-            "padded_size": tuple(images.tensor.shape[-2:]),
-        }
+        """Backbone, neck and encoder: the encoder state and the feature taps (``backbone``,
+        ``neck``, ``neck_masks``, ``image_sizes``, ``padded_size``)."""
+        enc, taps = super().encode_images(images)
+        taps.update(image_sizes=list(images.image_sizes), padded_size=tuple(images.tensor.shape[-2:]))
         return enc, taps
 
     def decode_memory(
@@ -703,23 +642,14 @@ class DINO(nn.Module):
                 "attn_mask": dn["attn_mask"],
             }
         taps = dict(taps or {})
+        taps.update(self.memory_taps(
+            enc, ("memory", "memory_mask", "pos", "spatial_shapes", "level_start_index", "valid_ratios")))
         taps.update(
-            memory=enc["memory"],
-            memory_mask=enc["memory_mask"],
-            pos=enc["pos"],
-            spatial_shapes=enc["spatial_shapes"],
-            level_start_index=enc["level_start_index"],
-            valid_ratios=enc["valid_ratios"],
             queries=QueryGroup("queries", main.content, main.reference),
             next_reference=next_ref,
             group_slices=slices,
         )
-        if maps is not None:
-            taps["decoder_self_attn"] = [m["self_attn"] for m in maps]
-            taps["decoder_cross_attn"] = [
-                {"sampling_locations": m["sampling_locations"], "attention_weights": m["attention_weights"]}
-                for m in maps
-            ]
+        taps.update(attention_taps(maps))
         return DetectorOutputs(main=main_preds, groups=groups, enc=proposals, dn=dn_out, taps=taps)
 
     def forward_outputs(
@@ -743,46 +673,14 @@ class DINO(nn.Module):
         enc, taps = self.encode_images(images)
         return self.decode_memory(enc, query_groups, targets, use_dn, return_attention, taps)
 
-    def compute_losses(self, outputs: DetectorOutputs, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """Weighted GT losses (detrex names) of a :meth:`forward_outputs` result."""
-        if self.criterion is None:
-            raise RuntimeError("DINO was built without a criterion; it cannot compute losses")
-        return self.criterion.weight_losses(self.criterion(outputs, targets))
+    def train_outputs(self, images: ImageBatch, targets: Sequence[Dict[str, Tensor]]) -> DetectorOutputs:
+        """The training forward decodes the denoising queries of ``targets`` too."""
+        return self.forward_outputs(images, targets=targets)
 
     # ---------------------------------------------------------------------------------------
-    # Training / inference entry point
+    # Training / inference: forward (weighted losses incl. ``_enc`` and ``_dn`` terms in training,
+    # detections in eval), compute_losses, inference and postprocess come from DETRDetector.
     # ---------------------------------------------------------------------------------------
-    def forward(self, batched_inputs: Sequence[Mapping[str, Any]]):
-        """Training: dict of weighted losses (detrex names, incl. ``_enc`` and ``_dn`` terms). Eval: per
-        image ``{"boxes" xyxy in the (height, width) frame, "scores", "labels"}``."""
-        images = self.preprocess(batched_inputs)
-        if self.training:
-            targets = self.prepare_targets(batched_inputs)
-            outputs = self.forward_outputs(images, targets=targets)
-            return self.compute_losses(outputs, targets)
-        outputs = self.forward_outputs(images)
-        detections = self.inference(outputs, images.image_sizes)
-        output_sizes = [(x.get("height", s[0]), x.get("width", s[1]))
-                        for x, s in zip(batched_inputs, images.image_sizes)]
-        return self.postprocess(detections, images.image_sizes, output_sizes)
-
-    def inference(
-        self, outputs: Union[DetectorOutputs, StagePredictions], image_sizes: Sequence[Tuple[int, int]]
-    ) -> List[Dict[str, Tensor]]:
-        """Top-``select_box_nums_for_evaluation`` (score, class, box) of the final stage over the
-        ``Q x C`` sigmoid scores, boxes xyxy in pixels of the network input (before rescaling)."""
-        main = outputs.main if isinstance(outputs, DetectorOutputs) else outputs
-        return select_topk(main.logits[-1], main.boxes[-1], image_sizes, self.select_box_nums_for_evaluation)
-
-    @staticmethod
-    def postprocess(detections, image_sizes, output_sizes) -> List[Dict[str, Tensor]]:
-        """Rescale to ``output_sizes`` (height, width), clip, drop empty boxes."""
-        out = []
-        for det, size, (oh, ow) in zip(detections, image_sizes, output_sizes):
-            det = detector_postprocess(det, size, int(oh), int(ow))
-            out.append({"boxes": det["boxes"], "scores": det["scores"], "labels": det["labels"]})
-        return out
-
     def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
         """Our tensors in the layout of a detrex parity fixture's ``intermediates.pt``."""
         taps, main, enc = outputs.taps, outputs.main, outputs.enc
@@ -808,7 +706,7 @@ class DINO(nn.Module):
     def detrex_key_map(keys: Sequence[str]) -> Dict[str, str]:
         """``{detrex key: our key}``; the aliases ``transformer.decoder.{class,bbox}_embed.*`` map to
         the heads that hold them."""
-        return {k: _detrex_to_ours(k, True) or _alias_target(k, True) for k in keys}
+        return {k: deformable_detrex_to_ours(k, True) or deformable_alias_target(k, True) for k in keys}
 
     @classmethod
     def convert_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -816,37 +714,19 @@ class DINO(nn.Module):
         to ours (``attentions.0`` -> ``self_attn`` ...); the aliases
         ``transformer.decoder.{class,bbox}_embed.*`` collapse onto ``{class,bbox}_embed.*`` after
         checking that they hold the same values."""
-        out: Dict[str, Tensor] = {}
-        aliases = []
-        for key, value in state_dict.items():
-            new = _detrex_to_ours(key, True)
-            if new is None:
-                aliases.append(key)
-            else:
-                out[new] = value
-        for key in aliases:
-            target = _alias_target(key, True)
-            kept, value = out.get(target), state_dict[key]
-            if kept is None:
-                raise KeyError(f"detrex key {key!r} aliases {target!r}, which the checkpoint does not hold")
-            if kept.shape != value.shape or not torch.equal(kept, value):
-                raise ValueError(f"detrex key {key!r} should hold the same tensor as {target!r} but its values differ")
-        return out
+        return convert_with_aliases(state_dict, lambda k: deformable_detrex_to_ours(k, True),
+                                    lambda k: deformable_alias_target(k, True))
 
 
 # ============================================================================================
 # detrex config -> constructor arguments
 # ============================================================================================
 
-_LAYER_ARGS = ("embed_dim", "num_heads", "feedforward_dim", "attn_dropout", "ffn_dropout", "num_layers",
-               "num_feature_levels")
-
-
 def _build_transformer(cfg: Mapping[str, Any]) -> DINOTransformer:
     enc_cfg, dec_cfg = cfg["encoder"], cfg["decoder"]
-    encoder = DINOTransformerEncoder(**{k: enc_cfg[k] for k in _LAYER_ARGS if k in enc_cfg},
+    encoder = DINOTransformerEncoder(**layer_kwargs(enc_cfg),
                                      post_norm=bool(enc_cfg.get("post_norm", False)))
-    decoder = DINOTransformerDecoder(**{k: dec_cfg[k] for k in _LAYER_ARGS if k in dec_cfg},
+    decoder = DINOTransformerDecoder(**layer_kwargs(dec_cfg),
                                      return_intermediate=bool(dec_cfg.get("return_intermediate", True)),
                                      look_forward_twice=bool(dec_cfg.get("look_forward_twice", True)))
     return DINOTransformer(
@@ -860,17 +740,10 @@ def _build_transformer(cfg: Mapping[str, Any]) -> DINOTransformer:
 def _build_criterion(cfg: Optional[Mapping[str, Any]]) -> Optional[DINOCriterion]:
     if not cfg:
         return None
-    if cfg.get("loss_class_type", "focal_loss") != "focal_loss":
-        raise ValueError(f"only the focal classification loss is supported, got {cfg.get('loss_class_type')!r}")
+    check_focal_loss(cfg)
     if list(cfg.get("losses", ["class", "boxes"])) != ["class", "boxes"]:
         raise ValueError(f"DINOCriterion computes the 'class' and 'boxes' losses; got losses={cfg.get('losses')}")
-    m = cfg.get("matcher") or {}
-    if m.get("cost_class_type", "focal_loss_cost") != "focal_loss_cost":
-        raise ValueError(f"only the focal matching cost is supported, got {m.get('cost_class_type')!r}")
-    matcher = HungarianMatcher(
-        cost_class=float(m.get("cost_class", 2.0)), cost_bbox=float(m.get("cost_bbox", 5.0)),
-        cost_giou=float(m.get("cost_giou", 2.0)), alpha=float(m.get("alpha", 0.25)), gamma=float(m.get("gamma", 2.0)),
-    )
+    matcher = build_matcher(cfg.get("matcher"))
     return DINOCriterion(
         num_classes=int(cfg["num_classes"]), matcher=matcher, weight_dict=dict(cfg.get("weight_dict", {})),
         alpha=float(cfg.get("alpha", 0.25)), gamma=float(cfg.get("gamma", 2.0)),
@@ -880,16 +753,16 @@ def _build_criterion(cfg: Optional[Mapping[str, Any]]) -> Optional[DINOCriterion
 
 def _parse_detrex_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(
-        backbone=_build_backbone(cfg["backbone"]),
-        position_embedding=_build_position_embedding(cfg["position_embedding"]),
-        neck=_build_neck(cfg["neck"]),
+        backbone=build_backbone(cfg["backbone"]),
+        position_embedding=build_position_embedding(cfg["position_embedding"]),
+        neck=build_neck(cfg["neck"]),
         transformer=_build_transformer(cfg["transformer"]),
         embed_dim=int(cfg.get("embed_dim", 256)),
         num_classes=int(cfg["num_classes"]),
         num_queries=int(cfg["num_queries"]),
         criterion=_build_criterion(cfg.get("criterion")),
-        pixel_mean=list(cfg.get("pixel_mean", (123.675, 116.280, 103.530))),
-        pixel_std=list(cfg.get("pixel_std", (58.395, 57.120, 57.375))),
+        pixel_mean=list(cfg.get("pixel_mean", PIXEL_MEAN)),
+        pixel_std=list(cfg.get("pixel_std", PIXEL_STD)),
         aux_loss=bool(cfg.get("aux_loss", True)),
         select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 300)),
         dn_number=int(cfg.get("dn_number", 100)),
