@@ -1,0 +1,45 @@
+"""DAB-DETR R50 -> R18 distillation on COCO, 50 epochs: everything except the method.
+
+The method configs (``../<Method>[_TPRD]/dab_detr_r50_distill_r18_50ep.py``) import this file and
+set ``model.methods``. The teacher is frozen and kept in eval mode by the Distiller (DAB-DETR has
+dropout 0, so ``model.teacher_train_mode`` makes no difference here).
+
+Initial weights (METHODS.md 1.4)::
+
+    python merge_weight.py --input1 resnet18-f37072fd.pth \
+        --input2 dab_detr_r50_50ep.pth --output init/dab_detr_r50_distill_r18.pth
+
+Schedule (METHODS.md 4.4): AdamW lr 1e-4 (backbone x0.1, no weight decay on norms), weight decay
+1e-4, total batch 16, 375000 iterations, lr x0.1 at 300000, gradient clipping 0.1.
+"""
+from tprd.config import LazyCall as L
+from tprd.config import get_config
+from tprd.distill import Distiller
+
+from ...configs.models.dab_detr_r18 import model as student
+from ...configs.models.dab_detr_r50 import model as teacher
+
+model = L(Distiller)(
+    student=student,
+    teacher=teacher,
+    methods={},
+    teacher_train_mode=False,
+)
+del student, teacher
+
+dataloader = get_config("common/data/coco_detr.py").dataloader
+optimizer = get_config("common/optim.py").AdamW_dab
+lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_50ep
+train = get_config("common/train.py").train
+
+train.init_checkpoint = "./init/dab_detr_r50_distill_r18.pth"
+train.output_dir = "./output/dab_detr_r50_distill_r18_50ep"
+train.max_iter = 375000
+train.eval_period = 5000
+train.checkpointer = dict(period=5000, max_to_keep=5)
+
+optimizer.lr = 1e-4
+optimizer.weight_decay = 1e-4
+
+dataloader.train.total_batch_size = 16
+dataloader.train.num_workers = 16

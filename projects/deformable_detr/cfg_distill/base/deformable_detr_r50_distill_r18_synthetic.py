@@ -1,0 +1,55 @@
+"""Deformable DETR R50 -> R18 distillation on the synthetic shapes, small enough for a CPU.
+
+A smoke / tutorial setting, not a benchmark: 5 classes, 30 queries, width 64, 1 encoder + 2 decoder
+layers in both models, batch 2, 20 iterations, no pretrained weights (the teacher is random, so the
+distillation signal is meaningless; everything else -- shapes, losses, TPRD, logging -- is real).
+The method configs' ``..._synthetic.py`` variants import this file and take ``model.methods`` from
+their COCO config::
+
+    python projects/deformable_detr/train_net.py --config-file \
+        projects/deformable_detr/cfg_distill/DETRDistill_TPRD/deformable_detr_r50_distill_r18_synthetic.py
+"""
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from tprd.config import LazyCall as L
+from tprd.config import get_config
+from tprd.engine.lr_scheduler import WarmupParamScheduler
+
+from .deformable_detr_r50_distill_r18_50ep import model, optimizer, train
+
+NUM_CLASSES = 5
+NUM_QUERIES = 30
+DIM = 64
+
+for detector in (model.student, model.teacher):
+    detector.num_classes = NUM_CLASSES
+    detector.num_queries = NUM_QUERIES
+    detector.select_box_nums_for_evaluation = NUM_QUERIES
+    detector.embed_dim = DIM
+    detector.position_embedding.num_pos_feats = DIM // 2
+    detector.neck.out_channels = DIM
+    for part, layers in ((detector.transformer.encoder, 1), (detector.transformer.decoder, 2)):
+        part.embed_dim = DIM
+        part.num_heads = 4
+        part.feedforward_dim = 2 * DIM
+        part.num_layers = layers
+del detector, part, layers  # loop variables are not config entries
+
+dataloader = get_config("common/data/synthetic_detr.py").dataloader
+dataloader.train.total_batch_size = 2
+
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[16, 20]),
+    warmup_length=0.0,
+    warmup_factor=1.0,
+)
+
+train.init_checkpoint = ""
+train.output_dir = "./output/deformable_detr_r50_distill_r18_synthetic"
+train.device = "cpu"
+train.max_iter = 20
+train.eval_period = 0
+train.log_period = 5
+train.checkpointer = dict(period=20, max_to_keep=1)
+
+optimizer.lr = 2e-4

@@ -1,0 +1,48 @@
+"""DINO-4scale R50 -> R18 distillation on the synthetic shapes, small enough for a CPU.
+
+A smoke / tutorial setting, not a benchmark: 5 classes, 30 queries (10 denoising queries per kind),
+1 encoder + 2 decoder layers with FFN 128 in both models, batch 2, 20 iterations, no pretrained
+weights (the teacher is random). The width stays 256: DINO's query positions use a fixed
+128-per-coordinate sine embedding of the boxes (as detrex). The method configs' ``..._synthetic.py``
+variants import this file and take ``model.methods`` from their COCO config.
+"""
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from tprd.config import LazyCall as L
+from tprd.config import get_config
+from tprd.engine.lr_scheduler import WarmupParamScheduler
+
+from .dino_r50_distill_r18_4scale_12ep import model, optimizer, train
+
+NUM_CLASSES = 5
+NUM_QUERIES = 30
+
+for detector in (model.student, model.teacher):
+    detector.num_classes = NUM_CLASSES
+    detector.num_queries = NUM_QUERIES
+    detector.select_box_nums_for_evaluation = NUM_QUERIES
+    detector.dn_number = 10
+    for part, layers in ((detector.transformer.encoder, 1), (detector.transformer.decoder, 2)):
+        part.num_heads = 4
+        part.feedforward_dim = 128
+        part.num_layers = layers
+del detector, part, layers  # loop variables are not config entries
+
+dataloader = get_config("common/data/synthetic_detr.py").dataloader
+dataloader.train.total_batch_size = 2
+
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[16, 20]),
+    warmup_length=0.0,
+    warmup_factor=1.0,
+)
+
+train.init_checkpoint = ""
+train.output_dir = "./output/dino_r50_distill_r18_synthetic"
+train.device = "cpu"
+train.max_iter = 20
+train.eval_period = 0
+train.log_period = 5
+train.checkpointer = dict(period=20, max_to_keep=1)
+
+optimizer.lr = 2e-4

@@ -1,0 +1,276 @@
+"""The plug-in interface of distillation methods.
+
+A method is a small ``nn.Module`` (it may own trainable adapters) that the
+:class:`~tprd.distill.distiller.Distiller` calls at three points of an iteration::
+
+    groups_t = method.teacher_query_groups(ctx)     # extra queries the teacher decodes (KD-DETR points)
+    teacher forward (no grad) -> ctx.teacher_out
+    groups_s = method.student_query_groups(ctx)     # extra queries the student decodes
+    student forward           -> ctx.student_out
+    raw = method.losses(ctx)                        # {term: per-stage [L] tensor or scalar}
+
+``needs`` declares how far the teacher must run (see :data:`TEACHER_NEEDS`): a method that needs
+only ``"neck"`` lets the distiller stop the teacher after its neck.
+
+Loss terms come back **unweighted**: ``{term: Tensor}`` where a 1-d tensor of length ``L`` holds
+one value per decoder stage (index ``L-1`` = final stage) and a 0-d tensor is a stage-free term.
+The distiller multiplies each by ``method.weights[term]`` (the same weight at every stage, spec
+"loss-weight convention") and names them (see :func:`loss_key`)::
+
+    distill_<method>_<term>          final stage (or a stage-free term)
+    distill_<method>_<term>_<l>      stage l = 0 .. L-2 (0-based, the reference's ``_0 .. _4``)
+
+Diagnostics that are not losses (e.g. TPRD refinement shares) go to ``method.last_stats`` with
+the same naming scheme (``tprd_<method>_<group>_<stat>[_<l>]``); the distiller gathers them in
+``Distiller.last_stats``, never in the loss dict.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
+
+__all__ = [
+    "TEACHER_NEEDS",
+    "FEATURE_NEEDS",
+    "DistillContext",
+    "DistillMethod",
+    "loss_key",
+    "stage_suffix",
+    "expand_stage_terms",
+    "query_group_from_tap",
+]
+
+Match = Tuple[Tensor, Tensor]
+
+#: What a method may ask of the teacher. ``predictions``/``hidden``/``queries``/``memory`` need the
+#: full forward (decoder included); ``backbone``/``neck`` only the feature extractor.
+TEACHER_NEEDS = frozenset({"predictions", "hidden", "queries", "memory", "backbone", "neck"})
+FEATURE_NEEDS = frozenset({"backbone", "neck"})
+
+
+def stage_suffix(l: int, num_stages: int) -> str:
+    """``""`` for the final stage ``L-1``, ``"_l"`` for stage ``l < L-1`` (0-based)."""
+    return "" if l == num_stages - 1 else f"_{l}"
+
+
+def loss_key(method: str, term: str, l: Optional[int] = None, num_stages: Optional[int] = None) -> str:
+    """``distill_<method>_<term>[_<l>]`` (no suffix for the final stage or a stage-free term)."""
+    base = f"distill_{method}_{term}"
+    if l is None:
+        return base
+    return base + stage_suffix(l, num_stages)
+
+
+def expand_stage_terms(prefix: str, values: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> Dict[str, Tensor]:
+    """``{term: [L] | scalar}`` -> flat ``{prefix_term[_l]: scalar}`` (optionally multiplied by
+    ``weights[term]``). Order: for each term, the final stage first, then stages ``0 .. L-2``."""
+    out: Dict[str, Tensor] = {}
+    for term, value in values.items():
+        w = None if weights is None else weights[term]
+        if value.dim() == 0:
+            out[f"{prefix}_{term}"] = value if w is None else value * w
+            continue
+        if value.dim() != 1:
+            raise ValueError(f"term {term!r}: expected a scalar or a per-stage [L] tensor, got shape {tuple(value.shape)}")
+        num_stages = value.shape[0]
+        for l in [num_stages - 1] + list(range(num_stages - 1)):
+            v = value[l]
+            out[f"{prefix}_{term}{stage_suffix(l, num_stages)}"] = v if w is None else v * w
+    return out
+
+
+class DistillContext:
+    """Everything a method sees during one training iteration.
+
+    Attributes:
+        images: the shared normalised, padded batch (:class:`ImageBatch`).
+        targets: per image ``{"labels" [G], "boxes" [G,4] normalised cxcywh}``.
+        student, teacher: the two detectors.
+        teacher_out, student_out: :class:`DetectorOutputs` (set by the distiller; ``teacher_out`` is
+            ``None`` when no method needs the teacher).
+        iteration: training iteration if the caller set it (``Distiller.iteration``), else ``None``.
+    """
+
+    def __init__(
+        self,
+        images: ImageBatch,
+        targets: Sequence[Dict[str, Tensor]],
+        student: nn.Module,
+        teacher: nn.Module,
+        timings: Optional[Dict[str, float]] = None,
+        iteration: Optional[int] = None,
+    ):
+        self.images = images
+        self.targets = list(targets)
+        self.student = student
+        self.teacher = teacher
+        self.teacher_out: Optional[DetectorOutputs] = None
+        self.student_out: Optional[DetectorOutputs] = None
+        self.iteration = iteration
+        self._timings = timings
+        self._cache: Dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ ground truth
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.tensor.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.tensor.device
+
+    @property
+    def gt_labels(self) -> List[Tensor]:
+        return [t["labels"] for t in self.targets]
+
+    @property
+    def gt_boxes(self) -> List[Tensor]:
+        return [t["boxes"] for t in self.targets]
+
+    def num_boxes(self) -> float:
+        """The all-reduced GT count of the batch (B2's ``num_boxes``), computed once."""
+        if "num_boxes" not in self._cache:
+            from tprd.modeling.criterion import get_num_boxes
+
+            self._cache["num_boxes"] = get_num_boxes(self.targets, self.device)
+        return self._cache["num_boxes"]
+
+    def teacher_gt_matches(self, preds: StagePredictions, matcher: nn.Module, key: str) -> List[List[Match]]:
+        """B1 matches ``M_l`` of every stage of ``preds`` to the GT, ``[L][B] (query_idx, gt_idx)``,
+        computed once per (``key``, matcher configuration) and shared by whoever asks again in this
+        iteration (two methods with equally configured matchers share one matching)."""
+        config = matcher.extra_repr() if isinstance(matcher, nn.Module) else ""
+        cache_key = ("teacher_gt_matches", key, type(matcher).__qualname__, config or id(matcher))
+        if cache_key not in self._cache:
+            with self.section("matching"):
+                self._cache[cache_key] = matcher.match_stages(preds.logits.detach(), preds.boxes.detach(), self.targets)
+        return self._cache[cache_key]
+
+    # ------------------------------------------------------------------ profiling
+    def section(self, name: str):
+        """Context manager adding the wall time of its body to ``timings[name]`` when profiling
+        (``Distiller(profile=True)``); a no-op otherwise."""
+        if self._timings is None:
+            return nullcontext()
+        return _timed(self._timings, name, self.device)
+
+
+@contextmanager
+def _timed(store: Dict[str, float], name: str, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        store[name] = store.get(name, 0.0) + time.perf_counter() - start
+
+
+class DistillMethod(nn.Module):
+    """Base class of a distillation method.
+
+    Subclasses set :attr:`name` (used in loss keys), :attr:`terms` (every loss term the method can
+    return) and :attr:`needs`, and override :meth:`losses` and, where they add queries,
+    :meth:`teacher_query_groups` / :meth:`student_query_groups`.
+
+    Args:
+        weights: ``{term: weight}``; must name every term in :attr:`terms` (a typo is an error, not a
+            silently unweighted loss).
+        name: overrides the class's :attr:`name` (two instances of one method in one distiller).
+    """
+
+    name: str = "method"
+    terms: Tuple[str, ...] = ()
+    needs: Tuple[str, ...] = ("predictions",)
+    #: ``True`` for methods that pair student query ``q`` with teacher query ``q`` of the *main*
+    #: groups and hence need equal query counts.
+    requires_equal_queries: bool = False
+
+    def __init__(self, weights: Optional[Mapping[str, float]] = None, name: Optional[str] = None):
+        super().__init__()
+        if name is not None:
+            self.name = str(name)
+        if not self.name.replace("_", "a").isalnum():
+            raise ValueError(f"method name {self.name!r} must be alphanumeric/underscore (it is part of loss keys)")
+        bad_needs = set(self.needs) - TEACHER_NEEDS
+        if bad_needs:
+            raise ValueError(f"{type(self).__name__}.needs has unknown entries {sorted(bad_needs)}; known: {sorted(TEACHER_NEEDS)}")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.terms))
+        missing = sorted(set(self.terms) - set(weights))
+        if unknown or missing:
+            raise ValueError(
+                f"{type(self).__name__} weights: unknown terms {unknown}, missing terms {missing}; "
+                f"expected exactly {list(self.terms)}"
+            )
+        self.weights: Dict[str, float] = {k: float(v) for k, v in weights.items()}
+        self.last_stats: Dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Raise a clear error at construction when this teacher/student pair cannot work."""
+
+    def teacher_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:
+        """Extra query groups the teacher decodes (before the teacher forward)."""
+        return []
+
+    def student_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:
+        """Extra query groups the student decodes (after the teacher forward)."""
+        return []
+
+    def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
+        """Unweighted ``{term: [L] | scalar}``; see the module docstring."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def group_name(self, local: str) -> str:
+        """Namespaced query-group name ``<method>/<local>`` (unique across methods)."""
+        return f"{self.name}/{local}"
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weights={self.weights}"
+
+
+def _as_batched(x: Tensor, batch: int) -> Tensor:
+    return x if x.dim() == 3 else x.unsqueeze(0).expand(batch, *x.shape)
+
+
+def query_group_from_tap(tap: Any, name: str, batch: int, embed_dim: Optional[int] = None) -> QueryGroup:
+    """A detector's ``taps["queries"]`` (its own initial queries/references) as a :class:`QueryGroup`
+    called ``name`` that another model of the same family can decode.
+
+    Accepts a :class:`QueryGroup`, a mapping with ``content``/``reference`` (``position``
+    optional; ``references`` and ``query_pos`` are accepted aliases), or a bare ``[B?,Q,4]``
+    anchor tensor (DAB-DETR: zero content vectors of width ``embed_dim``).
+    Tensors are detached: the student never back-propagates into the teacher.
+    """
+    if isinstance(tap, QueryGroup):
+        content, reference, position = tap.content, tap.reference, tap.position
+    elif isinstance(tap, Mapping):
+        content = tap.get("content")
+        reference = tap.get("reference", tap.get("references"))
+        position = tap.get("position", tap.get("query_pos"))
+    elif isinstance(tap, Tensor):
+        content, reference, position = None, tap, None
+    else:
+        raise TypeError(f"cannot turn a {type(tap).__name__} queries tap into a query group")
+    if reference is None:
+        raise ValueError("the teacher's queries tap has no reference points/boxes")
+    reference = _as_batched(reference.detach(), batch)
+    if content is None:
+        if embed_dim is None:
+            raise ValueError("the queries tap has no content vectors; pass embed_dim for zero content")
+        content = reference.new_zeros(reference.shape[0], reference.shape[1], int(embed_dim))
+    else:
+        content = _as_batched(content.detach(), batch)
+    if position is not None:
+        position = _as_batched(position.detach(), batch)
+    return QueryGroup(name=name, content=content, reference=reference, position=position)

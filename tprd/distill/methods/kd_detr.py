@@ -1,0 +1,326 @@
+"""KD-DETR: consistent distillation points (METHODS.md 3.3, 5.1, 5.2; TPRD variant 2.6).
+
+Two extra query groups are decoded by both models, so student and teacher predictions of the same
+point are index-aligned (query ``q`` of the student group <-> query ``q`` of the teacher group):
+
+* **general** points, ``general`` in loss keys: a fresh table of ``G`` random queries per
+  iteration, drawn from N(0, 1) with this method's own seeded generator under no-grad (spec 8 #13),
+  decoded by the teacher and by the student. What a point is depends on the detector family
+  (``query_kind``):
+
+  - ``"position"`` (Deformable DETR): ``[G, 2D]`` split into positional and content halves (detrex
+    order: positional first); each model computes the 2-d reference points with **its own**
+    reference-point layer (the reference's behaviour, spec 8 #12). ``shared_general_refs=True``
+    instead hands the teacher's references to the student.
+  - ``"anchor"`` (DAB-DETR): ``[G, 4]`` un-sigmoided anchors (the decoder sees ``σ``), zero content.
+  - ``"content_box"`` (DINO): ``[G, D]`` content and ``[G, 4]`` references; the references get ``σ``
+    (clean, spec 8 #11) unless ``raw_general_refs=True`` (the reference passes the raw N(0,1) values).
+
+* **specific** points, ``specific`` in loss keys: the teacher's own initial queries/references
+  (``teacher_out.taps["queries"]``), decoded by the student; their targets are the teacher's main
+  predictions at the same stage.
+
+Loss per stage ``l`` (student stage ``l`` <-> teacher stage ``l``), per group: B5
+(:func:`~tprd.distill.losses.kd_detr_weighted_losses`): ``T²·KL`` (T = ``temperature``), L1 and
+``1 − GIoU``, each weighted by ``σ(max_c teacher logit)`` normalised per image, summed, ``/ B``.
+
+With ``refine=True`` (KD-DETR_TPRD) the specific group's targets are the TPRD-refined teacher
+predictions of stage ``l`` (B1 matching ``M_l`` of the raw teacher stage ``l``), the class term is
+TPRD-CKD (T = 1; positives = teacher queries in ``M_l``), and the point weights come from the
+refined logits. The general group is unchanged.
+
+Query counts: the general group has ``G`` points in both models and the specific group has the
+teacher's query count in both, so any student/teacher query counts work.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from tprd.distill.losses import kd_detr_weighted_losses
+from tprd.distill.tprd import (
+    aligned_positive_targets,
+    build_match_index,
+    decoupled_kd,
+    pad_ground_truth,
+    refine_teacher_predictions,
+)
+from tprd.modeling.outputs import QueryGroup, StagePredictions
+
+from .base import DistillContext, DistillMethod, expand_stage_terms, query_group_from_tap
+
+__all__ = ["KDDETR", "detector_query_kind", "detector_embed_dim", "detector_num_stages"]
+
+QUERY_KINDS = ("position", "anchor", "content_box")
+
+
+def detector_query_kind(model: nn.Module) -> str:
+    """How a detector's queries look: ``"position"`` (Deformable DETR: positional + content vectors,
+    2-d references from its own layer), ``"anchor"`` (DAB-DETR: 4-d anchors, zero content) or
+    ``"content_box"`` (DINO: content vectors + 4-d references). A detector may declare it with a
+    ``query_kind`` attribute; otherwise it is inferred from the class."""
+    kind = getattr(model, "query_kind", None)
+    if kind is not None:
+        if kind not in QUERY_KINDS:
+            raise ValueError(f"{type(model).__name__}.query_kind = {kind!r}; expected one of {QUERY_KINDS}")
+        return kind
+    cls = type(model).__name__.lower()
+    if "dab" in cls:
+        return "anchor"
+    if "dino" in cls:
+        return "content_box"
+    if "deformable" in cls:
+        if getattr(model, "as_two_stage", False):
+            raise ValueError(
+                "KD-DETR general points need the model's own reference-point layer, which two-stage "
+                "Deformable DETR does not have; use a single-stage Deformable DETR"
+            )
+        return "position"
+    raise ValueError(f"cannot tell the query kind of {type(model).__name__}; give it a query_kind attribute")
+
+
+def detector_embed_dim(model: nn.Module) -> int:
+    for owner in (model, getattr(model, "transformer", None)):
+        dim = getattr(owner, "embed_dim", None)
+        if dim is not None:
+            return int(dim)
+    raise ValueError(f"cannot find the embedding width of {type(model).__name__} (no embed_dim attribute)")
+
+
+def detector_num_stages(model: nn.Module) -> Optional[int]:
+    n = getattr(model, "num_stages", None)
+    if n is not None:
+        return int(n)
+    decoder = getattr(getattr(model, "transformer", None), "decoder", None)
+    n = getattr(decoder, "num_layers", None)
+    return None if n is None else int(n)
+
+
+def check_same_stages(student: nn.Module, teacher: nn.Module, method: str) -> None:
+    ls, lt = detector_num_stages(student), detector_num_stages(teacher)
+    if ls is not None and lt is not None and ls != lt:
+        raise ValueError(
+            f"{method} pairs student stage l with teacher stage l, but the student has {ls} decoder "
+            f"layers and the teacher {lt}; give both the same number of decoder layers"
+        )
+
+
+def tprd_refine_and_targets(
+    ctx: DistillContext,
+    teacher: StagePredictions,
+    matcher: nn.Module,
+    skip_empty_images: bool,
+    key: str,
+):
+    """TPRD on a teacher group: ``M_l`` per stage (cached in ``ctx`` under ``key``), refined logits and
+    boxes ``[L,B,Qt,·]``, the dense matched-GT index ``[L,B,Qt]`` (−1 = negative), padded GT labels
+    ``[B,G]`` and the refinement statistics."""
+    matches = ctx.teacher_gt_matches(teacher, matcher, key)
+    with ctx.section("tprd"):
+        logits, boxes, stats = refine_teacher_predictions(
+            teacher.logits.detach(),
+            teacher.boxes.detach(),
+            matches,
+            ctx.gt_labels,
+            ctx.gt_boxes,
+            skip_empty_images=skip_empty_images,
+            return_stats=True,
+        )
+        labels_pad, _, _ = pad_ground_truth(ctx.gt_labels, ctx.gt_boxes, device=logits.device, dtype=boxes.dtype)
+        match_index = build_match_index(matches, teacher.logits.shape[2], device=logits.device)
+    return logits, boxes, match_index, labels_pad, stats
+
+
+def tprd_stats(prefix: str, stats: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Per-stage refinement shares as ``tprd_<...>_{positive,negative}_refined_frac[_l]``."""
+    keep = {k: stats[k].float() for k in ("positive_refined_frac", "negative_refined_frac")}
+    return expand_stage_terms(prefix, keep)
+
+
+class KDDETR(DistillMethod):
+    """KD-DETR with optional TPRD on the specific group.
+
+    Args:
+        weights: ``general_{class,l1,giou}`` and ``specific_{class,l1,giou}``. Default: the
+            Deformable DETR values 2 / 5 / 2 for both groups.
+        general_points: ``G``; 0 disables the general group (its terms are then not returned).
+        temperature: ``T`` of the class KL (10).
+        refine: TPRD on the specific group.
+        matcher: B1 matcher for TPRD (default focal Hungarian 2 / 5 / 2).
+        skip_empty_images: TPRD parity flag (spec 8 #5).
+        raw_general_refs: DINO parity flag: random references not passed through ``σ`` (spec 8 #11).
+        shared_general_refs: Deformable DETR: the student uses the teacher's general reference points
+            instead of computing its own (spec 8 #12, optional mode).
+        query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: from the models).
+        seed: seed of the general-point generator (the process rank is added, so every GPU draws
+            different points; the stream is reproducible for a given seed and rank).
+        alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
+    """
+
+    name = "kd_detr"
+    terms = ("general_class", "general_l1", "general_giou", "specific_class", "specific_l1", "specific_giou")
+    needs = ("predictions", "queries")
+
+    def __init__(
+        self,
+        weights: Optional[Dict[str, float]] = None,
+        general_points: int = 300,
+        temperature: float = 10.0,
+        refine: bool = False,
+        matcher: Optional[nn.Module] = None,
+        skip_empty_images: bool = False,
+        raw_general_refs: bool = False,
+        shared_general_refs: bool = False,
+        query_kind: Optional[str] = None,
+        seed: int = 0,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        name: Optional[str] = None,
+    ):
+        if weights is None:
+            weights = {t: {"class": 2.0, "l1": 5.0, "giou": 2.0}[t.split("_")[1]] for t in self.terms}
+        super().__init__(weights, name)
+        if general_points < 0:
+            raise ValueError(f"general_points must be >= 0, got {general_points}")
+        if query_kind is not None and query_kind not in QUERY_KINDS:
+            raise ValueError(f"query_kind must be one of {QUERY_KINDS}, got {query_kind!r}")
+        self.general_points = int(general_points)
+        self.temperature = float(temperature)
+        self.refine = bool(refine)
+        if matcher is None:
+            from tprd.modeling.matcher import HungarianMatcher
+
+            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+        self.matcher = matcher
+        self.skip_empty_images = bool(skip_empty_images)
+        self.raw_general_refs = bool(raw_general_refs)
+        self.shared_general_refs = bool(shared_general_refs)
+        self.query_kind = query_kind
+        self.seed = int(seed)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self._generator: Optional[torch.Generator] = None
+        self._general: Optional[QueryGroup] = None
+        self._embed_dim: Optional[int] = None
+
+    # ------------------------------------------------------------------ setup
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        if self.query_kind is None:
+            ks, kt = detector_query_kind(student), detector_query_kind(teacher)
+            if ks != kt:
+                raise ValueError(f"KD-DETR needs a student and teacher of one family; got query kinds {ks!r} and {kt!r}")
+            self.query_kind = kt
+        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        if ds != dt:
+            raise ValueError(
+                f"KD-DETR feeds the teacher's queries to the student, but their widths differ ({dt} vs {ds}); "
+                "use the same transformer embed_dim"
+            )
+        self._embed_dim = ds
+        check_same_stages(student, teacher, "KD-DETR")
+        if self.shared_general_refs and self.query_kind != "position":
+            raise ValueError("shared_general_refs only applies to Deformable DETR (query_kind 'position')")
+
+    def _rng(self) -> torch.Generator:
+        if self._generator is None:
+            from tprd.engine import comm
+
+            self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * comm.get_rank())
+        return self._generator
+
+    @torch.no_grad()
+    def sample_general_points(self, device: torch.device, dtype=torch.float32) -> QueryGroup:
+        """One fresh table of general points (no autograd history), on ``device``."""
+        if self._embed_dim is None or self.query_kind is None:
+            raise RuntimeError("KDDETR.check_models must run first (the Distiller calls it)")
+        g, d, rng = self.general_points, self._embed_dim, self._rng()
+        name = self.group_name("general")
+        if self.query_kind == "position":
+            z = torch.randn(g, 2 * d, generator=rng).to(device=device, dtype=dtype)
+            position, content = z[:, :d], z[:, d:]
+            return QueryGroup(name, content, None, position)
+        if self.query_kind == "anchor":
+            anchors = torch.randn(g, 4, generator=rng).to(device=device, dtype=dtype)
+            return QueryGroup(name, anchors.new_zeros(g, d), anchors.sigmoid())
+        content = torch.randn(g, d, generator=rng).to(device=device, dtype=dtype)
+        ref = torch.randn(g, 4, generator=rng).to(device=device, dtype=dtype)
+        return QueryGroup(name, content, ref if self.raw_general_refs else ref.sigmoid())
+
+    # ------------------------------------------------------------------ query groups
+    def teacher_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:
+        self._general = None
+        if self.general_points == 0:
+            return []
+        self._general = self.sample_general_points(ctx.device, ctx.images.tensor.dtype)
+        return [self._general]
+
+    def student_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:
+        groups = []
+        if self._general is not None:
+            general = self._general
+            if self.shared_general_refs:
+                # the reference the teacher's first decoder layer received ([L,B,G,2] or a list)
+                first = ctx.teacher_out.groups[general.name].references[0]
+                general = QueryGroup(general.name, general.content, first.detach(), general.position)
+            groups.append(general)
+        tap = ctx.teacher_out.taps.get("queries")
+        if tap is None:
+            raise KeyError("KD-DETR needs the teacher's initial queries (taps['queries']); the teacher detector does not expose them")
+        groups.append(query_group_from_tap(tap, self.group_name("specific"), ctx.batch_size, self._embed_dim))
+        return groups
+
+    # ------------------------------------------------------------------ losses
+    def _b5(self, s: StagePredictions, t_logits: Tensor, t_boxes: Tensor, class_loss: Optional[Tensor] = None):
+        """B5 at every stage -> ``{"class", "l1", "giou"}`` of shape ``[L]``."""
+        if s.logits.shape[:3] != t_logits.shape[:3]:
+            raise ValueError(
+                f"KD-DETR groups are index-aligned: student {tuple(s.logits.shape[:3])} vs teacher "
+                f"{tuple(t_logits.shape[:3])} (stages, images, queries) must agree"
+            )
+        per_stage = []
+        for l in range(s.logits.shape[0]):
+            per_stage.append(
+                kd_detr_weighted_losses(
+                    s.logits[l], t_logits[l], s.boxes[l], t_boxes[l], self.temperature,
+                    class_loss=None if class_loss is None else class_loss[l],
+                )
+            )
+        return {k: torch.stack([d[k] for d in per_stage]) for k in ("class", "l1", "giou")}
+
+    def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        s_out, t_out = ctx.student_out, ctx.teacher_out
+        if self._general is not None:
+            gs, gt = s_out.groups[self._general.name], t_out.groups[self._general.name]
+            for k, v in self._b5(gs, gt.logits.detach(), gt.boxes.detach()).items():
+                out[f"general_{k}"] = v
+
+        spec = s_out.groups[self.group_name("specific")]
+        teacher = t_out.main
+        if not self.refine:
+            terms = self._b5(spec, teacher.logits.detach(), teacher.boxes.detach())
+        else:
+            logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
+                ctx, teacher, self.matcher, self.skip_empty_images, key="main"
+            )
+            num_stages, batch, nq, num_classes = logits.shape
+            positive, cls = aligned_positive_targets(
+                match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1)
+            )
+            ckd = decoupled_kd(
+                spec.logits.reshape(-1, num_classes), logits.reshape(-1, num_classes),
+                positive.reshape(-1), cls.reshape(-1), alpha=self.alpha, beta=self.beta,
+            ).view(num_stages, batch, nq)
+            terms = self._b5(spec, logits, boxes, class_loss=ckd)
+            self.last_stats = tprd_stats(f"tprd_{self.name}_specific", stats)
+        for k, v in terms.items():
+            out[f"specific_{k}"] = v
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, general_points={self.general_points}, temperature={self.temperature}, "
+            f"refine={self.refine}, query_kind={self.query_kind!r}, weights={self.weights}"
+        )
