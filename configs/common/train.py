@@ -1,0 +1,21 @@
+# Training defaults shared by every config (detrex layout). Any field can be overridden on the
+# command line, e.g. `train.max_iter=1000 train.output_dir=./output/run1 train.device=cpu`.
+train = dict(
+    output_dir="./output",
+    # weights loaded into the model before training (non-strict, reported) unless --resume finds
+    # a checkpoint in output_dir; a detrex checkpoint of a plain detector is converted on load
+    init_checkpoint="",
+    max_iter=90000,
+    # mixed precision: dtype "float16" (with a GradScaler) or "bfloat16"
+    amp=dict(enabled=False, dtype="float16"),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=5000, max_to_keep=100),
+    eval_period=5000,
+    log_period=20,
+    device="cuda",
+    seed=1,
+    cudnn_benchmark=False,
+    # global L2 norm of all gradients clipped to max_norm (METHODS.md 4.4)
+    clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
+    model_ema=dict(enabled=False),
+)

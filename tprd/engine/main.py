@@ -1,0 +1,310 @@
+"""The shared entry point of ``tools/train_net.py`` and ``projects/<detector>/train_net.py``.
+
+::
+
+    python projects/deformable_detr/train_net.py --config-file CFG.py [--num-gpus N] \
+        [--resume | --eval-only] [path.key=value ...]
+
+``main(args)`` runs in every process: load the config, apply the overrides, set up the run, then
+either evaluate (``--eval-only``: weights from ``train.init_checkpoint``, or the newest checkpoint
+of ``train.output_dir`` with ``--resume``) or train (``do_train``). ``run()`` parses the command line
+and starts ``main`` through :func:`tprd.engine.launch.launch`.
+
+Config fields read (detrex layout): ``model``, ``optimizer`` (its ``params.model`` is set to the
+model), ``lr_multiplier``, ``dataloader.train`` / ``dataloader.test`` / ``dataloader.evaluator`` and
+``train.*`` (output_dir, init_checkpoint, max_iter, amp, ddp, checkpointer, eval_period,
+log_period, device, seed, clip_grad, model_ema).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import abc
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from tprd.config import LazyConfig, instantiate
+
+from . import comm, hooks
+from .checkpoint import DetectionCheckpointer
+from .defaults import default_argument_parser, default_setup
+from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from .launch import launch
+from .lr_scheduler import LRMultiplier
+from .trainer import AMPTrainer, SimpleTrainer, create_ddp_model
+
+__all__ = [
+    "main",
+    "run",
+    "do_train",
+    "do_test",
+    "build_model",
+    "check_num_classes",
+    "print_csv_format",
+    "load_config",
+]
+
+logger = logging.getLogger("tprd.engine")
+
+
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, abc.Mapping) or hasattr(node, "keys"):
+            if part not in node:
+                return default
+            node = node[part]
+        else:
+            return default
+        if node is None:
+            return default
+    return node
+
+
+def load_config(config_file: str, opts: Optional[Sequence[str]] = None):
+    if not config_file:
+        raise ValueError("--config-file is required (e.g. projects/deformable_detr/configs/deformable_detr_r18_synthetic.py).")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file {config_file!r} does not exist (relative paths are taken from {os.getcwd()}).")
+    cfg = LazyConfig.load(config_file)
+    return LazyConfig.apply_overrides(cfg, list(opts or []))
+
+
+# --------------------------------------------------------------------------------------------
+# Model, checks, evaluation
+# --------------------------------------------------------------------------------------------
+def _device(cfg) -> torch.device:
+    name = str(_get(cfg, "train.device", "cuda"))
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"train.device={name!r} but CUDA is not available on this machine; add the override "
+            "train.device=cpu to run on the CPU."
+        )
+    return device
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` on ``train.device``."""
+    device = _device(cfg)  # fail before building anything when the device is unavailable
+    model = instantiate(cfg.model)
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"Model: {type(model).__name__} with {n_params:,} parameters ({n_train:,} trainable)")
+    logger.debug(f"Model:\n{model}")
+    return model
+
+
+def _find_key(node: Any, key: str, prefix: str) -> List[tuple]:
+    """``(dotted path, value)`` of every ``key`` entry in a config tree."""
+    found = []
+    if isinstance(node, abc.Mapping) or hasattr(node, "items") and hasattr(node, "keys"):
+        for k, v in node.items():
+            path = f"{prefix}.{k}"
+            if k == key and not isinstance(v, (abc.Mapping, list, tuple)) and not hasattr(v, "keys"):
+                found.append((path, v))
+            else:
+                found.extend(_find_key(v, key, path))
+    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
+        for i, v in enumerate(node):
+            found.extend(_find_key(v, key, f"{prefix}.{i}"))
+    return found
+
+
+def _dataset_names(cfg, split: str) -> List[str]:
+    names = _get(cfg, f"dataloader.{split}.dataset.names")
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    return [str(n) for n in names]
+
+
+def check_num_classes(cfg, split: str = "train") -> None:
+    """Every ``num_classes`` in ``cfg.model`` must equal the dataset's number of classes.
+
+    Raises ``ValueError`` naming the config paths, the dataset and the override that fixes it.
+    """
+    names = _dataset_names(cfg, split)
+    if not names:
+        return
+    try:
+        from tprd.data import MetadataCatalog
+    except ImportError:  # pragma: no cover - data package not available
+        return
+    counts = {}
+    for name in names:
+        try:
+            classes = MetadataCatalog.get(name).get("thing_classes")
+        except Exception:
+            classes = None
+        if classes is not None:
+            counts[name] = len(classes)
+    if not counts:
+        return
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"The datasets of dataloader.{split}.dataset.names have different class counts: {counts}.")
+    n = next(iter(counts.values()))
+    wrong = [(p, v) for p, v in _find_key(cfg.model, "num_classes", "model") if v is not None and int(v) != n]
+    if wrong:
+        fix = " ".join(f"{p}={n}" for p, _ in wrong)
+        raise ValueError(
+            f"Class count mismatch: dataset(s) {list(counts)} have {n} classes but "
+            + ", ".join(f"{p}={v}" for p, v in wrong)
+            + f". Override on the command line: {fix}"
+        )
+
+
+def print_csv_format(results: Mapping[str, Any]) -> None:
+    """Log ``{"bbox": {"AP": ..}}`` as copy-pasteable ``copypaste:`` lines."""
+    for task, res in results.items():
+        if isinstance(res, abc.Mapping):
+            keys = [k for k, v in res.items() if isinstance(v, (int, float))]
+            logger.info(f"copypaste: Task: {task}")
+            logger.info("copypaste: " + ",".join(keys))
+            logger.info("copypaste: " + ",".join(f"{float(res[k]):.4f}" for k in keys))
+        else:
+            logger.info(f"copypaste: {task}={res}")
+
+
+def do_test(cfg, model) -> Dict[str, Any]:
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    if _get(cfg, "dataloader.evaluator") is None or _get(cfg, "dataloader.test") is None:
+        logger.warning("No dataloader.test / dataloader.evaluator in the config: skipping evaluation.")
+        return {}
+    from tprd.evaluation import inference_on_dataset
+
+    loader = instantiate(cfg.dataloader.test)
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    results = inference_on_dataset(model, loader, evaluator)
+    if comm.is_main_process() and results:
+        print_csv_format(results)
+    return results or {}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def _clip_params(cfg) -> Optional[Dict[str, Any]]:
+    clip = _get(cfg, "train.clip_grad")
+    if not clip or not clip.get("enabled", False):
+        return None
+    params = dict(clip.get("params") or {})
+    params.setdefault("max_norm", 0.1)
+    params.setdefault("norm_type", 2)
+    return {"max_norm": float(params["max_norm"]), "norm_type": float(params["norm_type"])}
+
+
+def _amp_dtype(cfg) -> torch.dtype:
+    name = str(_get(cfg, "train.amp.dtype", "float16")).replace("torch.", "")
+    table = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"train.amp.dtype must be float16 or bfloat16, got {name!r}.")
+    return table[name]
+
+
+def do_train(args, cfg) -> Dict[str, Any]:
+    """Build model, optimizer, data, schedule and hooks from ``cfg`` and train.
+
+    Returns the last evaluation results (main process; {} elsewhere or without evaluation).
+    """
+    if _get(cfg, "train.model_ema.enabled", False):
+        raise NotImplementedError("train.model_ema.enabled=True is not supported by this toolbox yet.")
+    check_num_classes(cfg, "train")
+    max_iter = int(cfg.train.max_iter)
+
+    model = build_model(cfg)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    # The optimizer config keeps the model object; drop it so the config stays printable.
+    cfg.optimizer.params.model = None
+    train_loader = instantiate(cfg.dataloader.train)
+
+    ddp_cfg = dict(_get(cfg, "train.ddp", {}) or {})
+    model = create_ddp_model(
+        model,
+        broadcast_buffers=bool(ddp_cfg.get("broadcast_buffers", False)),
+        find_unused_parameters=bool(ddp_cfg.get("find_unused_parameters", False)),
+        fp16_compression=bool(ddp_cfg.get("fp16_compression", False)),
+    )
+    clip = _clip_params(cfg)
+    if _get(cfg, "train.amp.enabled", False):
+        trainer = AMPTrainer(model, train_loader, optimizer, clip, dtype=_amp_dtype(cfg))
+        scaler = trainer.grad_scaler
+    else:
+        trainer = SimpleTrainer(model, train_loader, optimizer, clip)
+        scaler = None
+
+    scheduler = LRMultiplier(optimizer, multiplier=instantiate(cfg.lr_multiplier), max_iter=max_iter)
+    output_dir = str(_get(cfg, "train.output_dir", "./output"))
+    checkpointer = DetectionCheckpointer(model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+    eval_hook = hooks.EvalHook(int(_get(cfg, "train.eval_period", 0) or 0), lambda: do_test(cfg, model))
+    ckpt_cfg = _get(cfg, "train.checkpointer", {}) or {}
+    log_period = int(_get(cfg, "train.log_period", 20) or 20)
+    main_hooks = [
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler),
+        hooks.PeriodicCheckpointer(
+            checkpointer,
+            period=int(ckpt_cfg.get("period", 5000)),
+            max_to_keep=ckpt_cfg.get("max_to_keep", None),
+        )
+        if comm.is_main_process()
+        else None,
+        eval_hook,
+        hooks.PeriodicWriter(
+            [
+                CommonMetricPrinter(max_iter),
+                JSONWriter(os.path.join(output_dir, "metrics.json")),
+                TensorboardXWriter(output_dir),
+            ],
+            period=log_period,
+        )
+        if comm.is_main_process()
+        else None,
+    ]
+    trainer.register_hooks(main_hooks)
+
+    resume = bool(getattr(args, "resume", False))
+    resuming = resume and checkpointer.has_checkpoint()
+    extra = checkpointer.resume_or_load(str(_get(cfg, "train.init_checkpoint", "") or ""), resume=resume)
+    start_iter = int(extra.get("iteration", -1)) + 1 if resuming else 0
+    if resuming:
+        logger.info(f"Resumed at iteration {start_iter} of {max_iter}")
+    trainer.train(start_iter, max_iter)
+    return dict(eval_hook.last_results or {})
+
+
+def main(args) -> Any:
+    """Per-process entry: config, setup, then ``--eval-only`` evaluation or training."""
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        check_num_classes(cfg, "test")
+        model = build_model(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        checkpointer = DetectionCheckpointer(model, str(_get(cfg, "train.output_dir", "") or ""))
+        init = str(_get(cfg, "train.init_checkpoint", "") or "")
+        if not init and not (args.resume and checkpointer.has_checkpoint()):
+            logger.warning("--eval-only without train.init_checkpoint: evaluating randomly initialised weights.")
+        checkpointer.resume_or_load(init, resume=args.resume)
+        return do_test(cfg, model)
+    return do_train(args, cfg)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Any:
+    """Parse the command line (``sys.argv`` by default) and launch :func:`main`."""
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args, flush=True)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
