@@ -464,5 +464,27 @@ def test_distill_config_runs_through_the_training_entry_point(tmp_path, monkeypa
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     keys = ckpt["model"].keys()
     assert any(k.startswith("student.") for k in keys) and any(k.startswith("teacher.") for k in keys)
-    metrics = (out / "metrics.json").read_text()
-    assert "distill_detrdistill_class" in metrics
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert any("distill_detrdistill_class" in m for m in metrics)
+    # the TPRD diagnostics are logged as scalars, outside the loss sum
+    stats = [m for m in metrics if any(k.startswith("tprd_") for k in m)]
+    assert stats, "TPRD refinement shares missing from metrics.json"
+    fracs = [v for k, v in stats[-1].items() if k.startswith("tprd_") and k.endswith("refined_frac")]
+    assert fracs and all(0.0 <= v <= 1.0 for v in fracs)
+    loss_sum = sum(v for k, v in stats[-1].items() if k.startswith(("loss_", "distill_")))
+    assert abs(stats[-1]["total_loss"] - loss_sum) < 1e-3 * max(1.0, abs(loss_sum))
+
+    # train.init_checkpoint with a merged file goes through the Distiller's own loading policy
+    teacher_only = {k: v for k, v in ckpt["model"].items() if k.startswith("teacher.")}
+    no_query_table = {k: v for k, v in ckpt["model"].items() if k != "teacher.query_embedding.weight"}
+    for name, state_dict, error in (
+        ("teacher_only", teacher_only, "student backbone keys missing"),
+        ("no_query_table", no_query_table, "teacher keys missing"),
+    ):
+        torch.save(state_dict, tmp_path / f"{name}.pth")
+        args = default_argument_parser().parse_args([
+            "--config-file", str(path), f"train.output_dir={tmp_path / name}", "train.max_iter=1",
+            f"train.init_checkpoint={tmp_path / name}.pth", "train.eval_period=0",
+        ])
+        with pytest.raises(ValueError, match=error):
+            main(args)

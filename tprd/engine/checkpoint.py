@@ -186,6 +186,15 @@ class DetectionCheckpointer(Checkpointer):
         if not path:
             self.logger.info("No checkpoint given (train.init_checkpoint is empty): training from scratch.")
             return {}
+        model = self._unwrapped_model()
+        if hasattr(model, "load_init_checkpoint"):
+            # Models with their own loading policy (the Distiller: teacher complete, student
+            # backbone complete, the rest of the student may be fresh) load the file themselves.
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"train.init_checkpoint {path!r} does not exist.")
+            self.logger.info(f"Loading {path} with {type(model).__name__}.load_init_checkpoint")
+            model.load_init_checkpoint(path)
+            return {}
         if self._load_renamed(path):
             return {}
         return self.load(path, checkpointables=[])
@@ -203,7 +212,7 @@ class DetectionCheckpointer(Checkpointer):
         if not os.path.isfile(path):
             return False
         model = self._unwrapped_model()
-        convert = getattr(type(model), "convert_detrex_state_dict", None)
+        convert = getattr(model, "convert_detrex_state_dict", None)
         has_backbone = isinstance(getattr(model, "backbone", None), torch.nn.Module)
         if convert is None and not has_backbone:
             return False

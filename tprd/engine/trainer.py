@@ -226,6 +226,10 @@ class SimpleTrainer(TrainerBase):
         """Average losses (and data time, max over ranks) across processes and store them."""
         metrics = {k: v.detach().float().reshape(()) for k, v in loss_dict.items()}
         reduced = comm.reduce_dict(metrics)
+        # Diagnostics a model exposes besides its losses (the Distiller's per-stage TPRD shares).
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        extra = {k: torch.as_tensor(v).detach().float().reshape(()) for k, v in getattr(model, "last_stats", {}).items()}
+        extra = comm.reduce_dict(extra) if extra else {}
         data_times = comm.all_gather(data_time) if comm.get_world_size() > 1 else [data_time]
         if not comm.is_main_process():
             return
@@ -237,6 +241,8 @@ class SimpleTrainer(TrainerBase):
             storage.put_scalar(k, v)
         storage.loss_names.update(values)
         storage.loss_names.add("total_loss")
+        for k, v in extra.items():
+            storage.put_scalar(k, float(v))
         if grad_norm is not None:
             storage.put_scalar("grad_norm", float(grad_norm))
 
