@@ -8,18 +8,12 @@ Common overrides: ``dataloader.train.total_batch_size=8``, ``dataloader.train.da
 ``dataloader.test.dataset.names=...``, ``dataloader.train.num_workers=2``.
 """
 from omegaconf import OmegaConf
-from torchvision.transforms import v2
 
 from tprd.config import LazyCall as L
-from tprd.data import (
-    DetrDatasetMapper,
-    RandomCrop,
-    ResizeShortestEdge,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset,
-)
+from tprd.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset
 from tprd.evaluation import COCOEvaluator
+
+from .detr_mappers import detr_test_mapper, detr_train_mapper
 
 SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
@@ -27,29 +21,14 @@ dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset)(names="coco_2017_train", filter_empty=True),
-    mapper=L(DetrDatasetMapper)(
-        augmentation=[
-            L(v2.RandomHorizontalFlip)(),
-            L(ResizeShortestEdge)(short_edge_length=SCALES, max_size=1333),
-        ],
-        augmentation_with_crop=[
-            L(v2.RandomHorizontalFlip)(),
-            L(ResizeShortestEdge)(short_edge_length=[400, 500, 600]),
-            L(RandomCrop)(crop_type="absolute_range", crop_size=[384, 600]),
-            L(ResizeShortestEdge)(short_edge_length=SCALES, max_size=1333),
-        ],
-        is_train=True,
-    ),
+    mapper=detr_train_mapper(SCALES, max_size=1333, crop_resize=[400, 500, 600], crop_size=[384, 600]),
     total_batch_size=16,
     num_workers=4,
 )
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DetrDatasetMapper)(
-        augmentation=[L(ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
-        is_train=False,
-    ),
+    mapper=detr_test_mapper(800, max_size=1333),
     num_workers=4,
 )
 

@@ -6,18 +6,12 @@ on first use) keep roughly their size: training resizes the short side to 112..1
 (long side <= 200), i.e. leaves the images as they are. Five classes, COCO evaluation.
 """
 from omegaconf import OmegaConf
-from torchvision.transforms import v2
 
 from tprd.config import LazyCall as L
-from tprd.data import (
-    DetrDatasetMapper,
-    RandomCrop,
-    ResizeShortestEdge,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset,
-)
+from tprd.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset
 from tprd.evaluation import COCOEvaluator
+
+from .detr_mappers import detr_test_mapper, detr_train_mapper
 
 SCALES = [112, 120, 128, 136, 144, 152, 160]
 
@@ -25,29 +19,14 @@ dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset)(names="synthetic_train", filter_empty=True),
-    mapper=L(DetrDatasetMapper)(
-        augmentation=[
-            L(v2.RandomHorizontalFlip)(),
-            L(ResizeShortestEdge)(short_edge_length=SCALES, max_size=200),
-        ],
-        augmentation_with_crop=[
-            L(v2.RandomHorizontalFlip)(),
-            L(ResizeShortestEdge)(short_edge_length=[112, 128, 144]),
-            L(RandomCrop)(crop_type="absolute_range", crop_size=[96, 128]),
-            L(ResizeShortestEdge)(short_edge_length=SCALES, max_size=200),
-        ],
-        is_train=True,
-    ),
+    mapper=detr_train_mapper(SCALES, max_size=200, crop_resize=[112, 128, 144], crop_size=[96, 128]),
     total_batch_size=4,
     num_workers=0,
 )
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset)(names="synthetic_val", filter_empty=False),
-    mapper=L(DetrDatasetMapper)(
-        augmentation=[L(ResizeShortestEdge)(short_edge_length=128, max_size=200)],
-        is_train=False,
-    ),
+    mapper=detr_test_mapper(128, max_size=200),
     num_workers=0,
 )
 

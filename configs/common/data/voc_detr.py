@@ -9,40 +9,25 @@ Common overrides: ``dataloader.train.total_batch_size=8``, ``dataloader.train.da
 ``dataloader.test.dataset.names=...``.
 """
 from omegaconf import OmegaConf
-from torchvision.transforms import v2
 
 from tprd.config import LazyCall as L
-from tprd.data import (
-    DetrDatasetMapper,
-    ResizeShortestEdge,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset,
-)
+from tprd.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset
 from tprd.evaluation import PascalVOCDetectionEvaluator
+
+from .detr_mappers import detr_test_mapper, detr_train_mapper
 
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset)(names=["voc_2007_trainval", "voc_2012_trainval"], filter_empty=True),
-    mapper=L(DetrDatasetMapper)(
-        augmentation=[
-            L(v2.RandomHorizontalFlip)(),
-            L(ResizeShortestEdge)(short_edge_length=600, max_size=1000),
-        ],
-        augmentation_with_crop=None,
-        is_train=True,
-    ),
+    mapper=detr_train_mapper(600, max_size=1000),
     total_batch_size=16,
     num_workers=4,
 )
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset)(names="voc_2007_test", filter_empty=False),
-    mapper=L(DetrDatasetMapper)(
-        augmentation=[L(ResizeShortestEdge)(short_edge_length=600, max_size=1000)],
-        is_train=False,
-    ),
+    mapper=detr_test_mapper(600, max_size=1000),
     num_workers=4,
 )
 

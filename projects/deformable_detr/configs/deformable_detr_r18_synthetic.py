@@ -11,17 +11,15 @@ Measured (600 iterations, one CPU thread on a shared 2-core machine, about 4-5 m
         --config-file projects/deformable_detr/configs/deformable_detr_r18_synthetic.py \
         train.output_dir=./output/deformable_synthetic
 """
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
-from tprd.config import LazyCall as L
 from tprd.config import get_config
-from tprd.engine.lr_scheduler import WarmupParamScheduler
 
 from .models.deformable_detr_r18 import model
 
-dataloader = get_config("common/data/synthetic_detr.py").dataloader
-optimizer = get_config("common/optim.py").AdamW
-train = get_config("common/train.py").train
+# synthetic data at batch 4, AdamW lr 4e-4 (one lr for all), 600 CPU iterations, one final evaluation
+_cpu = get_config("common/synthetic_cpu.py")  # "_": not a config entry
+dataloader = _cpu.dataloader
+optimizer = _cpu.optimizer
+train = _cpu.train
 
 DIM = 128
 
@@ -43,23 +41,5 @@ for part in (model.transformer.encoder, model.transformer.decoder):
     part.num_layers = 2
 model.device = "${train.device}"
 
+lr_multiplier = _cpu.lr_multiplier
 train.output_dir = "./output/deformable_detr_r18_synthetic"
-train.device = "cpu"
-train.max_iter = 600
-train.eval_period = 0  # evaluate once, at the end
-train.log_period = 20
-train.checkpointer = dict(period=200, max_to_keep=2)
-
-optimizer.lr = 4e-4
-# no pretrained backbone here, so no backbone (or sampling-offset) lr reduction: measured on this
-# config (600 iterations) AP 1.1 with the COCO lr factors, AP 3.6 with one lr for everything
-optimizer.params.lr_factor_func = None
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[500, 600]),
-    warmup_length=0.05,
-    warmup_factor=0.1,
-)
-
-dataloader.train.total_batch_size = 4
-dataloader.evaluator.output_dir = "${train.output_dir}"  # coco_instances_results.json

@@ -10,17 +10,15 @@ AP 13.6, AP50 19.0 on synthetic_val.
     python projects/dino/train_net.py \
         --config-file projects/dino/configs/dino_r18_synthetic.py train.output_dir=./output/dino_synthetic
 """
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
-from tprd.config import LazyCall as L
 from tprd.config import get_config
-from tprd.engine.lr_scheduler import WarmupParamScheduler
 
 from .models.dino_r18 import model
 
-dataloader = get_config("common/data/synthetic_detr.py").dataloader
-optimizer = get_config("common/optim.py").AdamW
-train = get_config("common/train.py").train
+# synthetic data at batch 4, AdamW lr 4e-4 (one lr for all), 600 CPU iterations, one final evaluation
+_cpu = get_config("common/synthetic_cpu.py")  # "_": not a config entry
+dataloader = _cpu.dataloader
+optimizer = _cpu.optimizer
+train = _cpu.train
 
 DIM = 128
 
@@ -40,23 +38,5 @@ for part in (model.transformer.encoder, model.transformer.decoder):
     part.num_layers = 2
 model.device = "${train.device}"
 
+lr_multiplier = _cpu.lr_multiplier
 train.output_dir = "./output/dino_r18_synthetic"
-train.device = "cpu"
-train.max_iter = 600
-train.eval_period = 0  # evaluate once, at the end
-train.log_period = 20
-train.checkpointer = dict(period=200, max_to_keep=2)
-
-optimizer.lr = 4e-4
-# no pretrained backbone here, so no backbone (or sampling-offset) lr reduction; on the synthetic
-# config (Deformable DETR version, 600 iterations): AP 1.1 with the COCO lr factors, 3.6 without
-optimizer.params.lr_factor_func = None
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[500, 600]),
-    warmup_length=0.05,
-    warmup_factor=0.1,
-)
-
-dataloader.train.total_batch_size = 4
-dataloader.evaluator.output_dir = "${train.output_dir}"  # coco_instances_results.json

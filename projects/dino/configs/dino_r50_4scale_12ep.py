@@ -12,21 +12,16 @@ from tprd.config import get_config
 
 from .models.dino_r50 import model
 
-dataloader = get_config("common/data/coco_detr.py").dataloader
+dataloader = get_config("common/coco_training.py").dataloader  # batch 16, 16 workers
 optimizer = get_config("common/optim.py").AdamW
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_12ep
-train = get_config("common/train.py").train
+train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.output_dir = "./output/dino_r50_4scale_12ep"
 train.max_iter = 90000
-train.eval_period = 5000
-train.checkpointer = dict(period=5000, max_to_keep=5)
 train.device = "cuda"
 model.device = "${train.device}"
 
 optimizer.lr = 2e-4
-optimizer.weight_decay = 1e-4
 
-dataloader.train.total_batch_size = 16
-dataloader.train.num_workers = 16
 dataloader.evaluator.output_dir = "${train.output_dir}"

@@ -3,17 +3,10 @@
 The baseline ``../KD_DETR/dab_detr_r50_distill_r18_synthetic.py`` with
 refine=True only (no weight change in METHODS.md 2.6).
 
-The specific (teacher-query) group is distilled towards the TPRD-refined teacher predictions of each
-stage with TPRD-CKD as class term and point weights from the refined logits; the general group is
-unchanged. Per-stage refinement shares are logged as ``tprd_kd_detr_specific_*``.
+How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
+the COCO config of this folder.
 """
-from ..KD_DETR.dab_detr_r50_distill_r18_synthetic import (  # noqa: F401
-    dataloader,
-    lr_multiplier,
-    model,
-    optimizer,
-    train,
-)
+from ..KD_DETR.dab_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
 

@@ -1,13 +1,10 @@
 """DETRDistill, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.1).
 
-Per decoder stage: soft-Hungarian matched prediction KD (class 1.0 / L1 5.0 / GIoU 2.0, / (B*N)),
-target-aware neck-feature distillation (2.0, top-100 teacher entries per image) and query prior
-assignment (the student decodes the teacher's queries with the teacher's GT matching as targets:
-class 1.0 / L1 5.0 / GIoU 2.0).
+Per decoder stage: soft-Hungarian matched prediction KD, target-aware neck-feature distillation and
+query prior assignment, with the reference's weights (class 1.0 / L1 5.0 / GIoU 2.0, target-aware
+2.0; all in ``configs/common/detrdistill.py``).
 """
-from tprd.config import LazyCall as L
-from tprd.distill import DETRDistill
-from tprd.modeling.matcher import HungarianMatcher
+from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
     dataloader,
@@ -17,23 +14,8 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
     train,
 )
 
-model.methods = {
-    "detrdistill": L(DETRDistill)(
-        weights={
-            "class": 1.0,
-            "l1": 5.0,
-            "giou": 2.0,
-            "target_aware": 2.0,
-            "prior_class": 1.0,
-            "prior_l1": 5.0,
-            "prior_giou": 2.0,
-        },
-        refine=False,
-        topk=100,
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0),
-        soft_costs=[1.0, 5.0, 2.0],
-    ),
-}
+# the reference's DETRDistill weights and matcher, the same for the three detectors
+model.methods = {"detrdistill": get_config("common/detrdistill.py").detrdistill}
 
 train.output_dir = "./output/deformable_detr/DETRDistill/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 30000

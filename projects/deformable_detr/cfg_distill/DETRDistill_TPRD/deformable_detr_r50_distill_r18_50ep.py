@@ -8,13 +8,7 @@ the prior-assignment term), the soft matcher runs against the refined targets an
 TPRD-CKD; the target-aware and prior-assignment terms stay raw. Per-stage refinement shares are
 logged as ``tprd_detrdistill_*``.
 """
-from ..DETRDistill.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
-    dataloader,
-    lr_multiplier,
-    model,
-    optimizer,
-    train,
-)
+from ..DETRDistill.deformable_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0

@@ -3,18 +3,10 @@
 The baseline ``../DETRDistill/deformable_detr_r50_distill_r18_synthetic.py`` with
 refine=True and the matching-KD class weight 1.0 -> 4.0 (METHODS.md 2.6).
 
-Per stage the teacher's predictions are refined with TPRD (one B1 matching per stage, shared with
-the prior-assignment term), the soft matcher runs against the refined targets and the class term is
-TPRD-CKD; the target-aware and prior-assignment terms stay raw. Per-stage refinement shares are
-logged as ``tprd_detrdistill_*``.
+How TPRD changes the method: see ``deformable_detr_r50_distill_r18_50ep.py``,
+the COCO config of this folder.
 """
-from ..DETRDistill.deformable_detr_r50_distill_r18_synthetic import (  # noqa: F401
-    dataloader,
-    lr_multiplier,
-    model,
-    optimizer,
-    train,
-)
+from ..DETRDistill.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0

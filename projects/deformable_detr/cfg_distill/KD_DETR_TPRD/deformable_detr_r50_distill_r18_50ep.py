@@ -7,13 +7,7 @@ The specific (teacher-query) group is distilled towards the TPRD-refined teacher
 stage with TPRD-CKD as class term and point weights from the refined logits; the general group is
 unchanged. Per-stage refinement shares are logged as ``tprd_kd_detr_specific_*``.
 """
-from ..KD_DETR.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
-    dataloader,
-    lr_multiplier,
-    model,
-    optimizer,
-    train,
-)
+from ..KD_DETR.deformable_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
 

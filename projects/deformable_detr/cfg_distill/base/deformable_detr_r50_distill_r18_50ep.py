@@ -33,19 +33,13 @@ model = L(Distiller)(
 )
 del student, teacher
 
-dataloader = get_config("common/data/coco_detr.py").dataloader
+dataloader = get_config("common/coco_training.py").dataloader  # batch 16, 16 workers
 optimizer = get_config("common/optim.py").AdamW
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_50ep
-train = get_config("common/train.py").train
+train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.init_checkpoint = "./init/deformable_detr_r50_distill_r18.pth"
 train.output_dir = "./output/deformable_detr_r50_distill_r18_50ep"
 train.max_iter = 375000
-train.eval_period = 5000
-train.checkpointer = dict(period=5000, max_to_keep=5)
 
 optimizer.lr = 2e-4
-optimizer.weight_decay = 1e-4
-
-dataloader.train.total_batch_size = 16
-dataloader.train.num_workers = 16

@@ -7,8 +7,7 @@ every stage. Variants: ``model.with_box_refine=True``; two-stage additionally
 ``model.as_two_stage=True`` (the transformer follows through the interpolation).
 """
 from tprd.config import LazyCall as L
-from tprd.layers.position_embedding import PositionEmbeddingSine
-from tprd.modeling.backbone import ChannelMapper, ResNet
+from tprd.config import get_config
 from tprd.modeling.criterion import SetCriterion
 from tprd.modeling.deformable_detr import (
     DeformableDETR,
@@ -18,27 +17,13 @@ from tprd.modeling.deformable_detr import (
 )
 from tprd.modeling.matcher import HungarianMatcher
 
+# ResNet-50 (res3..res5) -> ChannelMapper (4 levels, 256 channels) and sine positions, as DINO
+_resnet_mapper = get_config("common/models/resnet_channel_mapper.py")  # "_": not a config entry
+
 model = L(DeformableDETR)(
-    backbone=L(ResNet)(
-        depth=50,
-        out_features=["res3", "res4", "res5"],
-        freeze_at=1,
-        norm="FrozenBN",
-    ),
-    position_embedding=L(PositionEmbeddingSine)(
-        num_pos_feats=128,
-        temperature=10000,
-        normalize=True,
-        offset=-0.5,
-    ),
-    neck=L(ChannelMapper)(
-        in_channels=[512, 1024, 2048],
-        in_features=["res3", "res4", "res5"],
-        out_channels=256,
-        num_outs=4,
-        kernel_size=1,
-        num_groups=32,
-    ),
+    backbone=_resnet_mapper.backbone,
+    position_embedding=_resnet_mapper.position_embedding,
+    neck=_resnet_mapper.neck,
     transformer=L(DeformableTransformer)(
         encoder=L(DeformableTransformerEncoder)(
             embed_dim=256,

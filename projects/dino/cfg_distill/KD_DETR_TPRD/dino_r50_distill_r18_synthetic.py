@@ -4,17 +4,10 @@ The baseline ``../KD_DETR/dino_r50_distill_r18_synthetic.py`` with
 refine=True, specific class weight 4.0 -> 2.0,
 general points 900 -> 300 (METHODS.md 2.6).
 
-The specific (teacher-query) group is distilled towards the TPRD-refined teacher predictions of each
-stage with TPRD-CKD as class term and point weights from the refined logits; the general group is
-unchanged. Per-stage refinement shares are logged as ``tprd_kd_detr_specific_*``.
+How TPRD changes the method: see ``dino_r50_distill_r18_4scale_12ep.py``,
+the COCO config of this folder.
 """
-from ..KD_DETR.dino_r50_distill_r18_synthetic import (  # noqa: F401
-    dataloader,
-    lr_multiplier,
-    model,
-    optimizer,
-    train,
-)
+from ..KD_DETR.dino_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
 model.methods.kd_detr.weights["specific_class"] = 2.0

@@ -6,13 +6,9 @@ weights (the teacher is random). The width stays 256: DINO's query positions use
 128-per-coordinate sine embedding of the boxes (as detrex). The method configs' ``..._synthetic.py``
 variants import this file and take ``model.methods`` from their COCO config.
 """
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
-from tprd.config import LazyCall as L
 from tprd.config import get_config
-from tprd.engine.lr_scheduler import WarmupParamScheduler
 
-from .dino_r50_distill_r18_4scale_12ep import model, optimizer, train
+from .dino_r50_distill_r18_4scale_12ep import model, optimizer
 
 NUM_CLASSES = 5
 NUM_QUERIES = 30
@@ -28,21 +24,11 @@ for detector in (model.student, model.teacher):
         part.num_layers = layers
 del detector, part, layers  # loop variables are not config entries
 
-dataloader = get_config("common/data/synthetic_detr.py").dataloader
-dataloader.train.total_batch_size = 2
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[16, 20]),
-    warmup_length=0.0,
-    warmup_factor=1.0,
-)
-
-train.init_checkpoint = ""
+# data, schedule and training loop: the CPU smoke setting of the three detectors (batch 2, 20 it)
+_cpu = get_config("common/synthetic_cpu_distill.py")  # "_": not a config entry
+train = _cpu.train
 train.output_dir = "./output/dino_r50_distill_r18_synthetic"
-train.device = "cpu"
-train.max_iter = 20
-train.eval_period = 0
-train.log_period = 5
-train.checkpointer = dict(period=20, max_to_keep=1)
+dataloader = _cpu.dataloader
+lr_multiplier = _cpu.lr_multiplier
 
-optimizer.lr = 2e-4
+optimizer.lr = 2e-4  # as on COCO
