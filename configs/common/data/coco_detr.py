@@ -15,13 +15,13 @@ from tprd.evaluation import COCOEvaluator
 
 from .detr_mappers import detr_test_mapper, detr_train_mapper
 
-SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset)(names="coco_2017_train", filter_empty=True),
-    mapper=detr_train_mapper(SCALES, max_size=1333, crop_resize=[400, 500, 600], crop_size=[384, 600]),
+    mapper=detr_train_mapper(_SCALES, max_size=1333, crop_resize=[400, 500, 600], crop_size=[384, 600]),
     total_batch_size=16,
     num_workers=4,
 )

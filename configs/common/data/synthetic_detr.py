@@ -13,13 +13,13 @@ from tprd.evaluation import COCOEvaluator
 
 from .detr_mappers import detr_test_mapper, detr_train_mapper
 
-SCALES = [112, 120, 128, 136, 144, 152, 160]
+_SCALES = [112, 120, 128, 136, 144, 152, 160]
 
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset)(names="synthetic_train", filter_empty=True),
-    mapper=detr_train_mapper(SCALES, max_size=200, crop_resize=[112, 128, 144], crop_size=[96, 128]),
+    mapper=detr_train_mapper(_SCALES, max_size=200, crop_resize=[112, 128, 144], crop_size=[96, 128]),
     total_batch_size=4,
     num_workers=0,
 )

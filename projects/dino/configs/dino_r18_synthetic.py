@@ -31,11 +31,11 @@ model.backbone.norm = "BN"  # from scratch: FrozenBN would be the identity
 model.backbone.freeze_at = 0
 model.neck.out_channels = DIM
 model.position_embedding.num_pos_feats = DIM // 2
-for part in (model.transformer.encoder, model.transformer.decoder):
-    part.embed_dim = DIM
-    part.num_heads = 4
-    part.feedforward_dim = 256
-    part.num_layers = 2
+for _part in (model.transformer.encoder, model.transformer.decoder):
+    _part.embed_dim = DIM
+    _part.num_heads = 4
+    _part.feedforward_dim = 256
+    _part.num_layers = 2
 model.device = "${train.device}"
 
 lr_multiplier = _cpu.lr_multiplier

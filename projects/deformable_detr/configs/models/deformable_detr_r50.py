@@ -85,10 +85,10 @@ model = L(DeformableDETR)(
 
 # the same weights for the earlier stages (loss_class_0 .. loss_giou_4) and the two-stage proposals
 if model.aux_loss:
-    weight_dict = model.criterion.weight_dict
-    aux_weight_dict = {}
+    _weight_dict = model.criterion.weight_dict
+    _aux_weight_dict = {}
     for i in range(model.transformer.decoder.num_layers - 1):
-        aux_weight_dict.update({k + f"_{i}": v for k, v in weight_dict.items()})
-    aux_weight_dict.update({k + "_enc": v for k, v in weight_dict.items()})
-    weight_dict.update(aux_weight_dict)
-    model.criterion.weight_dict = weight_dict
+        _aux_weight_dict.update({k + f"_{i}": v for k, v in _weight_dict.items()})
+    _aux_weight_dict.update({k + "_enc": v for k, v in _weight_dict.items()})
+    _weight_dict.update(_aux_weight_dict)
+    model.criterion.weight_dict = _weight_dict

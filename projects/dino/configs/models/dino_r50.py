@@ -87,10 +87,10 @@ model = L(DINO)(
 
 # the same weights for the encoder proposals (_enc) and the earlier stages (_0 .. _4), dn included
 if model.aux_loss:
-    weight_dict = model.criterion.weight_dict
-    base = dict(weight_dict)
-    aux_weight_dict = {k + "_enc": v for k, v in base.items()}
+    _weight_dict = model.criterion.weight_dict
+    _base = dict(_weight_dict)
+    _aux_weight_dict = {k + "_enc": v for k, v in _base.items()}
     for i in range(model.transformer.decoder.num_layers - 1):
-        aux_weight_dict.update({k + f"_{i}": v for k, v in base.items()})
-    weight_dict.update(aux_weight_dict)
-    model.criterion.weight_dict = weight_dict
+        _aux_weight_dict.update({k + f"_{i}": v for k, v in _base.items()})
+    _weight_dict.update(_aux_weight_dict)
+    model.criterion.weight_dict = _weight_dict
