@@ -421,8 +421,10 @@ def test_distill_config_declares_its_method_and_tprd_diff(path):
         assert changed.pop(prefix + "weights.class") == (1.0, 4.0)
     if key == "kd_detr" and family == "dino":
         assert changed.pop(prefix + "weights.specific_class") == (4.0, 2.0)
-        g = changed.pop(prefix + "general_points")
-        assert g[1] == 300 and g[0] in (900, 16)
+        if path.name.endswith("_synthetic.py"):  # the CPU smoke config keeps its small table
+            assert prefix + "general_points" not in changed
+        else:
+            assert changed.pop(prefix + "general_points") == (900, 300)
     assert changed == {}
 
 
