@@ -126,7 +126,7 @@ class COCOEvaluator(DatasetEvaluator):
         distributed: bool = True,
         max_dets_per_image: Optional[int] = None,
     ):
-        from tprd.data.catalog import MetadataCatalog, prepare_dataset
+        from tprd.data.catalog import prepare_dataset
 
         self.dataset_name = _resolve_dataset_name(dataset_name)
         self._metadata = prepare_dataset(self.dataset_name)

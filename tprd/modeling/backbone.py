@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d

@@ -279,15 +279,10 @@ class KDDETR(DistillMethod):
                 f"KD-DETR groups are index-aligned: student {tuple(s.logits.shape[:3])} vs teacher "
                 f"{tuple(t_logits.shape[:3])} (stages, images, queries) must agree"
             )
-        per_stage = []
-        for l in range(s.logits.shape[0]):
-            per_stage.append(
-                kd_detr_weighted_losses(
-                    s.logits[l], t_logits[l], s.boxes[l], t_boxes[l], self.temperature,
-                    class_loss=None if class_loss is None else class_loss[l],
-                )
-            )
-        return {k: torch.stack([d[k] for d in per_stage]) for k in ("class", "l1", "giou")}
+        # all stages at once: [L,B,Q,*] in, [L] per term out
+        return kd_detr_weighted_losses(
+            s.logits, t_logits, s.boxes, t_boxes, self.temperature, class_loss=class_loss
+        )
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
