@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from tprd.checkpoint.fill import fill_state_dict
 from tprd.layers.position_embedding import PositionEmbeddingSine
 from tprd.modeling.dab_detr import (
     DABDETR,
@@ -18,7 +17,7 @@ from tprd.modeling.dab_detr import (
 )
 from tprd.modeling.outputs import QueryGroup
 
-from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO
+from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO, filled_fixture_model
 
 FIXTURE = PARITY_DIR / "dab_detr"
 ATOL = RTOL = 1e-4
@@ -31,15 +30,7 @@ def _load(name):
 @pytest.fixture(scope="module")
 def fixture_model():
     """The reduced fixture model with the crc32-randn-v1 fill, loaded strictly, in eval mode."""
-    if not FIXTURE.is_dir():
-        pytest.fail(f"DAB-DETR parity fixture not found at {FIXTURE}; set TPRD_PARITY_DIR")
-    cfg = json.loads((FIXTURE / "config.json").read_text())
-    keys = json.loads((FIXTURE / "keys.json").read_text())
-    torch.manual_seed(0)
-    model = DABDETR.from_detrex_config(cfg["reduced_config"])
-    sd = DABDETR.convert_detrex_state_dict(fill_state_dict(keys, cfg["alias_groups"]))
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return filled_fixture_model("dab_detr")
 
 
 @pytest.fixture(scope="module")

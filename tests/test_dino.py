@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO
-from tprd.checkpoint.fill import fill_state_dict
+from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO, filled_fixture_model
 from tprd.layers.box_ops import box_cxcywh_to_xyxy
 from tprd.layers.position_embedding import PositionEmbeddingSine
 from tprd.modeling.backbone import ChannelMapper, ResNet
@@ -42,15 +41,8 @@ def _close(name, ours, ref, atol=ATOL, rtol=RTOL):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fixture_model():
-    if not FIXTURE.is_dir():
-        pytest.fail(f"DINO parity fixture not found at {FIXTURE}; set TPRD_PARITY_DIR")
-    cfg = json.loads((FIXTURE / "config.json").read_text())
-    keys = json.loads((FIXTURE / "keys.json").read_text())
-    torch.manual_seed(0)
-    model = DINO.from_detrex_config(cfg["reduced_config"])
-    sd = DINO.convert_detrex_state_dict(fill_state_dict(keys, cfg["alias_groups"]))
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    """The reduced fixture model with the crc32-randn-v1 fill, loaded strictly, in eval mode."""
+    return filled_fixture_model("dino")
 
 
 @pytest.fixture(scope="module")
