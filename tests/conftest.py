@@ -34,3 +34,23 @@ def filled_fixture_model(name: str):
     failed = [c for c in checks if not c.ok]
     assert not failed, f"filling {name} failed: {failed}"
     return model.eval()
+
+
+def padded_feature_pair(channels: int, level_shapes, small=(48, 64), big=(64, 96), seed: int = 1):
+    """Neck features of one small image alone and padded into a 2-image batch (image 1), with the
+    matching masks: ``(feats_alone, masks_alone, feats_batch, masks_batch)``. ``level_shapes(h, w)``
+    gives the per-level ``(h_l, w_l)`` of an ``h x w`` input; masks use the exact rule."""
+    from tprd.modeling.detector import level_masks
+
+    g = torch.Generator().manual_seed(seed)
+    small_shapes, big_shapes = level_shapes(*small), level_shapes(*big)
+    feats_alone = [torch.randn(1, channels, h, w, generator=g) for h, w in small_shapes]
+    feats_batch = [torch.randn(2, channels, h, w, generator=g) * 3 for h, w in big_shapes]
+    for f, a in zip(feats_batch, feats_alone):
+        f[1, :, : a.shape[2], : a.shape[3]] = a[0]
+    pad_mask = torch.ones(2, *big, dtype=torch.bool)
+    pad_mask[0] = False
+    pad_mask[1, : small[0], : small[1]] = False
+    masks_batch = level_masks(pad_mask, [big, small], big_shapes, "exact")
+    masks_alone = [torch.zeros(1, h, w, dtype=torch.bool) for h, w in small_shapes]
+    return feats_alone, masks_alone, feats_batch, masks_batch

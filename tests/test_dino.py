@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO, filled_fixture_model
+from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO, filled_fixture_model, padded_feature_pair
 from tprd.layers.box_ops import box_cxcywh_to_xyxy
 from tprd.layers.position_embedding import PositionEmbeddingSine
 from tprd.modeling.backbone import ChannelMapper, ResNet
-from tprd.modeling.deformable_detr import level_masks
 from tprd.modeling.dino import (
     DINO,
     DINOCriterion,
@@ -518,18 +517,7 @@ def test_transformer_masks_make_padding_invisible():
     model = tiny_model(mask_mode="exact").eval()
     with torch.no_grad():
         model.transformer.decoder.ref_point_head.layers[0].weight.zero_()
-    g = torch.Generator().manual_seed(1)
-    small, big = (48, 64), (64, 96)
-    small_shapes, big_shapes = _level_shapes(*small), _level_shapes(*big)
-    feats_alone = [torch.randn(1, D, h, w, generator=g) for h, w in small_shapes]
-    feats_batch = [torch.randn(2, D, h, w, generator=g) * 3 for h, w in big_shapes]
-    for f, a in zip(feats_batch, feats_alone):
-        f[1, :, : a.shape[2], : a.shape[3]] = a[0]
-    pad_mask = torch.ones(2, *big, dtype=torch.bool)
-    pad_mask[0] = False
-    pad_mask[1, : small[0], : small[1]] = False
-    masks_batch = level_masks(pad_mask, [big, small], big_shapes, "exact")
-    masks_alone = [torch.zeros(1, h, w, dtype=torch.bool) for h, w in small_shapes]
+    feats_alone, masks_alone, feats_batch, masks_batch = padded_feature_pair(D, _level_shapes)
     with torch.no_grad():
         alone = model.decode_memory(model.encode(feats_alone, masks_alone))
         batched = model.decode_memory(model.encode(feats_batch, masks_batch))
