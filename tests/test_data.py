@@ -351,6 +351,16 @@ def test_train_loader_aspect_grouping_and_seeded_augmentation(tmp_path):
     assert a == first_batches(5, 0) == first_batches(5, 1)
     assert a != first_batches(6, 0)
 
+    # without an explicit seed the loader draws one from torch's global generator, which the
+    # trainer seeds with train.seed: the same train.seed gives the same augmented stream
+    def unseeded(torch_seed):
+        torch.manual_seed(torch_seed)
+        return first_batches(None, 0)
+
+    b = unseeded(11)
+    assert b == unseeded(11)
+    assert b != unseeded(12)
+
 
 def test_inference_sampler_covers_every_index_once():
     for size, world in [(10, 3), (2, 3), (7, 1), (0, 2)]:

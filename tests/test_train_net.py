@@ -97,6 +97,23 @@ def test_script_trains_and_evaluates(trained):
     assert "copypaste: AP,AP50" in log and "eta:" in log
 
 
+def test_same_seed_reproduces_the_run(trained, datasets, tmp_path, monkeypatch):
+    """train.seed fixes weights, sample order and augmentation: a second run logs the same losses."""
+    out, _ = trained
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
+    again = tmp_path / "again"
+    main(args(f"train.output_dir={again}", "train.max_iter=4", "train.eval_period=0", *FAST))
+
+    def losses(folder):
+        records = [json.loads(line) for line in (Path(folder) / "metrics.json").read_text().splitlines()]
+        return {r["iteration"]: r["total_loss"] for r in records if "total_loss" in r}
+
+    first, second = losses(out), losses(again)
+    assert sorted(first) == sorted(second) == [0, 1, 2, 3]
+    for it in first:
+        assert second[it] == pytest.approx(first[it], rel=1e-5), it
+
+
 def test_eval_only_reproduces_predictions(trained, datasets, tmp_path, monkeypatch):
     out, _ = trained
     monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))

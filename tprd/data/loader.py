@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -63,10 +62,15 @@ def _dist_rank_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[in
 
 
 def _shared_seed(seed: Optional[int]) -> int:
-    """``seed``, or a random seed that is identical on every process (rank 0's draw)."""
+    """``seed``, or one drawn from torch's global generator on rank 0 and shared by every process.
+
+    The trainer seeds that generator with ``train.seed`` before building the loaders, so a run's
+    sample order and augmentations follow from ``train.seed`` alone (a negative ``train.seed``
+    seeds it randomly), as with detectron2's shared random seed.
+    """
     if seed is not None:
         return int(seed)
-    value = [int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF]
+    value = [int(torch.randint(2**31 - 1, (1,)).item())]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(value, src=0)
     return int(value[0])
