@@ -23,6 +23,7 @@ from tprd.data import (
     get_detection_dataset,
     get_detection_dataset_dicts,
     register_coco_instances,
+    skip_train_batches,
 )
 from tprd.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
 from tprd.data.transforms import resize_shortest_edge_size
@@ -360,6 +361,16 @@ def test_train_loader_aspect_grouping_and_seeded_augmentation(tmp_path):
     b = unseeded(11)
     assert b == unseeded(11)
     assert b != unseeded(12)
+
+    # a resumed run starts the same stream at a later batch
+    def stream(skip, n):
+        loader = build_detection_train_loader(recs, mapper, 2, seed=5, world_size=1, rank=0)
+        assert skip_train_batches(loader, skip)
+        it = iter(loader)
+        return [[(s["image_id"], s["gt_boxes"].tolist(), tuple(s["image"].shape)) for s in next(it)] for _ in range(n)]
+
+    assert stream(3, 2) == stream(0, 5)[3:]
+    assert not skip_train_batches([[1], [2]], 1)  # not one of our loaders: left alone
 
 
 def test_inference_sampler_covers_every_index_once():

@@ -27,6 +27,7 @@ from .loader import (  # noqa: E402
     build_detection_train_loader,
     get_detection_dataset,
     get_detection_dataset_dicts,
+    skip_train_batches,
 )
 from .transforms import (  # noqa: E402
     DetrDatasetMapper,

@@ -40,6 +40,7 @@ __all__ = [
     "GroupedBatchSampler",
     "build_detection_train_loader",
     "build_detection_test_loader",
+    "skip_train_batches",
     "trivial_batch_collator",
 ]
 
@@ -208,17 +209,34 @@ class GroupedBatchSampler(Sampler):
 
 
 class _SeededBatches(Sampler):
-    """Attach a per-sample augmentation seed to every index of a batch sampler's batches."""
+    """Attach a per-sample augmentation seed to every index of a batch sampler's batches.
+
+    ``skip_batches``: leave out the first N batches of the stream (indices and seeds only; no image
+    is read), so that a resumed run sees the batches the uninterrupted run would have seen.
+    """
 
     def __init__(self, batch_sampler: Any, seed: int, rank: int):
         self.batch_sampler = batch_sampler
         self.seed, self.rank = int(seed), int(rank)
+        self.skip_batches = 0
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.rank])
-        for batch in self.batch_sampler:
+        for i, batch in enumerate(self.batch_sampler):
             seeds = rng.integers(0, 2**63 - 1, size=len(batch), dtype=np.int64).tolist()
-            yield list(zip(batch, seeds))
+            if i >= self.skip_batches:
+                yield list(zip(batch, seeds))
+
+
+def skip_train_batches(loader: Any, num_batches: int) -> bool:
+    """Make a loader of :func:`build_detection_train_loader` start at batch ``num_batches`` of its
+    stream (before it is first iterated). Returns False for other loaders, which are left as they are.
+    """
+    batches = getattr(loader, "batch_sampler", None)
+    if not isinstance(batches, _SeededBatches):
+        return False
+    batches.skip_batches = int(num_batches)
+    return True
 
 
 class _SeededMapDataset(Dataset):

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from tprd.config import LazyConfig, instantiate
+from tprd.data.loader import skip_train_batches
 
 from . import comm, hooks
 from .checkpoint import DetectionCheckpointer
@@ -275,6 +276,9 @@ def do_train(args, cfg) -> Dict[str, Any]:
     start_iter = int(extra.get("iteration", -1)) + 1 if resuming else 0
     if resuming:
         logger.info(f"Resumed at iteration {start_iter} of {max_iter}")
+        # continue the data stream where the interrupted run stopped (same seed => same batches)
+        if skip_train_batches(train_loader, start_iter):
+            logger.info(f"Data stream continues at batch {start_iter}")
     trainer.train(start_iter, max_iter)
     return dict(eval_hook.last_results or {})
 
