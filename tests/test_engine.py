@@ -643,3 +643,77 @@ def test_started_by_torchrun_initialises_from_the_environment(tmp_path):
     mb = torch.load(os.path.join(double, "model_final.pth"), weights_only=False)["model"]
     for k in ma:
         torch.testing.assert_close(mb[k], ma[k], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Model EMA (train.model_ema)
+# --------------------------------------------------------------------------------------------
+def test_model_ema_average_by_hand():
+    from tprd.engine.ema import ModelEMA
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)  # frozen: not averaged
+    ema = ModelEMA(model, decay=0.75)
+    assert "0.bias" not in ema.names and {"0.weight", "1.running_mean", "1.weight"} <= set(ema.names)
+    assert "1.num_batches_tracked" not in ema.names  # integer buffer
+    w0 = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    ema.update()
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+    ema.update()
+    # 0.75 * (0.75 * w0 + 0.25 * 1) + 0.25 * 3
+    expected = 0.75 * (0.75 * w0 + 0.25) + 0.75
+    torch.testing.assert_close(ema.average["0.weight"], expected)
+    with ema.applied():
+        torch.testing.assert_close(model[0].weight.detach(), expected)
+    assert torch.all(model[0].weight == 3.0)  # trained weights back after the block
+    ema.reset()
+    assert torch.all(ema.average["0.weight"] == 3.0)
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.0)
+    with pytest.raises(KeyError, match="EMA state lacks"):
+        ema.load_state_dict({"0.weight": expected})
+
+
+def test_model_ema_in_training_resume_and_eval_only(tmp_path):
+    common = ["train.max_iter=8", "train.eval_period=0", "train.checkpointer.period=4",
+              "train.model_ema.enabled=True", "train.model_ema.decay=0.5"]
+    ref_out = str(tmp_path / "ref")
+    cfg = write_config(tmp_path, ref_out)
+    results = main(make_args(cfg, *common))
+    assert "ema/bbox" in results and "bbox" in results
+    final = read_metrics(ref_out)[-1]
+    assert "ema/bbox/AP" in final and "bbox/AP" in final
+    ref = torch.load(os.path.join(ref_out, "model_final.pth"), weights_only=False)
+    assert set(ref["ema"]) >= {"class_head.weight", "box_head.0.weight"}
+    # with decay 0.5 after 8 steps the average lags behind the trained weights
+    assert not torch.equal(ref["ema"]["class_head.weight"], ref["model"]["class_head.weight"])
+
+    # killed and resumed: the same average as the uninterrupted run
+    out = str(tmp_path / "cut")
+    cut_cfg = write_config(tmp_path, out)
+    with pytest.raises(KeyboardInterrupt):
+        main(make_args(cut_cfg, *common, "model.interrupt_at=6"))
+    main(make_args(cut_cfg, *common, resume=True))
+    got = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    for k in ref["ema"]:
+        torch.testing.assert_close(got["ema"][k], ref["ema"][k], rtol=0, atol=1e-6)
+
+    # --eval-only with the EMA weights gives the EMA results of training
+    ev = main(make_args(cfg, f"train.output_dir={tmp_path / 'ev'}", *common,
+                        f"train.init_checkpoint={ref_out}/model_final.pth",
+                        "train.model_ema.use_ema_weights_for_eval_only=True", eval_only=True))
+    assert ev["bbox"] == pytest.approx(results["ema/bbox"])
+    plain = main(make_args(cfg, f"train.output_dir={tmp_path / 'ev2'}",
+                           f"train.init_checkpoint={ref_out}/model_final.pth", eval_only=True))
+    assert plain["bbox"] == pytest.approx(results["bbox"])
+
+    # a checkpoint without an average: a clear error
+    no_ema = str(tmp_path / "no_ema")
+    main(make_args(write_config(tmp_path, no_ema), "train.max_iter=2", "train.eval_period=0"))
+    with pytest.raises(KeyError, match="no 'ema' entry"):
+        main(make_args(cfg, f"train.output_dir={tmp_path / 'ev3'}", f"train.init_checkpoint={no_ema}/model_final.pth",
+                       "train.model_ema.enabled=True", "train.model_ema.use_ema_weights_for_eval_only=True",
+                       eval_only=True))

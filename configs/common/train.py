@@ -17,5 +17,7 @@ train = dict(
     cudnn_benchmark=False,
     # global L2 norm of all gradients clipped to max_norm (METHODS.md 4.4)
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
-    model_ema=dict(enabled=False),
+    # exponential moving average of the weights (tprd/engine/ema.py); evaluations then also report
+    # ema/bbox/...; --eval-only uses the average with use_ema_weights_for_eval_only=True
+    model_ema=dict(enabled=False, decay=0.999, use_ema_weights_for_eval_only=False),
 )

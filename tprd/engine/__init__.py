@@ -5,6 +5,7 @@
 from . import comm
 from .checkpoint import DetectionCheckpointer
 from .defaults import default_argument_parser, default_setup, setup_logger
+from .ema import EMAHook, ModelEMA
 from .events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardXWriter, get_event_storage
 from .launch import launch
 from .lr_scheduler import LRMultiplier, WarmupParamScheduler
@@ -17,6 +18,8 @@ __all__ = [
     "default_argument_parser",
     "default_setup",
     "setup_logger",
+    "EMAHook",
+    "ModelEMA",
     "CommonMetricPrinter",
     "EventStorage",
     "JSONWriter",

@@ -30,6 +30,7 @@ from tprd.data.loader import skip_train_batches
 from . import comm, hooks
 from .checkpoint import DetectionCheckpointer
 from .defaults import default_argument_parser, default_setup
+from .ema import EMAHook, ModelEMA
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .launch import launch
 from .lr_scheduler import LRMultiplier
@@ -170,19 +171,28 @@ def print_csv_format(results: Mapping[str, Any]) -> None:
             logger.info(f"copypaste: {task}={res}")
 
 
-def do_test(cfg, model) -> Dict[str, Any]:
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+def do_test(cfg, model, ema: Optional[ModelEMA] = None) -> Dict[str, Any]:
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``.
+
+    With ``ema`` the averaged weights are evaluated too and reported under ``ema/`` (``ema/bbox``).
+    """
     if _get(cfg, "dataloader.evaluator") is None or _get(cfg, "dataloader.test") is None:
         logger.warning("No dataloader.test / dataloader.evaluator in the config: skipping evaluation.")
         return {}
     from tprd.evaluation import inference_on_dataset
 
-    loader = instantiate(cfg.dataloader.test)
-    evaluator = instantiate(cfg.dataloader.evaluator)
-    results = inference_on_dataset(model, loader, evaluator)
-    if comm.is_main_process() and results:
-        print_csv_format(results)
-    return results or {}
+    def evaluate() -> Dict[str, Any]:
+        results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+        if comm.is_main_process() and results:
+            print_csv_format(results)
+        return dict(results or {})
+
+    results = evaluate()
+    if ema is not None:
+        logger.info("Evaluating the EMA weights")
+        with ema.applied():
+            results.update({f"ema/{task}": res for task, res in evaluate().items()})
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,13 +217,20 @@ def _amp_dtype(cfg) -> torch.dtype:
     return table[name]
 
 
+def _build_ema(cfg, model) -> Optional[ModelEMA]:
+    ema_cfg = _get(cfg, "train.model_ema", {}) or {}
+    if not ema_cfg.get("enabled", False):
+        return None
+    decay = float(ema_cfg.get("decay", 0.999))
+    logger.info(f"Model EMA enabled (decay {decay}): evaluations also report ema/bbox/...")
+    return ModelEMA(model, decay=decay)
+
+
 def do_train(args, cfg) -> Dict[str, Any]:
     """Build model, optimizer, data, schedule and hooks from ``cfg`` and train.
 
     Returns the last evaluation results (main process; {} elsewhere or without evaluation).
     """
-    if _get(cfg, "train.model_ema.enabled", False):
-        raise NotImplementedError("train.model_ema.enabled=True is not supported by this toolbox yet.")
     check_num_classes(cfg, "train")
     max_iter = int(cfg.train.max_iter)
 
@@ -223,6 +240,7 @@ def do_train(args, cfg) -> Dict[str, Any]:
     # The optimizer config keeps the model object; drop it so the config stays printable.
     cfg.optimizer.params.model = None
     train_loader = instantiate(cfg.dataloader.train)
+    ema = _build_ema(cfg, model)
 
     ddp_cfg = dict(_get(cfg, "train.ddp", {}) or {})
     model = create_ddp_model(
@@ -241,14 +259,17 @@ def do_train(args, cfg) -> Dict[str, Any]:
 
     scheduler = LRMultiplier(optimizer, multiplier=instantiate(cfg.lr_multiplier), max_iter=max_iter)
     output_dir = str(_get(cfg, "train.output_dir", "./output"))
-    checkpointer = DetectionCheckpointer(model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    checkpointer = DetectionCheckpointer(
+        model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
+    )
 
-    eval_hook = hooks.EvalHook(int(_get(cfg, "train.eval_period", 0) or 0), lambda: do_test(cfg, model))
+    eval_hook = hooks.EvalHook(int(_get(cfg, "train.eval_period", 0) or 0), lambda: do_test(cfg, model, ema))
     ckpt_cfg = _get(cfg, "train.checkpointer", {}) or {}
     log_period = int(_get(cfg, "train.log_period", 20) or 20)
     main_hooks = [
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler),
+        EMAHook(ema) if ema is not None else None,  # before the checkpointer and the evaluation
         hooks.PeriodicCheckpointer(
             checkpointer,
             period=int(ckpt_cfg.get("period", 5000)),
@@ -274,6 +295,8 @@ def do_train(args, cfg) -> Dict[str, Any]:
     resuming = resume and checkpointer.has_checkpoint()
     extra = checkpointer.resume_or_load(str(_get(cfg, "train.init_checkpoint", "") or ""), resume=resume)
     start_iter = int(extra.get("iteration", -1)) + 1 if resuming else 0
+    if ema is not None and not ema.loaded:
+        ema.reset()  # the average starts at the loaded (or initial) weights
     if resuming:
         logger.info(f"Resumed at iteration {start_iter} of {max_iter}")
         # continue the data stream where the interrupted run stopped (same seed => same batches)
@@ -291,12 +314,27 @@ def main(args) -> Any:
         check_num_classes(cfg, "test")
         model = build_model(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        checkpointer = DetectionCheckpointer(model, str(_get(cfg, "train.output_dir", "") or ""))
+        ema_cfg = _get(cfg, "train.model_ema", {}) or {}
+        use_ema = bool(ema_cfg.get("enabled", False) and ema_cfg.get("use_ema_weights_for_eval_only", False))
+        ema = ModelEMA(model) if use_ema else None
+        checkpointer = DetectionCheckpointer(model, str(_get(cfg, "train.output_dir", "") or ""), ema=ema)
         init = str(_get(cfg, "train.init_checkpoint", "") or "")
         if not init and not (args.resume and checkpointer.has_checkpoint()):
             logger.warning("--eval-only without train.init_checkpoint: evaluating randomly initialised weights.")
-        checkpointer.resume_or_load(init, resume=args.resume)
-        return do_test(cfg, model)
+        extra = checkpointer.resume_or_load(init, resume=args.resume)
+        if ema is None:
+            return do_test(cfg, model)
+        if "ema" in extra:  # train.init_checkpoint: only the model was loaded by the checkpointer
+            ema.load_state_dict(extra["ema"])
+        if not ema.loaded:
+            raise KeyError(
+                f"train.model_ema.use_ema_weights_for_eval_only=True but the checkpoint "
+                f"({init or 'last checkpoint'}) has no 'ema' entry: it was trained without "
+                "train.model_ema.enabled=True; evaluate its weights without the flag"
+            )
+        logger.info("Evaluating the checkpoint's EMA weights")
+        with ema.applied():
+            return do_test(cfg, model)
     return do_train(args, cfg)
 
 
