@@ -3,10 +3,9 @@
 After every optimizer step ``ema = decay * ema + (1 - decay) * weight`` for every trainable
 parameter and the floating-point buffers of modules with trainable parameters (BatchNorm
 statistics); frozen parts (a distiller's teacher, FrozenBatchNorm, a frozen stem) never change, so
-they are not copied. The average
-lives in :class:`ModelEMA`, is saved in every checkpoint under ``"ema"`` and restored by
-``--resume``; :meth:`ModelEMA.applied` swaps it into the model for an evaluation and swaps the
-trained weights back afterwards.
+they are not copied. The average lives in :class:`ModelEMA`, is saved in every checkpoint under
+``"ema"`` and restored by ``--resume``; :meth:`ModelEMA.applied` swaps it into the model for an
+evaluation and swaps the trained weights back afterwards.
 
 Config (``configs/common/train.py``)::
 
