@@ -279,6 +279,22 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
         assert torch.equal(model.state_dict()[k], t)
 
 
+def uninterrupted_and_resumed(tmp_path, common, interrupt_at):
+    """Train ``common`` once straight through ("ref") and once interrupted at the ``interrupt_at``-th
+    forward and resumed ("cut"). Returns the straight run's evaluation results, both final
+    checkpoints and the resumed run's folder."""
+    ref_out = str(tmp_path / "ref")
+    results = main(make_args(write_config(tmp_path, ref_out), *common))
+    out = str(tmp_path / "cut")
+    cfg = write_config(tmp_path, out)
+    with pytest.raises(KeyboardInterrupt):
+        main(make_args(cfg, *common, f"model.interrupt_at={interrupt_at}"))
+    main(make_args(cfg, *common, resume=True))
+    ref = torch.load(os.path.join(ref_out, "model_final.pth"), weights_only=False)
+    got = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    return results, ref, got, out
+
+
 @pytest.mark.parametrize("names", ["dummy_one", "dummy_a"])
 def test_resume_continues_identically(tmp_path, names):
     # A resumed run reproduces the uninterrupted one exactly (model, optimizer moments, lr schedule,
@@ -287,15 +303,7 @@ def test_resume_continues_identically(tmp_path, names):
     common = ["train.max_iter=10", "train.eval_period=0", "train.checkpointer.period=4",
               f"dataloader.train.dataset.names={names}",
               f"dataloader.train.total_batch_size={1 if names == 'dummy_one' else 4}"]
-    ref_out = str(tmp_path / "ref")
-    main(make_args(write_config(tmp_path, ref_out), *common))
-    out = str(tmp_path / "cut")
-    cfg = write_config(tmp_path, out)
-    with pytest.raises(KeyboardInterrupt):
-        main(make_args(cfg, *common, "model.interrupt_at=6"))
-    main(make_args(cfg, *common, resume=True))
-    ref = torch.load(os.path.join(ref_out, "model_final.pth"), weights_only=False)
-    got = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    _, ref, got, out = uninterrupted_and_resumed(tmp_path, common, interrupt_at=6)
     for k in ref["model"]:
         torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=0, atol=1e-6)
     assert got["scheduler"] == ref["scheduler"]
@@ -680,24 +688,17 @@ def test_model_ema_average_by_hand():
 def test_model_ema_in_training_resume_and_eval_only(tmp_path):
     common = ["train.max_iter=8", "train.eval_period=0", "train.checkpointer.period=4",
               "train.model_ema.enabled=True", "train.model_ema.decay=0.5"]
+    # the uninterrupted run ("ref") and a run killed at iteration 5 and resumed
+    results, ref, got, _ = uninterrupted_and_resumed(tmp_path, common, interrupt_at=6)
+    assert "ema/bbox" in results and "bbox" in results
     ref_out = str(tmp_path / "ref")
     cfg = write_config(tmp_path, ref_out)
-    results = main(make_args(cfg, *common))
-    assert "ema/bbox" in results and "bbox" in results
     final = read_metrics(ref_out)[-1]
     assert "ema/bbox/AP" in final and "bbox/AP" in final
-    ref = torch.load(os.path.join(ref_out, "model_final.pth"), weights_only=False)
     assert set(ref["ema"]) >= {"class_head.weight", "box_head.0.weight"}
     # with decay 0.5 after 8 steps the average lags behind the trained weights
     assert not torch.equal(ref["ema"]["class_head.weight"], ref["model"]["class_head.weight"])
-
     # killed and resumed: the same average as the uninterrupted run
-    out = str(tmp_path / "cut")
-    cut_cfg = write_config(tmp_path, out)
-    with pytest.raises(KeyboardInterrupt):
-        main(make_args(cut_cfg, *common, "model.interrupt_at=6"))
-    main(make_args(cut_cfg, *common, resume=True))
-    got = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
     for k in ref["ema"]:
         torch.testing.assert_close(got["ema"][k], ref["ema"][k], rtol=0, atol=1e-6)
 
