@@ -7,4 +7,5 @@ from .detrex import (  # noqa: F401
     load_torchvision_backbone,
     read_checkpoint,
 )
+from .files import CheckpointFileError, read_weight_file  # noqa: F401
 from .fill import FILL_RULE, fill_state_dict, fill_value  # noqa: F401

@@ -9,13 +9,14 @@ the keys.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .files import CheckpointFileError, read_weight_file
 
 __all__ = ["LoadReport", "CheckpointMismatchError", "read_checkpoint", "load_detrex_checkpoint",
            "load_state_dict_checked", "load_torchvision_backbone"]
@@ -64,25 +65,19 @@ def _to_tensor(value: Any) -> Any:
 
 
 def read_checkpoint(source: StateSource) -> Dict[str, Tensor]:
-    """A flat state dict from a path (``.pkl``: pickle with latin1, numpy -> tensors; otherwise
-    ``torch.load``) or a mapping; a top-level ``"model"`` (or ``"state_dict"``) entry is unwrapped."""
-    if isinstance(source, Mapping):
-        data = source
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=False)
+    """A flat state dict from a path (read by :func:`~tprd.checkpoint.files.read_weight_file`:
+    ``.pkl`` pickles with latin1, numpy -> tensors; otherwise ``torch.load``) or a mapping; a top-level ``"model"`` (or ``"state_dict"``) entry is unwrapped."""
+    data = source if isinstance(source, Mapping) else read_weight_file(source)
     for wrapper in ("model", "state_dict"):
         if isinstance(data, Mapping) and wrapper in data and isinstance(data[wrapper], Mapping):
             data = data[wrapper]
             break
     if not isinstance(data, Mapping):
-        raise TypeError(f"checkpoint {source!r} does not hold a state dict (got {type(data).__name__})")
+        raise CheckpointFileError(
+            f"checkpoint {source if not isinstance(source, Mapping) else '<mapping>'}: its 'model' entry "
+            f"is a {type(data).__name__}, not a state dict",
+            "" if isinstance(source, Mapping) else os.fspath(source),
+        )
     converted = {k: _to_tensor(v) for k, v in data.items()}
     return {k: v for k, v in converted.items() if isinstance(v, Tensor)}
 

@@ -7,7 +7,8 @@
   the same way. A Ctrl-C or kill at any moment leaves either the old or the new file, never a
   truncated one, and ``last_checkpoint`` only ever names a complete file;
 * saving only on the main process (all processes may call :meth:`save`);
-* reading ``.pkl`` files (pickled state dicts, numpy arrays) next to torch files;
+* reading ``.pkl`` files (pickled state dicts, numpy arrays) next to torch files, through
+  :func:`tprd.checkpoint.read_weight_file` (a file that is not a checkpoint is a clear error);
 * :meth:`resume_or_load`: resume = the newest checkpoint of the output folder with optimizer,
   scheduler, grad scaler and iteration; otherwise ``train.init_checkpoint`` into the model only,
   non-strictly, with a report of missing / unexpected / mis-shaped keys. Official detrex
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -133,30 +133,15 @@ class DetectionCheckpointer(Checkpointer):
 
     # ---------------------------------------------------------------------------- loading
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith(".pkl"):
-            with open(filename, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-            if isinstance(data, dict) and "model" in data:
-                data = dict(data)
-            else:
-                data = {"model": data}
-            data["model"] = {
-                k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in data["model"].items()
-            }
-            return data
-        try:
-            data = torch.load(filename, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Checkpoints written by other tools may hold plain Python objects besides tensors.
-            self.logger.info(f"{filename} holds non-tensor objects; loading it with weights_only=False.")
-            data = torch.load(filename, map_location="cpu", weights_only=False)
-        if not isinstance(data, dict):
-            raise ValueError(f"Checkpoint {filename} holds a {type(data).__name__}, expected a dict.")
+        """``{"model": state dict, ...}`` from any weight file (see
+        :func:`tprd.checkpoint.read_weight_file`); a bare state dict or ``{"state_dict": ...}`` is
+        wrapped, numpy arrays (``.pkl``) become tensors."""
+        from tprd.checkpoint import read_weight_file
+
+        data = dict(read_weight_file(filename))
         if "model" not in data:
-            if "state_dict" in data and isinstance(data["state_dict"], dict):
-                data = {"model": data["state_dict"]}
-            else:
-                data = {"model": data}
+            data = {"model": data["state_dict"] if isinstance(data.get("state_dict"), dict) else data}
+        data["model"] = {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in data["model"].items()}
         return data
 
     def load(self, path: str, checkpointables=None) -> Dict[str, Any]:
