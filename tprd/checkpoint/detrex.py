@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from .files import CheckpointFileError, read_weight_file
 
 __all__ = ["LoadReport", "CheckpointMismatchError", "read_checkpoint", "load_detrex_checkpoint",
-           "load_state_dict_checked", "load_torchvision_backbone"]
+           "compare_state_dict", "load_state_dict_checked", "load_torchvision_backbone"]
 
 StateSource = Union[str, os.PathLike, Mapping[str, Any]]
 
 
-class CheckpointMismatchError(RuntimeError):
-    """Keys or shapes of a checkpoint do not match the model."""
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """Keys or shapes of a checkpoint do not match the model (a ``ValueError`` and, as before, a
+    ``RuntimeError``)."""
 
 
 @dataclass
@@ -82,9 +83,10 @@ def read_checkpoint(source: StateSource) -> Dict[str, Tensor]:
     return {k: v for k, v in converted.items() if isinstance(v, Tensor)}
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
-                            source: str = "") -> LoadReport:
-    """Load ``state_dict`` into ``module`` key by key, reporting; ``strict``: raise on any mismatch."""
+def compare_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor],
+                       source: str = "") -> Tuple[LoadReport, Dict[str, Tensor]]:
+    """What loading ``state_dict`` into ``module`` would do, without loading: the report and the
+    loadable entries (present in both, same shape)."""
     own = module.state_dict()
     report = LoadReport(source=source)
     report.missing = [k for k in own if k not in state_dict]
@@ -98,6 +100,13 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
             continue
         loadable[k] = v
         report.matched.append(k)
+    return report, loadable
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
+                            source: str = "") -> LoadReport:
+    """Load ``state_dict`` into ``module`` key by key, reporting; ``strict``: raise on any mismatch."""
+    report, loadable = compare_state_dict(module, state_dict, source)
     if strict and not report.ok:
         raise CheckpointMismatchError(
             report.summary()

@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Mapping, Tuple, Union
 
 import torch
 
-__all__ = ["CheckpointFileError", "read_weight_file"]
+__all__ = ["CheckpointFileError", "read_weight_file", "check_weight_file"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,3 +110,24 @@ def read_weight_file(path: PathLike) -> Mapping[str, Any]:
         f"{_reason(first_error, head)}); {_EXPECTED}",
         path,
     )
+
+
+def check_weight_file(path: PathLike) -> None:
+    """A quick look at ``path`` before a run sets anything up: the errors of
+    :func:`read_weight_file` for a missing, empty or non-checkpoint file or a truncated zip archive,
+    without reading the weights (only a file that is neither a zip archive nor a binary pickle is
+    read in full, which fails at once for a text file)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        read_weight_file(path)  # raises the missing / folder / empty error
+    head = _head(path)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            size = os.path.getsize(path)
+            raise CheckpointFileError(
+                f"{path} is not a PyTorch checkpoint or pickle (starts with {head!r}, {size} bytes; "
+                f"{_reason(RuntimeError('no end of zip archive'), head)}); {_EXPECTED}",
+                path,
+            )
+    elif not head.startswith(b"\x80"):
+        read_weight_file(path)
