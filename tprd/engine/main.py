@@ -7,7 +7,9 @@
 
 ``main(args)`` runs in every process: load the config, apply the overrides, set up the run, then
 either evaluate (``--eval-only``: weights from ``train.init_checkpoint``, or the newest checkpoint
-of ``train.output_dir`` with ``--resume``) or train (``do_train``). ``run()`` parses the command line
+of ``train.output_dir`` with ``--resume``; output into a fresh ``eval_<checkpoint name>`` folder
+next to the checkpoint unless ``train.output_dir`` is on the command line, see
+:func:`eval_only_output_dir`) or train (``do_train``). ``run()`` parses the command line
 and starts ``main`` through :func:`tprd.engine.launch.launch`.
 
 Config fields read (detrex layout): ``model``, ``optimizer`` (its ``params.model`` is set to the
