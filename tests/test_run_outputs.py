@@ -1,7 +1,8 @@
 """What a run leaves in its folders and shows on the terminal (the dummy detector of test_engine.py).
 
 * leftovers of checkpoint writes killed by SIGKILL are removed when a run starts or resumes;
-* checkpoints get the umask's permissions (0644 under umask 022), not tempfile's 0600;
+* checkpoints and generated datasets get the umask's permissions (0644 / 0755 under umask 022),
+  not tempfile's 0600 / 0700;
 * ``--eval-only`` writes next to the evaluated checkpoint (``eval_<name>``, ``-2`` ...), never over
   an earlier result, or into ``train.output_dir`` when that is given on the command line;
 * ``--resume`` of a finished run logs no training line without values;
@@ -72,6 +73,18 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path, umask, mode):
     for name in ("model_0000000.pth", "last_checkpoint"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
+
+
+def test_generated_dataset_permissions_follow_the_umask(tmp_path):
+    from tprd.data.synthetic import generate_synthetic_dataset
+
+    old = os.umask(0o022)
+    try:
+        generate_synthetic_dataset(tmp_path / "synthetic", num_train=1, num_val=1, image_size=(32, 32))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "synthetic").stat().st_mode & 0o777 == 0o755  # readable by others, not 0700
+    assert (tmp_path / "synthetic" / "annotations" / "instances_val.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_two_eval_only_runs_keep_both_results(tmp_path):

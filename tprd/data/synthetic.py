@@ -45,8 +45,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -409,6 +409,18 @@ def _check_args(num_train: int, num_val: int, seed: int, image_size: Sequence[in
         raise ValueError("max_objects must be >= 1")
 
 
+def _new_sibling_dir(root: Path) -> Path:
+    """A new hidden folder next to ``root`` with the umask's permissions (``mkdtemp`` gives 0700,
+    which the renamed dataset would keep)."""
+    while True:
+        tmp = root.parent / f".{root.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
 def generate_synthetic_dataset(
     root: _PathLike,
     num_train: int = 64,
@@ -446,7 +458,7 @@ def generate_synthetic_dataset(
         )
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = _new_sibling_dir(root)
     try:
         meta = _generate_into(tmp, params)
         try:
