@@ -118,6 +118,18 @@ def test_two_eval_only_runs_keep_both_results(tmp_path):
     assert (out / "eval_model_final-3" / "log.txt").is_file()
 
 
+def test_eval_only_on_two_processes_shares_one_fresh_folder(tmp_path):
+    from tprd.engine.launch import launch
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, str(out))
+    main(make_args(cfg, "train.max_iter=2", "train.eval_period=0"))
+    args = make_args(cfg, f"train.init_checkpoint={out / 'model_final.pth'}", eval_only=True, num_gpus=2)
+    launch(main, 2, args=(args,))
+    assert {"log.txt", "log.txt.rank1"} <= {p.name for p in (out / "eval_model_final").iterdir()}
+    assert not (out / "eval_model_final-2").exists()  # the second process did not pick its own
+
+
 def test_resuming_a_finished_run_only_evaluates(tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path, str(out))
