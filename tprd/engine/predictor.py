@@ -1,0 +1,123 @@
+"""Inference outside the training loop: the detector of a config, its weights, one image at a time.
+
+Used by ``demo/demo.py``, ``tools/analyze_model.py`` and ``tools/export_onnx.py``. A distillation
+config (``model`` is a :class:`~tprd.distill.Distiller` node with ``student`` and ``teacher``) gives
+its student by default (``part="teacher"`` for the teacher); a detector config gives its model.
+Weights come from a plain detector checkpoint or a distillation checkpoint (the ``student.*`` /
+``teacher.*`` part is taken), in our naming or detrex's, and load strictly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tprd.config import instantiate
+
+__all__ = ["detector_config", "is_distillation_config", "build_detector", "load_detector_weights",
+           "class_names", "Predictor"]
+
+logger = logging.getLogger("tprd.engine")
+
+
+def is_distillation_config(cfg) -> bool:
+    """``cfg.model`` holds a student and a teacher (a Distiller)."""
+    model = cfg.model
+    return "student" in model and "teacher" in model
+
+
+def detector_config(cfg, part: str = "student"):
+    """The config node of the detector to run: ``cfg.model.<part>`` of a distillation config, else
+    ``cfg.model`` (``part`` must then be ``"student"``, i.e. "the model")."""
+    if part not in ("student", "teacher"):
+        raise ValueError(f"part must be 'student' or 'teacher', got {part!r}")
+    if is_distillation_config(cfg):
+        return cfg.model[part]
+    if part == "teacher":
+        raise ValueError("this config is a plain detector (cfg.model has no teacher); use a distillation config "
+                         "for the teacher")
+    return cfg.model
+
+
+def build_detector(cfg, part: str = "student", device: Optional[str] = None) -> nn.Module:
+    """Instantiate :func:`detector_config` on ``device`` (default ``train.device``), in eval mode."""
+    from .main import _device
+
+    node = detector_config(cfg, part)
+    dev = torch.device(device) if device else _device(cfg)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {dev} requested but CUDA is not available; pass train.device=cpu")
+    return instantiate(node).to(dev).eval()
+
+
+def load_detector_weights(model: nn.Module, path: str, part: str = "student") -> None:
+    """Load ``path`` into the detector ``model`` strictly: a plain detector checkpoint (ours or detrex)
+    or the ``<part>.*`` weights of a distillation checkpoint. Raises naming the file and the fix."""
+    from tprd.checkpoint import load_state_dict_checked, read_checkpoint
+    from tprd.checkpoint.student import is_detrex_naming
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass train.init_checkpoint=<model .pth file>")
+    weights = read_checkpoint(path)
+    prefix = f"{part}."
+    if any(k.startswith(("student.", "teacher.")) for k in weights):
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"checkpoint {path!r} is a distillation checkpoint without '{prefix}*' keys")
+    if is_detrex_naming(weights):
+        weights = type(model).convert_detrex_state_dict(weights)
+    report = load_state_dict_checked(model, weights, strict=True, source=path)
+    logger.info(report.summary())
+
+
+def class_names(cfg, num_classes: Optional[int] = None) -> List[str]:
+    """``thing_classes`` of the config's test dataset (the first name), else ``class 0 ..``."""
+    try:
+        from tprd.data import MetadataCatalog
+
+        names = cfg.dataloader.test.dataset.names
+        name = names if isinstance(names, str) else list(names)[0]
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes:
+            return list(classes)
+    except Exception:  # no test dataset in the config: numbered classes
+        pass
+    return [f"class {i}" for i in range(int(num_classes or 0))]
+
+
+class Predictor:
+    """``predictor(image)`` -> ``{"boxes" [N,4] xyxy pixels of the original image, "scores" [N],
+    "labels" [N]}`` for one uint8 ``[3,H,W]`` RGB image or an image path, through the config's test
+    resize (``dataloader.test.mapper``) and the detector in eval mode."""
+
+    def __init__(self, cfg, model: nn.Module):
+        self.cfg = cfg
+        self.model = model.eval()
+        self.mapper = instantiate(cfg.dataloader.test.mapper) if "dataloader" in cfg else None
+
+    def prepare(self, image: Any) -> Dict[str, Any]:
+        """The model input of one image (a path or a uint8 ``[3,H,W]`` tensor)."""
+        from tprd.data.datasets import read_image
+
+        if not isinstance(image, Tensor):
+            path = str(image)
+            image = read_image(path)
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        resize = getattr(self.mapper, "transform", None)
+        if resize is not None:
+            from torchvision import tv_tensors
+
+            image = resize(tv_tensors.Image(image)).as_subclass(Tensor).contiguous()
+        return {"image": image, "height": h, "width": w}
+
+    @torch.no_grad()
+    def __call__(self, image: Any) -> Dict[str, Tensor]:
+        out = self.model([self.prepare(image)])[0]
+        return {k: v.cpu() for k, v in out.items()}
+
+    @torch.no_grad()
+    def batch(self, images: Sequence[Any]) -> List[Dict[str, Tensor]]:
+        return [{k: v.cpu() for k, v in o.items()} for o in self.model([self.prepare(i) for i in images])]
