@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tprd.config import instantiate
 
 __all__ = ["detector_config", "is_distillation_config", "build_detector", "load_detector_weights",
-           "class_names", "Predictor"]
+           "class_names", "Predictor", "TensorDetector"]
 
 logger = logging.getLogger("tprd.engine")
 
@@ -121,3 +121,30 @@ class Predictor:
     @torch.no_grad()
     def batch(self, images: Sequence[Any]) -> List[Dict[str, Tensor]]:
         return [{k: v.cpu() for k, v in o.items()} for o in self.model([self.prepare(i) for i in images])]
+
+
+class TensorDetector(nn.Module):
+    """A detector as a function of one image tensor, for tracing (FLOP counts, ONNX export).
+
+    ``forward(images)``: ``images [B,3,H,W]`` float RGB in 0..255, all of one size (no padding) ->
+    ``scores [B,Q,C]`` (sigmoid class scores of the final stage) and ``boxes [B,Q,4]`` (its boxes,
+    ``x0, y0, x1, y1`` in pixels of ``images``). Top-k selection and thresholds stay outside.
+    """
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+        self.eval()  # the wrapper too: exporters restore the wrapper's mode, recursively
+
+    def forward(self, images: Tensor):
+        from tprd.layers.box_ops import box_cxcywh_to_xyxy
+        from tprd.modeling.outputs import ImageBatch
+
+        det = self.detector
+        h, w = images.shape[-2], images.shape[-1]
+        normed = (images - det.pixel_mean) / det.pixel_std
+        mask = torch.zeros_like(normed[:, 0], dtype=torch.bool)
+        batch = ImageBatch(tensor=normed, mask=mask, image_sizes=[(int(h), int(w))] * int(images.shape[0]))
+        main = det.forward_outputs(batch).main
+        scale = torch.stack([w, h, w, h]).to(normed) if isinstance(w, Tensor) else normed.new_tensor([w, h, w, h])
+        return main.logits[-1].sigmoid(), box_cxcywh_to_xyxy(main.boxes[-1]) * scale
