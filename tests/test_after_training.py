@@ -304,3 +304,40 @@ def test_onnx_export_matches_pytorch(distilled, tmp_path):
         assert scores.shape == tuple(ref_scores.shape) and boxes.shape == tuple(ref_boxes.shape)
         torch.testing.assert_close(torch.from_numpy(scores), ref_scores, rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, rtol=0, atol=1e-3)  # pixels
+
+
+def test_flop_rule_is_the_same_for_a_custom_deformable_attention_function():
+    """A deformable-attention kernel run as a custom autograd Function (an op fvcore does not
+    know) is counted with the same rule as the grid_sample path."""
+    from tprd.layers import ms_deform_attn as msda
+
+    spec = importlib.util.spec_from_file_location("analyze_model", REPO / "tools/analyze_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class MSDAFunctionForTest(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, shapes, starts, locations, weights):
+            return msda.msda_pytorch(value, shapes, starts, locations, weights)
+
+    torch.manual_seed(0)
+    detector = build_detector(load_config(DETECTOR, ["model.num_queries=10", "model.select_box_nums_for_evaluation=10"]),
+                              device="cpu")
+    images = torch.rand(1, 3, 64, 96) * 255
+
+    def sampling_flops():
+        by_op = module.count_flops(detector, images).by_operator()
+        return sum(v for k, v in by_op.items() if k == "grid_sampler" or module.is_msda_op(k)), by_op
+
+    reference, _ = sampling_flops()
+    msda.register_msda_backend("function_for_test", lambda *a: MSDAFunctionForTest.apply(*a), cuda_only=False)
+    previous = msda.get_msda_backend()
+    msda.set_msda_backend("function_for_test")
+    try:
+        custom, by_op = sampling_flops()
+    finally:
+        msda.set_msda_backend(previous)
+        msda._BACKENDS.pop("function_for_test")
+    assert "grid_sampler" not in by_op and any(module.is_msda_op(k) for k in by_op)
+    # 2 encoder layers over 128 tokens, 2 decoder layers of 10 queries; 4 heads of 32 channels
+    assert custom == reference == 4 * (2 * 128 + 2 * 10) * 4 * 4 * 4 * 32

@@ -95,8 +95,10 @@ def sdpa_flops(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 def is_msda_op(name: str) -> bool:
+    """A custom autograd Function of deformable attention: ``[prim::]PythonOp.<name with MSDA or
+    Deform>`` (fvcore drops the ``prim::`` prefix in its per-operator counts)."""
     lowered = name.lower()
-    return name.startswith("prim::PythonOp") and ("deform" in lowered or "msda" in lowered)
+    return name.split("::")[-1].startswith("PythonOp") and ("deform" in lowered or "msda" in lowered)
 
 
 def count_flops(detector, images):
