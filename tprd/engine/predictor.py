@@ -96,7 +96,9 @@ class Predictor:
     def __init__(self, cfg, model: nn.Module):
         self.cfg = cfg
         self.model = model.eval()
-        self.mapper = instantiate(cfg.dataloader.test.mapper) if "dataloader" in cfg else None
+        test = cfg.dataloader.get("test") if "dataloader" in cfg else None
+        mapper = test.get("mapper") if test is not None else None
+        self.mapper = instantiate(mapper) if mapper is not None else None  # None: images as they are
 
     def prepare(self, image: Any) -> Dict[str, Any]:
         """The model input of one image (a path or a uint8 ``[3,H,W]`` tensor)."""
