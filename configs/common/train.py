@@ -2,9 +2,13 @@
 # command line, e.g. `train.max_iter=1000 train.output_dir=./output/run1 train.device=cpu`.
 train = dict(
     output_dir="./output",
-    # weights loaded into the model before training (non-strict, reported) unless --resume finds
-    # a checkpoint in output_dir; a detrex checkpoint of a plain detector is converted on load
+    # weights loaded into the model before training unless --resume finds a checkpoint in
+    # output_dir (a partial load is reported; README "detrex workflow"); --eval-only loads strictly.
+    # A detrex checkpoint of a plain detector is converted on load
     init_checkpoint="",
+    # fine-tuning from a detector of another class count: leave the class heads (class_embed,
+    # DINO's label_enc) as initialised instead of refusing their shape mismatch
+    init_skip_class_heads=False,
     max_iter=90000,
     # mixed precision: dtype "float16" (with a GradScaler) or "bfloat16"
     amp=dict(enabled=False, dtype="float16"),

@@ -9,7 +9,6 @@ the keys.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
@@ -17,14 +16,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .files import CheckpointFileError, read_weight_file
+
 __all__ = ["LoadReport", "CheckpointMismatchError", "read_checkpoint", "load_detrex_checkpoint",
-           "load_state_dict_checked", "load_torchvision_backbone"]
+           "compare_state_dict", "load_state_dict_checked", "load_torchvision_backbone"]
 
 StateSource = Union[str, os.PathLike, Mapping[str, Any]]
 
 
-class CheckpointMismatchError(RuntimeError):
-    """Keys or shapes of a checkpoint do not match the model."""
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """Keys or shapes of a checkpoint do not match the model (a ``ValueError`` and, as before, a
+    ``RuntimeError``)."""
 
 
 @dataclass
@@ -64,32 +66,27 @@ def _to_tensor(value: Any) -> Any:
 
 
 def read_checkpoint(source: StateSource) -> Dict[str, Tensor]:
-    """A flat state dict from a path (``.pkl``: pickle with latin1, numpy -> tensors; otherwise
-    ``torch.load``) or a mapping; a top-level ``"model"`` (or ``"state_dict"``) entry is unwrapped."""
-    if isinstance(source, Mapping):
-        data = source
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=False)
+    """A flat state dict from a path (read by :func:`~tprd.checkpoint.files.read_weight_file`:
+    ``.pkl`` pickles with latin1, numpy -> tensors; otherwise ``torch.load``) or a mapping; a top-level ``"model"`` (or ``"state_dict"``) entry is unwrapped."""
+    data = source if isinstance(source, Mapping) else read_weight_file(source)
     for wrapper in ("model", "state_dict"):
         if isinstance(data, Mapping) and wrapper in data and isinstance(data[wrapper], Mapping):
             data = data[wrapper]
             break
     if not isinstance(data, Mapping):
-        raise TypeError(f"checkpoint {source!r} does not hold a state dict (got {type(data).__name__})")
+        raise CheckpointFileError(
+            f"checkpoint {source if not isinstance(source, Mapping) else '<mapping>'}: its 'model' entry "
+            f"is a {type(data).__name__}, not a state dict",
+            "" if isinstance(source, Mapping) else os.fspath(source),
+        )
     converted = {k: _to_tensor(v) for k, v in data.items()}
     return {k: v for k, v in converted.items() if isinstance(v, Tensor)}
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
-                            source: str = "") -> LoadReport:
-    """Load ``state_dict`` into ``module`` key by key, reporting; ``strict``: raise on any mismatch."""
+def compare_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor],
+                       source: str = "") -> Tuple[LoadReport, Dict[str, Tensor]]:
+    """What loading ``state_dict`` into ``module`` would do, without loading: the report and the
+    loadable entries (present in both, same shape)."""
     own = module.state_dict()
     report = LoadReport(source=source)
     report.missing = [k for k in own if k not in state_dict]
@@ -103,6 +100,13 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
             continue
         loadable[k] = v
         report.matched.append(k)
+    return report, loadable
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
+                            source: str = "") -> LoadReport:
+    """Load ``state_dict`` into ``module`` key by key, reporting; ``strict``: raise on any mismatch."""
+    report, loadable = compare_state_dict(module, state_dict, source)
     if strict and not report.ok:
         raise CheckpointMismatchError(
             report.summary()

@@ -15,48 +15,25 @@ Unlike the reference, the un-prefixed student keys are not duplicated and every 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .detrex import read_checkpoint
 from ..modeling.backbone import ResNet, torchvision_to_detectron2_resnet_keys
 
 StateDict = Dict[str, Tensor]
 
 
 def load_state_dict_file(path: Union[str, os.PathLike]) -> StateDict:
-    """Read a checkpoint file: ``.pkl`` (detectron2 pickles, latin1, numpy arrays) or a torch file.
-
-    A top-level ``"model"`` (or ``"state_dict"``) entry is unwrapped; numpy arrays become tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".pkl":
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(data, Mapping):
-        for wrapper in ("model", "state_dict"):
-            if wrapper in data and isinstance(data[wrapper], Mapping):
-                data = data[wrapper]
-                break
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(data).__name__}")
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, np.ndarray):
-            v = torch.from_numpy(v)
-        if isinstance(v, Tensor):
-            out[k] = v
-    return out
+    """Read a checkpoint file (``.pkl``: detectron2 pickle, latin1, numpy arrays; otherwise torch)
+    into a flat state dict of tensors; a top-level ``"model"`` (or ``"state_dict"``) entry is
+    unwrapped. A file that is not a checkpoint raises :class:`~tprd.checkpoint.CheckpointFileError`."""
+    return read_checkpoint(path)
 
 
 @dataclass

@@ -461,6 +461,37 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def _is_quoted(text: str) -> bool:
+    stripped = text.strip()
+    return len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\""
+
+
+def _type_error(current: Any, value: Any, value_text: str) -> Optional[str]:
+    """Why ``value`` (parsed from ``value_text``) cannot replace ``current``, or None when it can.
+
+    Checked: a number (int or float accepted; an int key also takes a float such as ``1e4``), a
+    bool and a list (or tuple; a list of strings also takes one string). Free: strings, ``None`` either way, mappings and objects,
+    interpolations (``${...}``) and values the user quoted deliberately (``'12'``).
+    """
+    if value is None or current is None or _is_quoted(value_text):
+        return None
+    if isinstance(value, str) and value.strip().startswith("${"):
+        return None
+    if isinstance(current, bool):
+        return None if isinstance(value, bool) else "a bool (True or False)"
+    if isinstance(current, int):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "an int"
+    if isinstance(current, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number (float)"
+    if isinstance(current, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return None
+        if isinstance(value, str) and current and all(isinstance(v, str) for v in current):
+            return None  # one name where the config lists names (dataset.names=voc_2007_test)
+        return "a list, e.g. [1, 2]"
+    return None
+
+
 def _iter_paths(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
     """Yield ``(dotted_path, value)`` for every node of a plain container, parents first."""
     if isinstance(node, abc.Mapping):
@@ -552,7 +583,10 @@ class LazyConfig:
         Values are Python literals (``ast.literal_eval``: ``1``, ``1e-4``, ``[1, 2]``, ``None``,
         ``True``, ``'a b'``); ``true``/``false``/``null`` are accepted too; anything else is kept
         as a string. The key must already exist; ``+key=value`` adds a new key under an existing
-        mapping.
+        mapping. Where the config holds a number, a bool or a list, the value must be one too
+        (``train.max_iter=abc`` is a :class:`ConfigOverrideError`: ``expected an int (current value
+        600)``), so a wrong value fails here, before anything is built; strings, ``None``, quoted
+        values and ``+key=`` additions are free.
         """
         if isinstance(overrides, str):
             overrides = [overrides]
@@ -574,7 +608,12 @@ class LazyConfig:
         value = _parse_value(value_text)
         parts = key.split(".")
         plain = OmegaConf.to_container(cfg, resolve=False)
-        exists, _ = _lookup(plain, parts)
+        exists, current = _lookup(plain, parts)
+        expected = _type_error(current, value, value_text) if exists else None
+        if expected:
+            raise ConfigOverrideError(
+                f"{key}={value_text}: expected {expected} (current value {current!r})"
+            )
         if not exists:
             parent_exists, parent = _lookup(plain, parts[:-1])
             if add:

@@ -286,9 +286,11 @@ class Distiller(nn.Module):
         parts = self.split_state_dict(state_dict)
         if not parts["student"] and not parts["teacher"]:
             sample = ", ".join(list(state_dict)[:5])
-            raise ValueError(
+            from tprd.checkpoint import CheckpointMismatchError, describe_state_dict
+
+            raise CheckpointMismatchError(
                 "this checkpoint has no 'student.'/'teacher.' keys, so it is not a distillation init file "
-                f"(first keys: {sample}). Build one with merge_weight.py --input1 <student backbone> "
+                f"(first keys: {sample}; it looks like {describe_state_dict(state_dict)}). Build one with merge_weight.py --input1 <student backbone> "
                 "--input2 <teacher checkpoint> and pass it as train.init_checkpoint"
             )
         out: Dict[str, Tensor] = {}
@@ -301,7 +303,9 @@ class Distiller(nn.Module):
         out.update({f"methods.{k}": v for k, v in parts["methods"].items()})
         missing_teacher = self._missing(out, "teacher")
         if missing_teacher:
-            raise ValueError(self._teacher_missing_message(missing_teacher))
+            from tprd.checkpoint import CheckpointMismatchError
+
+            raise CheckpointMismatchError(self._teacher_missing_message(missing_teacher))
         return out
 
     def _is_native(self, state_dict: Mapping[str, Tensor]) -> bool:
@@ -324,7 +328,9 @@ class Distiller(nn.Module):
         student_missing = self._missing(converted, "student")
         backbone_missing = [k for k in student_missing if _is_backbone_key(k)]
         if backbone_missing:
-            raise ValueError(
+            from tprd.checkpoint import CheckpointMismatchError
+
+            raise CheckpointMismatchError(
                 f"the init checkpoint leaves {len(backbone_missing)} student backbone keys missing, e.g. "
                 f"{backbone_missing[:5]}; build it with merge_weight.py from an ImageNet ResNet of the student's depth"
             )
@@ -347,10 +353,11 @@ class Distiller(nn.Module):
     def load_init_checkpoint(self, checkpoint: Union[str, os.PathLike, Mapping[str, Tensor]]) -> Dict[str, List[str]]:
         """Load a merged init file (path or state dict) with the distillation policy:
 
-        * teacher: every key must load (``ValueError`` listing the missing ones otherwise);
-        * student backbone: every key must load (``ValueError``; the merged file always has it);
+        * teacher: every key must load (``CheckpointMismatchError``, a ``ValueError``, listing the
+          missing ones otherwise);
+        * student backbone: every key must load (same error; the merged file always has it);
         * student, other keys: may be missing (freshly initialised parts), reported;
-        * shape mismatches anywhere: ``ValueError`` naming key and shapes.
+        * shape mismatches anywhere: the same error naming key and shapes.
 
         Returns the report ``{"student_missing", "methods_missing", "unexpected", "dropped"}``.
         """
@@ -369,7 +376,9 @@ class Distiller(nn.Module):
             if k in own and tuple(v.shape) != tuple(own[k].shape)
         ]
         if mismatched:
-            raise ValueError("init checkpoint shapes do not match the model:\n  " + "\n  ".join(mismatched))
+            from tprd.checkpoint import CheckpointMismatchError
+
+            raise CheckpointMismatchError("init checkpoint shapes do not match the model:\n  " + "\n  ".join(mismatched))
         student_missing = self._check_student_backbone(converted)
         incompatible = self.load_state_dict(converted, strict=False)
         report = {

@@ -7,18 +7,17 @@
   the same way. A Ctrl-C or kill at any moment leaves either the old or the new file, never a
   truncated one, and ``last_checkpoint`` only ever names a complete file;
 * saving only on the main process (all processes may call :meth:`save`);
-* reading ``.pkl`` files (pickled state dicts, numpy arrays) next to torch files;
+* reading ``.pkl`` files (pickled state dicts, numpy arrays) next to torch files, through
+  :func:`tprd.checkpoint.read_weight_file` (a file that is not a checkpoint is a clear error);
 * :meth:`resume_or_load`: resume = the newest checkpoint of the output folder with optimizer,
   scheduler, grad scaler and iteration; otherwise ``train.init_checkpoint`` into the model only,
-  non-strictly, with a report of missing / unexpected / mis-shaped keys. Official detrex
-  checkpoints of a plain detector (a model with ``convert_detrex_state_dict``) go through
-  :func:`tprd.checkpoint.load_detrex_checkpoint`.
+  through :func:`tprd.checkpoint.load_init_state_dict` (its own, detrex or backbone-only key names;
+  strict for evaluation, a checked and reported partial load for training).
 """
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -133,30 +132,15 @@ class DetectionCheckpointer(Checkpointer):
 
     # ---------------------------------------------------------------------------- loading
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith(".pkl"):
-            with open(filename, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-            if isinstance(data, dict) and "model" in data:
-                data = dict(data)
-            else:
-                data = {"model": data}
-            data["model"] = {
-                k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in data["model"].items()
-            }
-            return data
-        try:
-            data = torch.load(filename, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Checkpoints written by other tools may hold plain Python objects besides tensors.
-            self.logger.info(f"{filename} holds non-tensor objects; loading it with weights_only=False.")
-            data = torch.load(filename, map_location="cpu", weights_only=False)
-        if not isinstance(data, dict):
-            raise ValueError(f"Checkpoint {filename} holds a {type(data).__name__}, expected a dict.")
+        """``{"model": state dict, ...}`` from any weight file (see
+        :func:`tprd.checkpoint.read_weight_file`); a bare state dict or ``{"state_dict": ...}`` is
+        wrapped, numpy arrays (``.pkl``) become tensors."""
+        from tprd.checkpoint import read_weight_file
+
+        data = dict(read_weight_file(filename))
         if "model" not in data:
-            if "state_dict" in data and isinstance(data["state_dict"], dict):
-                data = {"model": data["state_dict"]}
-            else:
-                data = {"model": data}
+            data = {"model": data["state_dict"] if isinstance(data.get("state_dict"), dict) else data}
+        data["model"] = {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in data["model"].items()}
         return data
 
     def load(self, path: str, checkpointables=None) -> Dict[str, Any]:
@@ -173,10 +157,18 @@ class DetectionCheckpointer(Checkpointer):
             model = model.module
         return model
 
-    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+    def resume_or_load(self, path: str, *, resume: bool = True, strict: bool = False, config_file: str = "",
+                       skip_class_heads: bool = False) -> Dict[str, Any]:
         """Resume from the newest checkpoint of ``save_dir`` (``resume=True`` and one exists:
         model, checkpointables and extra data such as ``iteration``), or else load ``path`` into
-        the model only (non-strict, reported). Returns the extra data of the checkpoint."""
+        the model only. Returns the extra data of the checkpoint.
+
+        ``path`` loads with :func:`tprd.checkpoint.load_init_state_dict`: ``strict=True`` (evaluation)
+        refuses missing model keys and shape mismatches; otherwise (training init) partial loads are
+        reported in one line and refused under 10 % loaded or on shape mismatches (class heads of
+        another class count load fresh with ``skip_class_heads``). ``config_file`` is named in the
+        errors. Models with their own ``load_init_checkpoint`` (the Distiller) apply their policy.
+        """
         if resume and self.has_checkpoint():
             latest = self.get_checkpoint_file()
             self.logger.info(f"Resuming from {latest}")
@@ -186,64 +178,45 @@ class DetectionCheckpointer(Checkpointer):
         if not path:
             self.logger.info("No checkpoint given (train.init_checkpoint is empty): training from scratch.")
             return {}
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"train.init_checkpoint {path!r} does not exist.")
+        from tprd.checkpoint import load_init_state_dict, read_checkpoint
+
         model = self._unwrapped_model()
         if hasattr(model, "load_init_checkpoint"):
             # Models with their own loading policy (the Distiller: teacher complete, student
             # backbone complete, the rest of the student may be fresh) load the file themselves.
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"train.init_checkpoint {path!r} does not exist.")
             self.logger.info(f"Loading {path} with {type(model).__name__}.load_init_checkpoint")
-            model.load_init_checkpoint(path)
-            return {}
-        if self._load_renamed(path):
-            return {}
-        return self.load(path, checkpointables=[])
+            from tprd.checkpoint import CheckpointMismatchError
 
-    def _load_renamed(self, path: str) -> bool:
-        """Load ``path`` under other key names when that fits the model better than its own names.
-
-        Candidates, besides the file's own names (loaded by fvcore): the model's
-        ``convert_detrex_state_dict`` (official detrex checkpoints of a plain detector), and for
-        models with a ``backbone``: the keys prefixed with ``backbone.`` (an ImageNet ResNet file
-        from torchvision, ``fc.*`` dropped), also through the converter (detectron2's ``R-50.pkl``).
-        The candidate matching the most model keys wins; ties keep the file's own names, so a
-        checkpoint written by this toolbox always loads as it is. Returns False for "own names".
-        """
-        if not os.path.isfile(path):
-            return False
-        model = self._unwrapped_model()
-        convert = getattr(model, "convert_detrex_state_dict", None)
-        has_backbone = isinstance(getattr(model, "backbone", None), torch.nn.Module)
-        if convert is None and not has_backbone:
-            return False
-        from tprd.checkpoint import load_state_dict_checked, read_checkpoint
-
-        raw = read_checkpoint(path)
-        own = set(model.state_dict().keys())
-        candidates = []
-        if convert is not None:
-            candidates.append(("detrex naming", lambda: convert(raw)))
-        if has_backbone and not any(k.startswith("backbone.") for k in raw):
-            prefixed = {f"backbone.{k}": v for k, v in raw.items() if not k.startswith("fc.")}
-            candidates.append(("a backbone-only checkpoint", lambda: prefixed))
-            if convert is not None:
-                candidates.append(("a detectron2-named backbone checkpoint", lambda: convert(prefixed)))
-        best_name, best, best_hits = None, None, len(own & set(raw))
-        for name, make in candidates:
             try:
-                state_dict = make()
-            except Exception as e:  # this naming does not apply to the file
-                self.logger.debug(f"{name}: conversion of {path} failed: {e}")
-                continue
-            hits = len(own & set(state_dict))
-            if hits > best_hits:
-                best_name, best, best_hits = name, state_dict, hits
-        if best is None:
-            return False
-        self.logger.info(f"Loading {path} into {type(model).__name__} as {best_name}")
-        report = load_state_dict_checked(model, best, strict=False, source=path)
-        if report.ok:
-            self.logger.info(report.summary())
-        else:
-            self.logger.warning(report.summary())
-        return True
+                report = model.load_init_checkpoint(path)
+            except CheckpointMismatchError as e:
+                what = type(model).__name__ + (f" of config {config_file}" if config_file else "")
+                raise CheckpointMismatchError(
+                    f"{e}\ntrain.init_checkpoint {path} does not fit {what}, which needs a complete teacher "
+                    "and a complete student backbone (a merge_weight.py file or a distiller's checkpoint)"
+                ) from None
+            if strict:
+                _check_complete_student(report, path, type(model).__name__, config_file)
+            return {}
+        data = self._load_file(path)
+        load_init_state_dict(model, read_checkpoint(data), source=path, strict=strict, config_file=config_file,
+                             skip_class_heads=skip_class_heads)
+        return {k: v for k, v in data.items() if k != "model"}
+
+
+def _check_complete_student(report: Dict[str, Any], path: str, model_name: str, config_file: str) -> None:
+    """Evaluation of a distiller runs its student: every student tensor must have loaded."""
+    missing = list(report.get("student_missing") or [])
+    if not missing:
+        return
+    from tprd.checkpoint import CheckpointMismatchError
+
+    shown = ", ".join(missing[:20]) + (f" ... (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+    what = model_name + (f" of config {config_file}" if config_file else "")
+    raise CheckpointMismatchError(
+        f"student tensors missing from {path} ({len(missing)}): {shown}\n"
+        f"--eval-only refused checkpoint {path} for {what}: {len(missing)} student tensors missing; it is a "
+        "distillation init file (merge_weight.py output) rather than a trained distiller's checkpoint"
+    )

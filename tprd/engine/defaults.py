@@ -10,6 +10,7 @@ environment report, seeding, ``config.yaml``, cudnn benchmark.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -22,7 +23,7 @@ import torch
 
 from . import comm
 
-__all__ = ["default_argument_parser", "default_setup", "setup_logger", "seed_all_rng", "collect_env_info"]
+__all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "setup_logger", "seed_all_rng", "collect_env_info"]
 
 
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -63,6 +64,30 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
         nargs=argparse.REMAINDER,
     )
     return parser
+
+
+def _user_errors() -> tuple:
+    from tprd.checkpoint import CheckpointFileError, CheckpointMismatchError
+    from tprd.config import ConfigLoadError, ConfigOverrideError
+
+    return (ConfigLoadError, ConfigOverrideError, CheckpointFileError, CheckpointMismatchError, FileNotFoundError)
+
+
+#: Errors in what the user gave (config file, overrides, weight files): reported by
+#: :func:`user_errors_exit` as a message, without a traceback.
+USER_ERRORS = _user_errors()
+
+
+@contextlib.contextmanager
+def user_errors_exit(exit_code: int = 2):
+    """Turn :data:`USER_ERRORS` raised inside into ``error: <message>`` on stderr as the last line(s)
+    of output and exit with ``exit_code``; other exceptions keep their traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(exit_code) from None
 
 
 def setup_logger(output: Optional[str] = None, distributed_rank: int = 0, name: str = "tprd") -> logging.Logger:

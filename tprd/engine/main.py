@@ -24,12 +24,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from tprd.checkpoint import check_weight_file
 from tprd.config import LazyConfig, instantiate
 from tprd.data.loader import skip_train_batches
 
 from . import comm, hooks
 from .checkpoint import DetectionCheckpointer
-from .defaults import default_argument_parser, default_setup
+from .defaults import default_argument_parser, default_setup, user_errors_exit
 from .ema import EMAHook, ModelEMA
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .launch import launch
@@ -262,6 +263,13 @@ def do_train(args, cfg) -> Dict[str, Any]:
     checkpointer = DetectionCheckpointer(
         model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
     )
+    # load before the writers open metrics.json: a refused checkpoint leaves no partial result
+    resume = bool(getattr(args, "resume", False))
+    resuming = resume and checkpointer.has_checkpoint()
+    extra = checkpointer.resume_or_load(
+        str(_get(cfg, "train.init_checkpoint", "") or ""), resume=resume, config_file=args.config_file,
+        skip_class_heads=bool(_get(cfg, "train.init_skip_class_heads", False)),
+    )
 
     eval_hook = hooks.EvalHook(int(_get(cfg, "train.eval_period", 0) or 0), lambda: do_test(cfg, model, ema))
     ckpt_cfg = _get(cfg, "train.checkpointer", {}) or {}
@@ -291,9 +299,6 @@ def do_train(args, cfg) -> Dict[str, Any]:
     ]
     trainer.register_hooks(main_hooks)
 
-    resume = bool(getattr(args, "resume", False))
-    resuming = resume and checkpointer.has_checkpoint()
-    extra = checkpointer.resume_or_load(str(_get(cfg, "train.init_checkpoint", "") or ""), resume=resume)
     start_iter = int(extra.get("iteration", -1)) + 1 if resuming else 0
     if ema is not None and not ema.loaded:
         ema.reset()  # the average starts at the loaded (or initial) weights
@@ -309,6 +314,11 @@ def do_train(args, cfg) -> Dict[str, Any]:
 def main(args) -> Any:
     """Per-process entry: config, setup, then ``--eval-only`` evaluation or training."""
     cfg = load_config(args.config_file, args.opts)
+    init = str(_get(cfg, "train.init_checkpoint", "") or "")
+    if init and not args.resume:  # a file that is not a checkpoint fails before the output folder is made
+        if not os.path.exists(init):
+            raise FileNotFoundError(f"train.init_checkpoint {init!r} does not exist.")
+        check_weight_file(init)
     default_setup(cfg, args)
     if args.eval_only:
         check_num_classes(cfg, "test")
@@ -321,7 +331,7 @@ def main(args) -> Any:
         init = str(_get(cfg, "train.init_checkpoint", "") or "")
         if not init and not (args.resume and checkpointer.has_checkpoint()):
             logger.warning("--eval-only without train.init_checkpoint: evaluating randomly initialised weights.")
-        extra = checkpointer.resume_or_load(init, resume=args.resume)
+        extra = checkpointer.resume_or_load(init, resume=args.resume, strict=True, config_file=args.config_file)
         if ema is None:
             return do_test(cfg, model)
         if "ema" in extra:  # train.init_checkpoint: only the model was loaded by the checkpointer
@@ -342,11 +352,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Any:
     """Parse the command line (``sys.argv`` by default) and launch :func:`main`."""
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args, flush=True)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    with user_errors_exit():
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
