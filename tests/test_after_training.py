@@ -169,6 +169,10 @@ def test_extract_student_errors_name_the_file_and_the_fix(tmp_path):
     assert res.returncode == 2
     assert str(plain) in res.stderr and "holds no student" in res.stderr and "distillation checkpoint" in res.stderr
     assert not (tmp_path / "o.pth").exists()
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(str(text))):
+        tool("tools/extract_student.py")(["--input", str(text), "--output", str(tmp_path / "o.pth")])
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing)) + ".*does not exist"):
         tool("tools/extract_student.py")(["--input", str(missing), "--output", str(tmp_path / "o.pth")])

@@ -12,7 +12,6 @@ the tensors it started from.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Type
 
@@ -20,30 +19,19 @@ import torch
 from torch import Tensor
 
 from .detrex import read_checkpoint
+from .files import read_weight_file
 
 __all__ = ["StudentWeights", "read_raw_checkpoint", "detector_class_of", "is_detrex_naming",
            "extract_student", "student_to_detrex", "count_values"]
 
 
 def read_raw_checkpoint(path: str) -> Mapping[str, Any]:
-    """The whole checkpoint file (``.pkl``: pickle, else ``torch.load`` on the CPU), with errors that
-    name the file. (Kept small and local: the shared checkpoint reader of ``tprd.checkpoint.detrex``
-    unwraps ``"model"`` and drops the rest, and the EMA weights live next to it.)"""
+    """The whole checkpoint file (model, and ``"ema"`` etc. next to it) through the shared reader
+    :func:`tprd.checkpoint.files.read_weight_file`, which names the file in its errors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the .pth file written by training "
                                 "(e.g. output/<run>/model_final.pth)")
-    try:
-        if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); is it a complete "
-                         "torch/pickle checkpoint file?") from e
-    if not isinstance(data, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(data).__name__}, not a dict of weights")
-    return data
+    return read_weight_file(path)
 
 
 def detector_class_of(state_dict: Mapping[str, Tensor]) -> Type:
