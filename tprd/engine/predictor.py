@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -119,10 +119,6 @@ class Predictor:
     def __call__(self, image: Any) -> Dict[str, Tensor]:
         out = self.model([self.prepare(image)])[0]
         return {k: v.cpu() for k, v in out.items()}
-
-    @torch.no_grad()
-    def batch(self, images: Sequence[Any]) -> List[Dict[str, Tensor]]:
-        return [{k: v.cpu() for k, v in o.items()} for o in self.model([self.prepare(i) for i in images])]
 
 
 class TensorDetector(nn.Module):
