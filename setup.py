@@ -1,4 +1,4 @@
-"""Install the TPRD toolbox: ``pip install -e ".[dev]"``."""
+"""Install the TPRD toolbox: ``pip install -e ".[dev,export]"`` (``export``: ONNX export and its check)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -19,6 +19,11 @@ setup(
         "tqdm",
         "tensorboard",
         "pillow",
+        "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    extras_require={
+        "dev": ["pytest>=7"],
+        # tools/export_onnx.py (TorchScript-based torch.onnx exporter: no onnxscript needed)
+        "export": ["onnx", "onnxruntime"],
+    },
 )

@@ -211,8 +211,12 @@ def test_short_run_loss_falls_and_eval_writes_metrics(tmp_path):
     first = np.mean([loss[i] for i in range(3)])
     last = np.mean([loss[i] for i in range(37, 40)])
     assert last < 0.7 * first, (first, last)
+    # one line per iteration, as detectron2 writes it: the evaluations (periodic, and the final one
+    # put after the last line was written) are in the line of their iteration
+    assert [r["iteration"] for r in records] == list(range(40))
     ap = series(records, "bbox/AP")
     assert sorted(ap) == [19, 39]  # eval_period 20 and after the last iteration
+    assert "total_loss" in records[39] and "bbox/AP" in records[39]
     assert ap[39] == pytest.approx(results["bbox"]["AP"])
     lr = series(records, "lr")
     assert lr[0] == pytest.approx(3e-4 + (3e-3 - 3e-4) * 0 / 4)  # warmup from 0.1x

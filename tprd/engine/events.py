@@ -156,26 +156,38 @@ def _new_entries(storage: EventStorage, window: int, last_written: Dict[str, int
 
 
 class JSONWriter(EventWriter):
-    """Append scalars to a JSON-lines file: ``{"iteration": i, "name": value, ...}`` per line.
+    """Append scalars to a JSON-lines file: ``{"iteration": i, "name": value, ...}``, one line per
+    iteration, as detectron2 writes it.
 
-    Each scalar is written once per iteration it was put at (its latest value, or windowed
-    median if it has a smoothing hint); evaluation results put after the training scalars of an
-    iteration come as a second line with the same iteration.
+    Each scalar is written once per iteration it was put at (its latest value, or windowed median
+    if it has a smoothing hint). Scalars put at the iteration of the line written last (the final
+    evaluation, put after that iteration's training scalars were written) are merged into that
+    line: the line is rewritten in place, so scripts keyed by iteration find one record each.
+    (A resumed run appends to the file and may repeat the iterations after its checkpoint.)
     """
 
     def __init__(self, json_file: str, window_size: int = 20):
         self._path = json_file
-        self._file = open(json_file, "a", encoding="utf-8")
+        self._file = open(json_file, "ab")  # binary: tell() / truncate() are byte offsets
         self._window = window_size
         self._last_written: Dict[str, int] = {}
+        #: the record of the line written last and the file offset where that line starts
+        self._last_record: Optional[Dict[str, Any]] = None
+        self._last_offset = 0
 
     def write(self) -> None:
         storage = get_event_storage()
         grouped = _new_entries(storage, self._window, self._last_written)
         for it in sorted(grouped):
-            record = {"iteration": it}
-            record.update(grouped[it])
-            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+            last = self._last_record
+            if last is not None and last["iteration"] == it:
+                record = dict(last, **grouped[it])
+                self._file.truncate(self._last_offset)
+            else:
+                record = {"iteration": it, **grouped[it]}
+                self._last_offset = self._file.tell()
+            self._file.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+            self._last_record = record
         self._file.flush()
         try:
             os.fsync(self._file.fileno())

@@ -65,8 +65,10 @@ from tprd.modeling.detrex_compat import (
     build_position_embedding,
     check_focal_loss,
     config_target,
+    backbone_key_to_detrex,
     convert_backbone_key,
     convert_with_aliases,
+    expand_to_detrex,
 )
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
@@ -484,6 +486,13 @@ class DABDETR(DETRDetector):
         """
         return convert_with_aliases(state_dict, _rename_detrex_key)
 
+    @staticmethod
+    def to_detrex_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Our keys -> detrex DAB-DETR keys, with the aliases detrex saves too
+        (``transformer.decoder.bbox_embed.*``, ``ffns.0.activation.*``): the inverse of
+        :meth:`convert_detrex_state_dict`."""
+        return expand_to_detrex(state_dict, _detrex_names)
+
 
 _DETREX_RULES = [
     (re.compile(r"^transformer\.decoder\.bbox_embed\."), "bbox_embed."),
@@ -508,6 +517,32 @@ def _rename_detrex_key(key: str) -> str:
     if m:
         return f"{m.group(1)}norm{int(m.group(2)) + 1}." + key[m.end():]
     return key
+
+
+# ours -> detrex: each rule the inverse of one above; a rule may give several names (aliases)
+_LAYER = r"^(transformer\.(?:en|de)coder\.layers\.\d+\.)"
+_OURS_RULES = [
+    (re.compile(r"^bbox_embed\."), ["bbox_embed.", "transformer.decoder.bbox_embed."]),
+    (re.compile(r"^(transformer\.encoder\.layers\.\d+\.)self_attn\."), [r"\1attentions.0.attn."]),
+    (re.compile(r"^(transformer\.decoder\.layers\.\d+\.)self_attn\."), [r"\1attentions.0."]),
+    (re.compile(r"^(transformer\.decoder\.layers\.\d+\.)cross_attn\."), [r"\1attentions.1."]),
+    (re.compile(_LAYER + r"ffn\.linear1\."), [r"\1ffns.0.layers.0.0."]),
+    (re.compile(_LAYER + r"ffn\.activation\."), [r"\1ffns.0.layers.0.1.", r"\1ffns.0.activation."]),
+    (re.compile(_LAYER + r"ffn\.linear2\."), [r"\1ffns.0.layers.1."]),
+]
+_OURS_NORM = re.compile(_LAYER + r"norm(\d+)\.")
+
+
+def _detrex_names(key: str) -> List[str]:
+    if key.startswith("backbone."):
+        return [backbone_key_to_detrex(key)]
+    for pattern, repls in _OURS_RULES:
+        if pattern.search(key):
+            return [pattern.sub(r, key, count=1) for r in repls]
+    m = _OURS_NORM.search(key)
+    if m:
+        return [f"{m.group(1)}norms.{int(m.group(2)) - 1}." + key[m.end():]]
+    return [key]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ from .detrex_compat import (
     config_target,
     convert_with_aliases,
     deformable_alias_target,
+    deformable_detrex_names,
     deformable_detrex_to_ours,
+    expand_to_detrex,
     layer_kwargs,
 )
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
@@ -627,6 +629,19 @@ class DeformableDETR(MultiScaleDETRDetector):
             lambda k: deformable_alias_target(k, refine),
             hint=" (shared between stages); was the checkpoint made with a different with_box_refine?",
         )
+
+    @classmethod
+    def to_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Our state dict in detrex naming, with every alias detrex saves (the inverse of
+        :meth:`convert_detrex_state_dict`). Read from the keys: box refinement (per-stage heads,
+        ``bbox_embed.1.*``; a one-layer decoder without two-stage counts as without), two-stage
+        (``transformer.enc_output.*``) and the number of decoder layers."""
+        layers = {int(k.split(".")[3]) for k in state_dict if k.startswith("transformer.decoder.layers.")}
+        two_stage = any(k.startswith("transformer.enc_output.") for k in state_dict)
+        refine = any(k.startswith("bbox_embed.1.") for k in state_dict)
+        num_pred = len(layers) + int(two_stage)
+        decoder_heads = (("bbox_embed",) if refine else ()) + (("class_embed",) if two_stage else ())
+        return expand_to_detrex(state_dict, lambda k: deformable_detrex_names(k, refine, num_pred, decoder_heads))
 
 
 # ============================================================================================

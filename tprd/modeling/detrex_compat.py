@@ -7,17 +7,22 @@ Config builders take a resolved detrex LazyConfig node (a plain mapping with ``_
 :func:`deformable_alias_target` (the deformable transformer layer names used by Deformable DETR and
 DINO) and :func:`convert_with_aliases`, which renames a whole state dict and collapses detrex's
 aliases of one shared tensor after checking that they really hold the same values.
+
+The way back (ours -> detrex, for ``tools/extract_student.py --format detrex``):
+:func:`backbone_key_to_detrex`, :func:`deformable_ours_to_detrex` (inverse of
+:func:`deformable_detrex_to_ours` for the kept keys), :func:`deformable_detrex_names` (a key's
+detrex name and the aliases detrex also saves) and :func:`expand_to_detrex`.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..layers.position_embedding import PositionEmbeddingSine
-from .backbone import ChannelMapper, ResNet, convert_detectron2_resnet_keys
+from .backbone import ChannelMapper, ResNet, _tv_to_d2, convert_detectron2_resnet_keys
 from .matcher import HungarianMatcher
 
 __all__ = [
@@ -33,6 +38,10 @@ __all__ = [
     "deformable_detrex_to_ours",
     "deformable_alias_target",
     "convert_with_aliases",
+    "backbone_key_to_detrex",
+    "deformable_ours_to_detrex",
+    "deformable_detrex_names",
+    "expand_to_detrex",
 ]
 
 
@@ -224,4 +233,76 @@ def convert_with_aliases(
         if target not in out:
             raise KeyError(f"detrex key {key!r} aliases {target!r}, which the checkpoint does not hold")
         check(key, target, state_dict[key])
+    return out
+
+
+# ============================================================================================
+# Checkpoint keys, the way back: ours -> detrex (each the inverse of the rule above)
+# ============================================================================================
+
+
+def backbone_key_to_detrex(key: str) -> str:
+    """A torchvision-named ResNet key (``backbone.layer1.0.bn1.weight`` ...) in detectron2 names
+    (the inverse of :func:`convert_backbone_key`)."""
+    return _tv_to_d2(key)
+
+
+_ENC_LAYER_OURS = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.*)$")
+_DEC_LAYER_OURS = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _invert(table: Dict[str, str]) -> Dict[str, str]:
+    return {new: old for old, new in table.items()}
+
+
+def _rename_layer_part_back(rest: str, table: Dict[str, str]) -> str:
+    for ours, detrex in list(_invert(table).items()) + list(_invert(_FFN).items()):
+        if rest.startswith(ours):
+            return detrex + rest[len(ours):]
+    raise KeyError(rest)
+
+
+def deformable_ours_to_detrex(key: str) -> str:
+    """The detrex name of our Deformable DETR / DINO key (the inverse of
+    :func:`deformable_detrex_to_ours` on the keys it keeps)."""
+    if key.startswith("backbone."):
+        return backbone_key_to_detrex(key)
+    m = _ENC_LAYER_OURS.match(key)
+    if m:
+        return f"transformer.encoder.layers.{m.group(1)}." + _rename_layer_part_back(m.group(2), _ENC_TABLE)
+    m = _DEC_LAYER_OURS.match(key)
+    if m:
+        return f"transformer.decoder.layers.{m.group(1)}." + _rename_layer_part_back(m.group(2), _DEC_TABLE)
+    if key.startswith("transformer.encoder.norm."):
+        return "transformer.encoder.post_norm_layer." + key[len("transformer.encoder.norm."):]
+    return key
+
+
+def deformable_detrex_names(key: str, per_stage_heads: bool, num_pred: int,
+                            decoder_heads: Sequence[str]) -> List[str]:
+    """Every detrex key that holds our key's tensor: its detrex name, then the aliases detrex saves
+    too -- without ``per_stage_heads`` the shared head ``{class,bbox}_embed.0`` as
+    ``{class,bbox}_embed.k`` for ``k < num_pred``; the heads named in ``decoder_heads``
+    (``"class_embed"``, ``"bbox_embed"``: those detrex hands to its decoder) again under
+    ``transformer.decoder.``."""
+    m = _HEAD.match(key)
+    if m is None:
+        return [deformable_ours_to_detrex(key)]
+    head, index, rest = m.groups()
+    names = [key] if per_stage_heads else [f"{head}.{k}.{rest}" for k in range(num_pred)]
+    if head in decoder_heads:
+        names += [f"transformer.decoder.{n}" for n in names]
+    return names
+
+
+def expand_to_detrex(state_dict: Mapping[str, Tensor], names: Callable[[str], Sequence[str]]) -> Dict[str, Tensor]:
+    """Our state dict in detrex naming: ``names(key)`` lists the detrex keys holding each tensor
+    (its name and its aliases, all pointing at the same tensor, as in a detrex checkpoint). Two of
+    our keys landing on one detrex name is an error."""
+    out: Dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for name in names(key):
+            if name in out:
+                raise ValueError(f"our keys {key!r} and another both map to the detrex key {name!r}")
+            out[name] = value
     return out

@@ -78,7 +78,9 @@ from .detrex_compat import (
     check_focal_loss,
     convert_with_aliases,
     deformable_alias_target,
+    deformable_detrex_names,
     deformable_detrex_to_ours,
+    expand_to_detrex,
     layer_kwargs,
 )
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
@@ -716,6 +718,13 @@ class DINO(MultiScaleDETRDetector):
         checking that they hold the same values."""
         return convert_with_aliases(state_dict, lambda k: deformable_detrex_to_ours(k, True),
                                     lambda k: deformable_alias_target(k, True))
+
+    @classmethod
+    def to_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Our state dict in detrex naming, with the aliases ``transformer.decoder.{class,bbox}_embed.*``
+        detrex saves too (the inverse of :meth:`convert_detrex_state_dict`)."""
+        return expand_to_detrex(
+            state_dict, lambda k: deformable_detrex_names(k, True, 0, ("class_embed", "bbox_embed")))
 
 
 # ============================================================================================
