@@ -42,6 +42,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tprd.config import LazyConfig, instantiate  # noqa: E402
+from tprd.progress import SECONDS_PER_UNIT, progress_bar  # noqa: E402
 
 DEFAULT_CONFIG = "projects/deformable_detr/cfg_distill/DETRDistill_TPRD/deformable_detr_r50_distill_r18_50ep.py"
 
@@ -138,20 +139,22 @@ def main(argv=None) -> None:
         with torch.no_grad():
             teacher.forward_outputs(teacher.preprocess(data))
 
-    for rep in range(args.warmup + args.reps):
-        # interleave the three measurements so that machine load affects them alike
-        distiller.train()
-        parts = distill_iteration(distiller, data, device)
-        distiller.train()
-        s = timed(student_step, device)
-        distiller.eval()
-        t = timed(teacher_forward, device)
-        if rep < args.warmup:
-            continue
-        for k, v in parts.items():
-            record(k, v)
-        record("student_step", s)
-        record("teacher_inference_forward", t)
+    with progress_bar(args.warmup + args.reps, "benchmark", unit="rep", bar_format=SECONDS_PER_UNIT) as bar:
+        for rep in range(args.warmup + args.reps):
+            # interleave the three measurements so that machine load affects them alike
+            distiller.train()
+            parts = distill_iteration(distiller, data, device)
+            distiller.train()
+            s = timed(student_step, device)
+            distiller.eval()
+            t = timed(teacher_forward, device)
+            bar.update(1)
+            if rep < args.warmup:
+                continue
+            for k, v in parts.items():
+                record(k, v)
+            record("student_step", s)
+            record("teacher_inference_forward", t)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     best = {k: min(v) for k, v in rows.items()}

@@ -45,14 +45,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tprd.progress import progress_bar
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -292,53 +294,64 @@ def _params(num_train: int, num_val: int, seed: int, image_size: Sequence[int], 
 
 def _generate_into(out: Path, params: Dict[str, Any]) -> Dict[str, Any]:
     """Write the whole dataset into the (empty) directory ``out``; meta file last."""
-    h, w = params["image_size"]
     voc = out / "VOC"
     for d in (out / "annotations", out / "train", out / "val", voc / "Annotations", voc / "ImageSets" / "Main", voc / "JPEGImages"):
         d.mkdir(parents=True, exist_ok=True)
     counts: Dict[str, int] = {}
     next_image_id, next_ann_id = 1, 1
-    for split, voc_set in (("train", "trainval"), ("val", "test")):
-        images, annotations, ids = [], [], []
-        for i in range(params[f"num_{split}"]):
-            rng = np.random.default_rng((params["seed"], _SPLIT_CODES[split], i))
-            image, boxes, labels = render_synthetic_sample(rng, (h, w), params["max_objects"])
-            image_id = next_image_id
-            next_image_id += 1
-            stem = f"{image_id:06d}"
-            file_name = stem + ".jpg"
-            data = _jpeg_bytes(image)
-            (out / split / file_name).write_bytes(data)
-            (voc / "JPEGImages" / file_name).write_bytes(data)
-            (voc / "Annotations" / (stem + ".xml")).write_bytes(_voc_xml(file_name, h, w, boxes, labels))
-            ids.append(stem)
-            images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-            for box, label in zip(boxes.tolist(), labels.tolist()):
-                bw, bh = box[2] - box[0], box[3] - box[1]
-                annotations.append(
-                    {
-                        "id": next_ann_id,
-                        "image_id": image_id,
-                        "category_id": SYNTHETIC_CATEGORIES[label]["id"],
-                        "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
-                        "area": float(bw * bh),
-                        "iscrowd": 0,
-                    }
-                )
-                next_ann_id += 1
-        coco = {
-            "info": {"description": f"TPRD synthetic shapes ({split})", "version": str(FORMAT_VERSION)},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": [dict(c) for c in SYNTHETIC_CATEGORIES],
-        }
-        _write_json(out / "annotations" / f"instances_{split}.json", coco)
-        (voc / "ImageSets" / "Main" / f"{voc_set}.txt").write_text("".join(s + "\n" for s in ids))
-        counts[split] = len(annotations)
+    with progress_bar(params["num_train"] + params["num_val"], "synthetic dataset", unit="img") as bar:
+        for split, voc_set in (("train", "trainval"), ("val", "test")):
+            next_image_id, next_ann_id = _generate_split(out, params, split, voc_set, next_image_id, next_ann_id,
+                                                         counts, bar)
     meta = dict(params, num_annotations=counts)
     _write_json(out / META_FILENAME, meta)
     return meta
+
+
+def _generate_split(out: Path, params: Dict[str, Any], split: str, voc_set: str, next_image_id: int,
+                    next_ann_id: int, counts: Dict[str, int], bar: Any) -> Tuple[int, int]:
+    """Write the images, COCO json and VOC files of one split; returns the next image / box ids."""
+    h, w = params["image_size"]
+    voc = out / "VOC"
+    images, annotations, ids = [], [], []
+    for i in range(params[f"num_{split}"]):
+        rng = np.random.default_rng((params["seed"], _SPLIT_CODES[split], i))
+        image, boxes, labels = render_synthetic_sample(rng, (h, w), params["max_objects"])
+        image_id = next_image_id
+        next_image_id += 1
+        stem = f"{image_id:06d}"
+        file_name = stem + ".jpg"
+        data = _jpeg_bytes(image)
+        (out / split / file_name).write_bytes(data)
+        (voc / "JPEGImages" / file_name).write_bytes(data)
+        (voc / "Annotations" / (stem + ".xml")).write_bytes(_voc_xml(file_name, h, w, boxes, labels))
+        ids.append(stem)
+        bar.update(1)
+        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        for box, label in zip(boxes.tolist(), labels.tolist()):
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            annotations.append(
+                {
+                    "id": next_ann_id,
+                    "image_id": image_id,
+                    "category_id": SYNTHETIC_CATEGORIES[label]["id"],
+                    "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
+                    "area": float(bw * bh),
+                    "iscrowd": 0,
+                }
+            )
+            next_ann_id += 1
+    coco = {
+        "info": {"description": f"TPRD synthetic shapes ({split})", "version": str(FORMAT_VERSION)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in SYNTHETIC_CATEGORIES],
+    }
+    _write_json(out / "annotations" / f"instances_{split}.json", coco)
+    (voc / "ImageSets" / "Main" / f"{voc_set}.txt").write_text("".join(s + "\n" for s in ids))
+    counts[split] = len(annotations)
+    return next_image_id, next_ann_id
 
 
 def load_synthetic_meta(root: _PathLike) -> Optional[Dict[str, Any]]:
@@ -396,6 +409,18 @@ def _check_args(num_train: int, num_val: int, seed: int, image_size: Sequence[in
         raise ValueError("max_objects must be >= 1")
 
 
+def _new_sibling_dir(root: Path) -> Path:
+    """A new hidden folder next to ``root`` with the umask's permissions (``mkdtemp`` gives 0700,
+    which the renamed dataset would keep)."""
+    while True:
+        tmp = root.parent / f".{root.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
 def generate_synthetic_dataset(
     root: _PathLike,
     num_train: int = 64,
@@ -433,7 +458,7 @@ def generate_synthetic_dataset(
         )
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = _new_sibling_dir(root)
     try:
         meta = _generate_into(tmp, params)
         try:

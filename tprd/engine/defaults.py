@@ -46,7 +46,13 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
         help="resume from the newest checkpoint of train.output_dir (model, optimizer, scheduler, "
         "iteration); without it train.init_checkpoint is loaded into the model only",
     )
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only evaluate train.init_checkpoint (with --resume: the last checkpoint of "
+        "train.output_dir); results go to <checkpoint dir>/eval_<checkpoint name>/ unless "
+        "train.output_dir is given on the command line",
+    )
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs)")
     parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")

@@ -232,8 +232,11 @@ class CommonMetricPrinter(EventWriter):
         if it == self._last_printed:
             return  # e.g. the final write after training: this iteration was printed already
         hist = storage.histories()
-        if not any(h.values()[-1][1] == it for h in hist.values()):
-            return  # nothing was recorded for this iteration (e.g. it failed)
+        loss_names = storage.loss_names or {k for k in hist if "loss" in k}
+        if not any(hist[k].values()[-1][1] == it for k in hist if k in loss_names or k == "time"):
+            # no training step was recorded for this iteration: it failed, or a finished run was
+            # resumed and only evaluated (the evaluation logs its own lines)
+            return
         self._last_printed = it
 
         def windowed(name: str) -> Optional[float]:
@@ -245,8 +248,7 @@ class CommonMetricPrinter(EventWriter):
 
         data_time = windowed("data_time")
         iter_time = windowed("time")
-        lr = f"{hist['lr'].latest():.5g}" if "lr" in hist else "N/A"
-        loss_names = storage.loss_names or {k for k in hist if "loss" in k}
+        lr = f"{hist['lr'].latest():.5g}" if "lr" in hist else None
         losses = "  ".join(
             f"{k}: {h.median(self._window):.4g}"
             for k, h in sorted(hist.items())
@@ -262,7 +264,8 @@ class CommonMetricPrinter(EventWriter):
             parts.append(f"time: {iter_time:.4f}")
         if data_time is not None:
             parts.append(f"data_time: {data_time:.4f}")
-        parts.append(f"lr: {lr}")
+        if lr is not None:
+            parts.append(f"lr: {lr}")
         if mem is not None:
             parts.append(f"max_mem: {mem:.0f}M")
         self.logger.info("  ".join(p for p in parts if p))

@@ -7,9 +7,11 @@
 * :class:`EvalHook` — evaluation every ``eval_period`` iterations and after the last one; metrics
   go into the storage as ``bbox/AP`` etc.
 * :class:`PeriodicWriter` — runs the writers every ``period`` iterations and at the end.
+* :class:`ProgressBar` — a live bar (iteration, smoothed total loss, s/it, ETA) on a terminal.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import logging
@@ -34,6 +36,7 @@ __all__ = [
     "PeriodicCheckpointer",
     "EvalHook",
     "PeriodicWriter",
+    "ProgressBar",
     "flatten_results_dict",
 ]
 
@@ -260,3 +263,38 @@ class PeriodicWriter(HookBase):
             # Final evaluation results (put after the last step) still have to be written.
             w.write()
             w.close()
+
+
+class ProgressBar(HookBase):
+    """A live training bar on the main process's terminal, updated after every iteration.
+
+    Shows ``iteration/max_iter``, the total loss (median of the last ``window`` iterations),
+    seconds per iteration and the ETA; nothing is drawn when standard error is not a terminal (CI,
+    log files), where the log line of :class:`PeriodicWriter` reports progress instead. ``file`` and
+    ``enabled`` are passed to :func:`tprd.progress.progress_bar`.
+    """
+
+    def __init__(self, window: int = 20, file=None, enabled: Optional[bool] = None):
+        self._window = int(window)
+        self._file = file
+        self._enabled = enabled
+        self._stack = contextlib.ExitStack()
+        self._bar = None
+
+    def before_train(self):
+        from tprd.progress import SECONDS_PER_UNIT, progress_bar
+
+        t = self.trainer
+        self._bar = self._stack.enter_context(
+            progress_bar(t.max_iter, "train", unit="it", initial=t.start_iter, file=self._file,
+                         enabled=self._enabled, bar_format=SECONDS_PER_UNIT)
+        )
+
+    def after_step(self):
+        self._bar.update(1)
+        histories = self.trainer.storage.histories()
+        if "total_loss" in histories:
+            self._bar.set_postfix_str(f"loss {histories['total_loss'].median(self._window):.4g}")
+
+    def after_train(self):
+        self._stack.close()

@@ -7,7 +7,9 @@
 
 ``main(args)`` runs in every process: load the config, apply the overrides, set up the run, then
 either evaluate (``--eval-only``: weights from ``train.init_checkpoint``, or the newest checkpoint
-of ``train.output_dir`` with ``--resume``) or train (``do_train``). ``run()`` parses the command line
+of ``train.output_dir`` with ``--resume``; output into a fresh ``eval_<checkpoint name>`` folder
+next to the checkpoint unless ``train.output_dir`` is on the command line, see
+:func:`eval_only_output_dir`) or train (``do_train``). ``run()`` parses the command line
 and starts ``main`` through :func:`tprd.engine.launch.launch`.
 
 Config fields read (detrex layout): ``model``, ``optimizer`` (its ``params.model`` is set to the
@@ -29,7 +31,7 @@ from tprd.config import LazyConfig, instantiate
 from tprd.data.loader import skip_train_batches
 
 from . import comm, hooks
-from .checkpoint import DetectionCheckpointer
+from .checkpoint import DetectionCheckpointer, remove_leftover_temporary_files
 from .defaults import default_argument_parser, default_setup, user_errors_exit
 from .ema import EMAHook, ModelEMA
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -46,6 +48,7 @@ __all__ = [
     "check_num_classes",
     "print_csv_format",
     "load_config",
+    "eval_only_output_dir",
 ]
 
 logger = logging.getLogger("tprd.engine")
@@ -263,6 +266,9 @@ def do_train(args, cfg) -> Dict[str, Any]:
     checkpointer = DetectionCheckpointer(
         model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
     )
+    if comm.is_main_process():
+        for path in remove_leftover_temporary_files(output_dir):
+            logger.info(f"Removed {path}: the temporary file of a checkpoint write that was killed")
     # load before the writers open metrics.json: a refused checkpoint leaves no partial result
     resume = bool(getattr(args, "resume", False))
     resuming = resume and checkpointer.has_checkpoint()
@@ -296,19 +302,63 @@ def do_train(args, cfg) -> Dict[str, Any]:
         )
         if comm.is_main_process()
         else None,
+        hooks.ProgressBar(),  # draws on the main process's terminal only
     ]
     trainer.register_hooks(main_hooks)
 
     start_iter = int(extra.get("iteration", -1)) + 1 if resuming else 0
     if ema is not None and not ema.loaded:
         ema.reset()  # the average starts at the loaded (or initial) weights
-    if resuming:
+    if resuming and start_iter >= max_iter:
+        logger.info(f"The run in {output_dir} has finished already (iteration {start_iter} of {max_iter}): "
+                    "nothing to train; evaluating its final weights.")
+    elif resuming:
         logger.info(f"Resumed at iteration {start_iter} of {max_iter}")
         # continue the data stream where the interrupted run stopped (same seed => same batches)
         if skip_train_batches(train_loader, start_iter):
             logger.info(f"Data stream continues at batch {start_iter}")
     trainer.train(start_iter, max_iter)
     return dict(eval_hook.last_results or {})
+
+
+def _on_command_line(opts: Optional[Sequence[str]], key: str) -> bool:
+    return any(str(o).split("=", 1)[0].lstrip("+") == key for o in (opts or []))
+
+
+def _fresh_folder(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3`` ... : the first that does not exist or is empty; created."""
+    candidate, n = base, 1
+    while os.path.isdir(candidate) and os.listdir(candidate) or os.path.isfile(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    os.makedirs(candidate, exist_ok=True)
+    return candidate
+
+
+def eval_only_output_dir(cfg, args) -> str:
+    """The folder an ``--eval-only`` run writes into (log, config, the evaluator's results).
+
+    ``train.output_dir`` when it is given on the command line; otherwise a fresh folder next to
+    the evaluated checkpoint, ``<checkpoint dir>/eval_<checkpoint name>`` (``-2``, ``-3`` ... when
+    an earlier evaluation is there), so no evaluation overwrites another or a training run's
+    results. The evaluated checkpoint is the one :meth:`DetectionCheckpointer.resume_or_load`
+    picks: the last checkpoint of ``train.output_dir`` with ``--resume``, else
+    ``train.init_checkpoint`` (none: ``<train.output_dir>/eval_random_init``). Decided on the main
+    process and shared with the others.
+    """
+    configured = str(_get(cfg, "train.output_dir", "") or "")
+    if _on_command_line(args.opts, "train.output_dir") and configured:
+        return configured
+    folder = None
+    if comm.is_main_process():
+        checkpoint = str(_get(cfg, "train.init_checkpoint", "") or "")
+        if args.resume and configured:
+            checkpoint = DetectionCheckpointer(torch.nn.Module(), configured).get_checkpoint_file() or checkpoint
+        name = "eval_" + os.path.splitext(os.path.basename(checkpoint.rstrip("/")))[0] if checkpoint else "eval_random_init"
+        local = checkpoint and "://" not in checkpoint
+        parent = os.path.dirname(os.path.abspath(checkpoint)) if local else (configured or "./output")
+        folder = _fresh_folder(os.path.join(parent, name))
+    return comm.all_gather(folder)[0]
 
 
 def main(args) -> Any:
@@ -319,33 +369,44 @@ def main(args) -> Any:
         if not os.path.exists(init):
             raise FileNotFoundError(f"train.init_checkpoint {init!r} does not exist.")
         check_weight_file(init)
+    checkpoint_dir = str(_get(cfg, "train.output_dir", "") or "")  # where --resume finds checkpoints
+    if args.eval_only:
+        cfg.train.output_dir = eval_only_output_dir(cfg, args)
     default_setup(cfg, args)
     if args.eval_only:
-        check_num_classes(cfg, "test")
-        model = build_model(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        ema_cfg = _get(cfg, "train.model_ema", {}) or {}
-        use_ema = bool(ema_cfg.get("enabled", False) and ema_cfg.get("use_ema_weights_for_eval_only", False))
-        ema = ModelEMA(model) if use_ema else None
-        checkpointer = DetectionCheckpointer(model, str(_get(cfg, "train.output_dir", "") or ""), ema=ema)
-        init = str(_get(cfg, "train.init_checkpoint", "") or "")
-        if not init and not (args.resume and checkpointer.has_checkpoint()):
-            logger.warning("--eval-only without train.init_checkpoint: evaluating randomly initialised weights.")
-        extra = checkpointer.resume_or_load(init, resume=args.resume, strict=True, config_file=args.config_file)
-        if ema is None:
-            return do_test(cfg, model)
-        if "ema" in extra:  # train.init_checkpoint: only the model was loaded by the checkpointer
-            ema.load_state_dict(extra["ema"])
-        if not ema.loaded:
-            raise KeyError(
-                f"train.model_ema.use_ema_weights_for_eval_only=True but the checkpoint "
-                f"({init or 'last checkpoint'}) has no 'ema' entry: it was trained without "
-                "train.model_ema.enabled=True; evaluate its weights without the flag"
-            )
-        logger.info("Evaluating the checkpoint's EMA weights")
-        with ema.applied():
-            return do_test(cfg, model)
+        results = _eval_only(cfg, args, checkpoint_dir)
+        logger.info(f"--eval-only: results written to {cfg.train.output_dir}")
+        return results
     return do_train(args, cfg)
+
+
+def _eval_only(cfg, args, checkpoint_dir: str) -> Dict[str, Any]:
+    """Evaluate the checkpoint of ``train.init_checkpoint`` (or, with ``--resume``, the last one of
+    ``checkpoint_dir``), optionally its EMA weights."""
+    check_num_classes(cfg, "test")
+    model = build_model(cfg)
+    model = create_ddp_model(model, broadcast_buffers=False)
+    ema_cfg = _get(cfg, "train.model_ema", {}) or {}
+    use_ema = bool(ema_cfg.get("enabled", False) and ema_cfg.get("use_ema_weights_for_eval_only", False))
+    ema = ModelEMA(model) if use_ema else None
+    checkpointer = DetectionCheckpointer(model, checkpoint_dir, ema=ema)
+    init = str(_get(cfg, "train.init_checkpoint", "") or "")
+    if not init and not (args.resume and checkpointer.has_checkpoint()):
+        logger.warning("--eval-only without train.init_checkpoint: evaluating randomly initialised weights.")
+    extra = checkpointer.resume_or_load(init, resume=args.resume, strict=True, config_file=args.config_file)
+    if ema is None:
+        return do_test(cfg, model)
+    if "ema" in extra:  # train.init_checkpoint: only the model was loaded by the checkpointer
+        ema.load_state_dict(extra["ema"])
+    if not ema.loaded:
+        raise KeyError(
+            f"train.model_ema.use_ema_weights_for_eval_only=True but the checkpoint "
+            f"({init or 'last checkpoint'}) has no 'ema' entry: it was trained without "
+            "train.model_ema.enabled=True; evaluate its weights without the flag"
+        )
+    logger.info("Evaluating the checkpoint's EMA weights")
+    with ema.applied():
+        return do_test(cfg, model)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Any:

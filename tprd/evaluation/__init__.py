@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from tprd.progress import progress_bar
+
 from .coco import COCOEvaluator, DatasetEvaluator, gather_to_main, is_main_process
 from .voc import PascalVOCDetectionEvaluator, voc_ap, voc_eval
 
@@ -79,6 +81,15 @@ def _fmt(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def _num_images(data_loader: Any) -> Optional[int]:
+    """Images this process will see: the length of the loader's (batch) sampler, if it has one."""
+    sampler = getattr(getattr(data_loader, "batch_sampler", None), "sampler", None)
+    try:
+        return len(sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def inference_on_dataset(
     model: torch.nn.Module,
     data_loader: Iterable[List[Dict[str, Any]]],
@@ -88,7 +99,8 @@ def inference_on_dataset(
     """Run ``model`` over ``data_loader`` (eval mode, no grad) feeding ``evaluator``; return its results.
 
     Progress (images done / total, seconds per batch, ETA) is logged about every ``log_period_s``
-    seconds once the first batches (warm-up, excluded from timing) are done. ``evaluator`` may be
+    seconds once the first batches (warm-up, excluded from timing) are done; on the main process's
+    terminal a live bar shows images done, images/s and the ETA (:mod:`tprd.progress`). ``evaluator`` may be
     ``None`` (only runs the model) or a list (combined with :class:`DatasetEvaluators`). Every
     process returns the evaluator's result (``{}`` on processes that do not compute metrics).
     """
@@ -117,6 +129,7 @@ def inference_on_dataset(
         if isinstance(model, torch.nn.Module):
             stack.enter_context(inference_context(model))
         stack.enter_context(torch.no_grad())
+        bar = stack.enter_context(progress_bar(_num_images(data_loader), "eval", unit="img", leave=False))
         idx = -1
         for idx, inputs in enumerate(data_loader):
             if idx == warmup:
@@ -128,6 +141,7 @@ def inference_on_dataset(
             compute_time += time.perf_counter() - t0
             evaluator.process(inputs, outputs)
             n_images += len(inputs)
+            bar.update(len(inputs))
             now = time.perf_counter()
             done = idx + 1
             if done > warmup and now - last_log >= log_period_s:
