@@ -71,3 +71,43 @@ def test_missing_file_and_folder(tmp_path):
         read_weight_file(tmp_path / "nothere.pth")
     with pytest.raises(CheckpointFileError, match="is a folder"):
         read_weight_file(tmp_path)
+
+
+def test_resume_from_a_damaged_last_checkpoint_names_it(tmp_path):
+    (tmp_path / "model_0000009.pth").write_bytes(b"<html>502 Bad Gateway</html>")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(CheckpointFileError, match=r"model_0000009.pth is not a PyTorch checkpoint or pickle \(starts with b'<html>"):
+        DetectionCheckpointer(torch.nn.Linear(2, 3), str(tmp_path)).resume_or_load("", resume=True)
+
+
+def _keys_only(names, classes=None):
+    """A state dict with the given key names; ``class_embed[.0].weight`` gets ``classes`` rows."""
+    return {k: torch.zeros(classes, 4) if classes and k.endswith("class_embed.0.weight") else torch.zeros(0)
+            for k in names}
+
+
+def test_describe_state_dict_names_what_a_checkpoint_is():
+    import json
+
+    from conftest import DETREX_KEYS_DIR
+    from tprd.checkpoint import describe_state_dict
+
+    def detrex(name, classes=80):
+        return _keys_only([row[0] for row in json.loads((DETREX_KEYS_DIR / f"{name}.json").read_text())], classes)
+
+    assert describe_state_dict(detrex("dino_r50_4scale")) == "a detrex DINO checkpoint with 80 classes"
+    assert describe_state_dict(detrex("deformable_detr_r50", 91)) == "a detrex Deformable DETR checkpoint with 91 classes"
+    assert describe_state_dict(detrex("deformable_detr_r50_two_stage")).startswith("a detrex Deformable DETR (two-stage)")
+    dab = detrex("dab_detr_r50")
+    dab["class_embed.weight"] = torch.zeros(80, 4)
+    assert describe_state_dict(dab) == "a detrex DAB-DETR checkpoint with 80 classes"
+    ours = _keys_only(["backbone.conv1.weight", "backbone.layer1.0.conv1.weight", "label_enc.weight",
+                       "transformer.encoder.layers.0.self_attn.value_proj.weight", "class_embed.0.weight"], 5)
+    assert describe_state_dict(ours) == "a TPRD (this toolbox's naming) DINO checkpoint with 5 classes"
+    assert describe_state_dict(_keys_only(["student.backbone.conv1.weight", "teacher.label_enc.weight"])).startswith(
+        "a distillation checkpoint (student and teacher keys")
+    tv = _keys_only(["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "fc.weight"])
+    assert describe_state_dict(tv) == "a backbone-only checkpoint (a ResNet in torchvision naming, 4 tensors)"
+    assert describe_state_dict(_keys_only(["stem.conv1.weight", "res2.0.conv1.weight"])).startswith(
+        "a backbone-only checkpoint (a ResNet in detectron2 naming")
+    assert describe_state_dict(_keys_only(["a.b", "c"])) == "an unrecognised state dict of 2 tensors (first keys: a.b, c)"
