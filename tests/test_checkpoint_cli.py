@@ -147,9 +147,10 @@ def test_a_truncated_checkpoint(data_env, tmp_path, capfd):
     assert not out.exists()
 
 
-def test_an_override_of_the_wrong_type(data_env, tmp_path, capfd):
+@pytest.mark.parametrize("gpus", ["1", "2"])  # 2: checked before any worker is spawned
+def test_an_override_of_the_wrong_type(data_env, tmp_path, capfd, gpus):
     out = tmp_path / "out"
-    code, last, log = run_in_process(capfd, run, train_net_argv(out, "train.max_iter=abc"))
+    code, last, log = run_in_process(capfd, run, train_net_argv(out, "train.max_iter=abc", flags=["--num-gpus", gpus]))
     assert code != 0 and "Traceback" not in log
     assert last == "error: train.max_iter=abc: expected an int (current value 600)"
     assert not out.exists()

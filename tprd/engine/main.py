@@ -361,14 +361,20 @@ def eval_only_output_dir(cfg, args) -> str:
     return comm.all_gather(folder)[0]
 
 
-def main(args) -> Any:
-    """Per-process entry: config, setup, then ``--eval-only`` evaluation or training."""
-    cfg = load_config(args.config_file, args.opts)
+def check_init_file(cfg, args) -> None:
+    """``train.init_checkpoint`` exists and is a weight file (a quick look, see
+    :func:`tprd.checkpoint.check_weight_file`), before the output folder is made."""
     init = str(_get(cfg, "train.init_checkpoint", "") or "")
-    if init and not args.resume:  # a file that is not a checkpoint fails before the output folder is made
+    if init and not args.resume:
         if not os.path.exists(init):
             raise FileNotFoundError(f"train.init_checkpoint {init!r} does not exist.")
         check_weight_file(init)
+
+
+def main(args) -> Any:
+    """Per-process entry: config, setup, then ``--eval-only`` evaluation or training."""
+    cfg = load_config(args.config_file, args.opts)
+    check_init_file(cfg, args)
     checkpoint_dir = str(_get(cfg, "train.output_dir", "") or "")  # where --resume finds checkpoints
     if args.eval_only:
         cfg.train.output_dir = eval_only_output_dir(cfg, args)
@@ -414,6 +420,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Any:
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args, flush=True)
     with user_errors_exit():
+        if args.num_gpus * args.num_machines > 1:
+            # config, overrides and init file checked here once: an error is one message, not one
+            # traceback per spawned worker
+            check_init_file(load_config(args.config_file, args.opts), args)
         return launch(
             main,
             args.num_gpus,
