@@ -1,5 +1,7 @@
 """merge_weight.py: torchvision student backbone + detrex teacher -> reference-format init file."""
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -25,9 +27,10 @@ def test_cli_round_trip_matches_official_student_backbone_keys(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "merge_weight.py"), "--input1", str(tmp_path / "resnet18.pth"),
          "--input2", str(tmp_path / "teacher.pth"), "--output", str(out)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, preexec_fn=lambda: os.umask(0o022),
     )
     assert "every key matched" in proc.stdout
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's permissions, not mkstemp's 0600
     merged = load_state_dict_file(out)
     official_student = {k for k, _, _ in json.loads((DETREX_KEYS_DIR / "deformable_detr_r18_student.json").read_text())}
     student_backbone = {k[len("student."):] for k in merged if k.startswith("student.backbone.")}

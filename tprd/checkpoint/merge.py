@@ -15,9 +15,7 @@ Unlike the reference, the un-prefixed student keys are not duplicated and every 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Mapping, Union
 
 import torch
@@ -115,15 +113,8 @@ def merge_weights(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) 
 
 
 def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to a temporary file in the target folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` to a temporary file in the target folder, then rename over ``path`` (the
+    engine's atomic write: the umask's permissions, no partial file left behind)."""
+    from tprd.engine.checkpoint import atomic_torch_save  # the engine imports this package
+
+    atomic_torch_save(obj, os.fspath(path))
