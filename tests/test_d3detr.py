@@ -138,3 +138,21 @@ def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_pat
     assert all(math.isfinite(v) for k, v in last.items() if k.startswith(("loss_", "distill_", "total_loss")))
     tprd = [k for k in last if k.startswith("tprd_d3detr_")]
     assert bool(tprd) == path.parent.name.endswith("_TPRD")
+
+
+def test_without_attention_weights_no_maps_are_computed():
+    teacher, student = tiny_deformable(seed=2), tiny_deformable(seed=1)
+    weights = {t: (0.0 if t.endswith("attn") else 1.0) for t in D3ETR.terms}
+    method = D3ETR(weights=weights)
+    distiller = Distiller(student, teacher, [method]).train()
+    seen = {}
+    forward = student.forward_outputs
+
+    def spy(*args, **kwargs):
+        seen["return_attention"] = kwargs.get("return_attention", False)
+        return forward(*args, **kwargs)
+
+    student.forward_outputs = spy
+    losses = distiller(batch())
+    assert seen == {"return_attention": False} and "attention" not in distiller.needs
+    assert "distill_d3detr_fixed_l1" in losses and "distill_d3detr_self_attn" not in losses

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from tprd.distill.attention import cross_attention_maps, self_attention_maps
-from tprd.modeling.outputs import DetectorOutputs, QueryGroup
+from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .detrdistill import aligned_prediction_kd, soft_matched_indices
@@ -95,7 +95,8 @@ class D3ETR(DistillMethod):
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
         skip_empty_images, alpha, beta: TPRD parity flag and TPRD-CKD weights.
 
-    A group whose weights are all 0 is not computed (the fixed group then is not decoded at all).
+    A group whose weights are all 0 is not computed (the fixed group then is not decoded at all);
+    with all attention weights 0 neither model computes attention maps.
     """
 
     name = "d3detr"
@@ -131,6 +132,8 @@ class D3ETR(DistillMethod):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self._embed_dim: Optional[int] = None
+        if not any(self.weights[p + t] != 0 for p in ("", "fixed_") for t in ATTN_TERMS):
+            self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
@@ -163,8 +166,9 @@ class D3ETR(DistillMethod):
         return logits, boxes, (match_index, labels_pad)
 
     @staticmethod
-    def _teacher_maps(out: DetectorOutputs) -> Tuple[Tensor, Tensor]:
-        with torch.no_grad():
+    def _teacher_maps(ctx: DistillContext) -> Tuple[Tensor, Tensor]:
+        with torch.no_grad(), ctx.section("attention_maps"):
+            out = ctx.teacher_out
             return self_attention_maps(out, "main"), cross_attention_maps(out, "head", "main")
 
     def _group_terms(self, ctx, prefix: str, group: str, targets, teacher_maps, aligned: bool) -> Dict[str, Tensor]:
@@ -185,15 +189,16 @@ class D3ETR(DistillMethod):
                                          self.alpha, self.beta)
             out.update({prefix + k: v for k, v in pred.items()})
         t_self, t_cross = teacher_maps
-        if self.weights[prefix + "self_attn"] != 0:
-            out[prefix + "self_attn"] = self_attention_kd(self_attention_maps(s_out, group), t_self, s_idx, t_idx)
-        if self.weights[prefix + "cross_attn"] != 0:
-            out[prefix + "cross_attn"] = cross_attention_kd(cross_attention_maps(s_out, "head", group), t_cross)
+        with ctx.section("attention_maps"):  # cutting, splatting and the two attention distances
+            if self.weights[prefix + "self_attn"] != 0:
+                out[prefix + "self_attn"] = self_attention_kd(self_attention_maps(s_out, group), t_self, s_idx, t_idx)
+            if self.weights[prefix + "cross_attn"] != 0:
+                out[prefix + "cross_attn"] = cross_attention_kd(cross_attention_maps(s_out, "head", group), t_cross)
         return out
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         targets = self._targets(ctx)
-        teacher_maps = self._teacher_maps(ctx.teacher_out)
+        teacher_maps = self._teacher_maps(ctx) if "attention" in self.needs else (None, None)
         out: Dict[str, Tensor] = {}
         if self._uses(""):
             out.update(self._group_terms(ctx, "", "main", targets, teacher_maps, aligned=False))
