@@ -11,8 +11,9 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
 * **distillation iteration**: ``distiller(batch)`` (train mode) + ``backward`` of the summed losses,
   split by the Distiller's profiler (``Distiller(profile=True)``) into teacher forward (no grad),
   student forward, student GT loss, matching (teacher-GT B1 and student-teacher soft Hungarian),
-  TPRD (refinement + positive lookup) and the rest of the method losses; backward is the rest of
-  the wall time after the forward.
+  TPRD (refinement + positive lookup), sections a method times itself (D3ETR: ``attention_maps``,
+  cutting the groups' maps, splatting and the attention distances) and the rest of the method
+  losses; backward is the rest of the wall time after the forward.
 * **student step**: the student alone, ``student(batch)`` in train mode + backward.
 * **teacher forward**: ``teacher.forward_outputs`` in eval mode under ``torch.no_grad``.
 
@@ -44,6 +45,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from tprd.config import LazyConfig, instantiate  # noqa: E402
 from tprd.progress import SECONDS_PER_UNIT, progress_bar  # noqa: E402
 
+BASE_SECTIONS = ("teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd", "method_losses")
 DEFAULT_CONFIG = "projects/deformable_detr/cfg_distill/DETRDistill_TPRD/deformable_detr_r50_distill_r18_50ep.py"
 
 
@@ -88,13 +90,17 @@ def distill_iteration(distiller, data, device) -> Dict[str, float]:
     sync(device)
     wall = time.perf_counter() - start
     t = dict(distiller.timings)
+    # sections a method times itself (e.g. D3ETR's "attention_maps"), inside its method losses
+    own = {k: v for k, v in t.items() if k not in BASE_SECTIONS}
     parts = {
         "teacher_forward": t.get("teacher_forward", 0.0),
         "student_forward": t.get("student_forward", 0.0),
         "student_gt_loss": t.get("student_gt_loss", 0.0),
         "matching": t.get("matching", 0.0),
         "tprd": t.get("tprd", 0.0),
-        "method_losses_other": t.get("method_losses", 0.0) - t.get("matching", 0.0) - t.get("tprd", 0.0),
+        **own,
+        "method_losses_other": t.get("method_losses", 0.0) - t.get("matching", 0.0) - t.get("tprd", 0.0)
+        - sum(own.values()),
         "backward": wall - forward,
     }
     parts["preprocess_other"] = forward - sum(v for k, v in parts.items() if k != "backward")
@@ -167,7 +173,9 @@ def main(argv=None) -> None:
     print()
     print("| part | median ms | share of iteration |")
     print("|---|---:|---:|")
-    order = ["teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd",
+    own = sorted(k for k in med if k not in BASE_SECTIONS + ("method_losses_other", "preprocess_other", "backward",
+                                                               "iteration", "student_step", "teacher_inference_forward"))
+    order = ["teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd", *own,
              "method_losses_other", "preprocess_other", "backward", "iteration"]
     for k in order:
         print(f"| {k} | {1000 * med[k]:.1f} | {100 * med[k] / med['iteration']:.1f}% |")
