@@ -1,6 +1,11 @@
 """Distillation methods: small plug-ins for :class:`tprd.distill.Distiller`."""
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .detrdistill import DETRDistill
+from .fgd import FGD
+from .fitnet import FitNet
 from .kd_detr import KDDETR
+from .mgd import MGD
+from .tprd_kd import TPRDKD
 
-__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "DETRDistill", "KDDETR"]
+__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "DETRDistill", "KDDETR", "FGD", "FitNet",
+           "MGD", "TPRDKD"]

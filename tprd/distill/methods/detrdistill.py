@@ -33,14 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tprd.distill.losses import box_pair_losses, soft_bce_pair_losses
-from tprd.distill.soft_matcher import soft_hungarian_match_stages
-from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, paired_box_iou
 from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
+from .kd_detr import check_same_stages, detector_embed_dim, tprd_stats
+from .tprd_kd import matching_kd
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -186,43 +184,13 @@ class DETRDistill(DistillMethod):
         return [query_group_from_tap(tap, self.group_name("teacher_queries"), ctx.batch_size, self._embed_dim)]
 
     # ------------------------------------------------------------------ terms
-    def _matching_kd(self, ctx: DistillContext, matches) -> Dict[str, Tensor]:
-        s, t = ctx.student_out.main, ctx.teacher_out.main
-        num_stages, batch, ns, nc = s.logits.shape
-        if self.refine:
-            t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-                ctx, t, self.matcher, self.skip_empty_images, key="main"
-            )
+    def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
+        """Term 1, shared with the stand-alone TPRD method (:func:`~.tprd_kd.matching_kd`)."""
+        terms, stats = matching_kd(ctx, self.matcher, self.refine, self.soft_costs, self.skip_empty_images,
+                                   self.alpha, self.beta)
+        if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
-        else:
-            t_logits, t_boxes = t.logits.detach(), t.boxes.detach()
-        with ctx.section("matching"):
-            pairs = soft_hungarian_match_stages(s.logits, s.boxes, t_logits, t_boxes, *self.soft_costs)
-            s_idx = torch.stack([torch.stack([p[0] for p in stage]) for stage in pairs])  # [L,B,P]
-            t_idx = torch.stack([torch.stack([p[1] for p in stage]) for stage in pairs])
-        s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
-        s_bx = s.boxes.gather(2, s_idx[..., None].expand(-1, -1, -1, 4))
-        t_lg = t_logits.gather(2, t_idx[..., None].expand(-1, -1, -1, nc))
-        t_bx = t_boxes.gather(2, t_idx[..., None].expand(-1, -1, -1, 4))
-        norm = float(batch * ns)
-        if self.refine:
-            positive, cls = aligned_positive_targets(
-                match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
-            )
-            class_pp = decoupled_kd(
-                s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1),
-                alpha=self.alpha, beta=self.beta,
-            ).view(s_idx.shape)
-            l1, giou = box_pair_losses(s_bx, t_bx)
-        else:
-            per = soft_bce_pair_losses(s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), s_bx.reshape(-1, 4),
-                                       t_bx.reshape(-1, 4), reduction="none")
-            class_pp, l1, giou = (per[k].view(s_idx.shape) for k in ("class", "l1", "giou"))
-        return {
-            "class": class_pp.flatten(1).sum(-1) / norm,
-            "l1": l1.flatten(1).sum(-1) / norm,
-            "giou": giou.flatten(1).sum(-1) / norm,
-        }
+        return terms
 
     def _target_aware(self, ctx: DistillContext) -> Tensor:
         t = ctx.teacher_out.main
@@ -250,7 +218,7 @@ class DETRDistill(DistillMethod):
         matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.matcher, key="main")
         out: Dict[str, Tensor] = {}
         if self._uses("class", "l1", "giou"):
-            out.update(self._matching_kd(ctx, matches))
+            out.update(self._matching_kd(ctx))
         if self._uses("target_aware"):
             out["target_aware"] = self._target_aware(ctx)
         if self._uses(*PRIOR_TERMS):
