@@ -334,3 +334,118 @@ def test_feature_methods_never_run_the_teachers_transformer(family):
     calls = _transformer_calls(teacher)
     losses = distiller(batch())
     assert calls and "distill_tprd_kd_class_0" in losses and distiller.last_stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+FOLDERS = {
+    "FGD": ["fgd"], "FitNet": ["fitnet"], "MGD": ["mgd"],
+    "FGD_TPRD": ["fgd", "tprd_kd"], "FitNet_TPRD": ["fitnet", "tprd_kd"], "MGD_TPRD": ["mgd", "tprd_kd"],
+    "TPRD": ["tprd_kd"],
+}
+SCHEDULES = {
+    "deformable_detr": ("deformable_detr_r50_distill_r18_50ep", "deformable_detr_r50_distill_r18_50ep_voc",
+                        "deformable_detr_r50_distill_r18_synthetic"),
+    "dab_detr": ("dab_detr_r50_distill_r18_50ep", "dab_detr_r50_distill_r18_50ep_voc", "dab_detr_r50_distill_r18_synthetic"),
+    "dino": ("dino_r50_distill_r18_4scale_12ep", "dino_r50_distill_r18_4scale_12ep_voc", "dino_r50_distill_r18_synthetic"),
+}
+CONFIGS = [REPO / "projects" / det / "cfg_distill" / folder / f"{stem}.py"
+           for det, stems in SCHEDULES.items() for folder in FOLDERS for stem in stems]
+SYNTHETIC = [p for p in CONFIGS if p.name.endswith("_synthetic.py")]
+
+
+def _cfg_id(path):
+    return path.relative_to(REPO).as_posix()
+
+
+def test_every_detector_has_every_feature_and_tprd_config():
+    missing = [_cfg_id(p) for p in CONFIGS if not p.is_file()]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_cfg_id)
+def test_config_declares_its_methods_and_tprd_diff(path):
+    """The method list of each folder; tprd_kd as specified; a ``_TPRD`` config is its baseline plus
+    ``model.methods.tprd_kd`` (and its own output folder), nothing else."""
+    from omegaconf import OmegaConf
+
+    from test_distiller import _flatten
+    from tprd.config import LazyConfig
+
+    folder = path.parent.name
+    cfg = LazyConfig.load(str(path))
+    assert list(cfg.model.methods) == FOLDERS[folder]
+    assert cfg.model.teacher_train_mode is False
+    methods = cfg.model.methods
+    if "tprd_kd" in methods:
+        assert methods.tprd_kd.refine is True and dict(methods.tprd_kd.weights) == {"class": 3.0, "l1": 5.0, "giou": 2.0}
+    if "fgd" in methods:
+        assert dict(methods.fgd.weights) == {"fgd": 0.05}
+        assert (methods.fgd.alpha, methods.fgd.beta, methods.fgd.gamma, methods.fgd.lambda_, methods.fgd.temperature) == (
+            0.001, 0.0005, 0.001, 0.000005, 0.5)
+    if "fitnet" in methods:
+        assert dict(methods.fitnet.weights) == {"fitnet": 10.0}
+    if "mgd" in methods:
+        assert dict(methods.mgd.weights) == {"mgd": 10.0} and methods.mgd.mask_ratio == 0.5
+        assert OmegaConf.to_container(cfg, resolve=False)["model"]["methods"]["mgd"]["seed"] == "${train.seed}"
+    if not folder.endswith("_TPRD"):
+        return
+    base = LazyConfig.load(str(path.parent.parent / folder[: -len("_TPRD")] / path.name))
+    a = _flatten(OmegaConf.to_container(base, resolve=False))
+    b = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    added = set(b) - set(a)
+    assert set(a) <= set(b) and added and all(k.startswith("model.methods.tprd_kd.") for k in added)
+    changed = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    assert set(changed) == {"train.output_dir"}
+    assert changed["train.output_dir"][1].replace("_TPRD", "") == a["train.output_dir"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    from tprd.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("datasets")
+    generate_synthetic_dataset(root / "synthetic", num_train=8, num_val=4, seed=3)
+    return root
+
+
+@pytest.mark.parametrize("path", SYNTHETIC, ids=_cfg_id)
+def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_path, monkeypatch):
+    """Two iterations through ``tprd.engine.main`` (what ``projects/<det>/train_net.py`` runs): finite
+    losses, every term of every method logged, TPRD diagnostics with ``tprd_kd``, and the teacher's
+    transformer runs only when a method needs its predictions."""
+    import tprd.engine.main as entry
+    from tprd.engine.defaults import default_argument_parser
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
+    calls = []
+    build = entry.build_model
+
+    def build_and_watch(cfg):
+        model = build(cfg)
+        for part in (model.teacher.transformer.encoder, model.teacher.transformer.decoder):
+            part.register_forward_hook(lambda *a: calls.append(1))
+        return model
+
+    monkeypatch.setattr(entry, "build_model", build_and_watch)
+    out = tmp_path / "run"
+    entry.main(default_argument_parser().parse_args([
+        "--config-file", str(path), f"train.output_dir={out}", "train.max_iter=2", "train.eval_period=0",
+        "train.log_period=1", "train.checkpointer.period=2", "dataloader.evaluator=None",
+    ]))
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert len(metrics) == 2
+    methods = FOLDERS[path.parent.name]
+    for m in metrics:
+        assert all(math.isfinite(v) for k, v in m.items() if k.startswith(("loss_", "distill_", "total_loss")))
+        for name in methods:
+            if name == "tprd_kd":
+                keys = [f"distill_tprd_kd_{t}{s}" for t in ("class", "l1", "giou") for s in ("", "_0")]
+            else:
+                keys = [f"distill_{name}_{name}"]
+            assert all(k in m for k in keys), (keys, sorted(m))
+        stats = [k for k in m if k.startswith("tprd_tprd_kd_")]
+        assert bool(stats) == ("tprd_kd" in methods)
+        assert all(0.0 <= m[k] <= 1.0 for k in stats)
+    assert bool(calls) == ("tprd_kd" in methods)
