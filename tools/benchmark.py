@@ -15,6 +15,9 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
   the wall time after the forward.
 * **student step**: the student alone, ``student(batch)`` in train mode + backward.
 * **teacher forward**: ``teacher.forward_outputs`` in eval mode under ``torch.no_grad``.
+* **teacher backbone + neck** (feature-only methods, whose teacher stops at its neck, spec 8 #14):
+  ``teacher.extract_features`` in eval mode under ``torch.no_grad``; the ratio
+  ``iteration / (student step + teacher backbone + neck)`` is then printed as well.
 
 The ratio ``iteration / (student step + teacher forward)`` is the distillation overhead on top of
 the unavoidable work (target ≤ 1.05), and ``TPRD / iteration`` the share of the refinement. The ratio
@@ -42,6 +45,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tprd.config import LazyConfig, instantiate  # noqa: E402
+from tprd.distill.methods.base import FEATURE_NEEDS  # noqa: E402
 
 DEFAULT_CONFIG = "projects/deformable_detr/cfg_distill/DETRDistill_TPRD/deformable_detr_r50_distill_r18_50ep.py"
 
@@ -138,6 +142,12 @@ def main(argv=None) -> None:
         with torch.no_grad():
             teacher.forward_outputs(teacher.preprocess(data))
 
+    feature_only = distiller.needs <= FEATURE_NEEDS
+
+    def teacher_features():
+        with torch.no_grad():
+            teacher.extract_features(teacher.preprocess(data))
+
     for rep in range(args.warmup + args.reps):
         # interleave the three measurements so that machine load affects them alike
         distiller.train()
@@ -146,12 +156,15 @@ def main(argv=None) -> None:
         s = timed(student_step, device)
         distiller.eval()
         t = timed(teacher_forward, device)
+        tn = timed(teacher_features, device) if feature_only else None
         if rep < args.warmup:
             continue
         for k, v in parts.items():
             record(k, v)
         record("student_step", s)
         record("teacher_inference_forward", t)
+        if tn is not None:
+            record("teacher_backbone_neck", tn)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     best = {k: min(v) for k, v in rows.items()}
@@ -170,6 +183,8 @@ def main(argv=None) -> None:
         print(f"| {k} | {1000 * med[k]:.1f} | {100 * med[k] / med['iteration']:.1f}% |")
     print(f"| student step (student alone, fwd+bwd) | {1000 * med['student_step']:.1f} | |")
     print(f"| teacher inference forward | {1000 * med['teacher_inference_forward']:.1f} | |")
+    if feature_only:
+        print(f"| teacher backbone + neck | {1000 * med['teacher_backbone_neck']:.1f} | |")
     print()
     paired = statistics.median(
         it / (st + tf) for it, st, tf in zip(rows["iteration"], rows["student_step"], rows["teacher_inference_forward"])
@@ -177,6 +192,14 @@ def main(argv=None) -> None:
     print(f"ratio iteration / (student step + teacher forward) = {med['iteration'] / lower:.3f} (medians), "
           f"{best['iteration'] / (best['student_step'] + best['teacher_inference_forward']):.3f} (minima), "
           f"{paired:.3f} (median of the per-repetition ratios)")
+    if feature_only:
+        paired_neck = statistics.median(
+            it / (st + tn) for it, st, tn in zip(rows["iteration"], rows["student_step"], rows["teacher_backbone_neck"])
+        )
+        print(f"feature-only ratio iteration / (student step + teacher backbone+neck) = "
+              f"{med['iteration'] / (med['student_step'] + med['teacher_backbone_neck']):.3f} (medians), "
+              f"{best['iteration'] / (best['student_step'] + best['teacher_backbone_neck']):.3f} (minima), "
+              f"{paired_neck:.3f} (median of the per-repetition ratios)")
     print(f"TPRD share of the iteration = {100 * med['tprd'] / med['iteration']:.2f}%")
     print("raw (s):", {k: [round(x, 4) for x in v] for k, v in rows.items()})
 
