@@ -449,3 +449,27 @@ def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_pat
         assert bool(stats) == ("tprd_kd" in methods)
         assert all(0.0 <= m[k] <= 1.0 for k in stats)
     assert bool(calls) == ("tprd_kd" in methods)
+
+
+def test_trainer_hands_the_iteration_to_the_model():
+    """MGD's masks depend on ``Distiller.iteration``: the trainer sets it before every step, also
+    when starting at a later iteration (a resumed run)."""
+    from torch import nn
+
+    from tprd.engine.trainer import SimpleTrainer
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+            self.iteration = None
+            self.seen = []
+
+        def forward(self, data):
+            self.seen.append(self.iteration)
+            return {"loss": (self.w * data[0]).sum()}
+
+    model = Recorder()
+    trainer = SimpleTrainer(model, iter(lambda: [torch.ones(1)], None), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.train(3, 6)
+    assert model.seen == [3, 4, 5]
