@@ -16,6 +16,9 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
   losses; backward is the rest of the wall time after the forward.
 * **student step**: the student alone, ``student(batch)`` in train mode + backward.
 * **teacher forward**: ``teacher.forward_outputs`` in eval mode under ``torch.no_grad``.
+* **teacher backbone + neck** (feature-only methods, whose teacher stops at its neck, spec 8 #14):
+  ``teacher.extract_features`` in eval mode under ``torch.no_grad``; the ratio
+  ``iteration / (student step + teacher backbone + neck)`` is then printed as well.
 
 The ratio ``iteration / (student step + teacher forward)`` is the distillation overhead on top of
 the unavoidable work (target ≤ 1.05), and ``TPRD / iteration`` the share of the refinement. The ratio
@@ -43,6 +46,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tprd.config import LazyConfig, instantiate  # noqa: E402
+from tprd.distill.methods.base import FEATURE_NEEDS  # noqa: E402
 from tprd.progress import SECONDS_PER_UNIT, progress_bar  # noqa: E402
 
 BASE_SECTIONS = ("teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd", "method_losses")
@@ -145,15 +149,22 @@ def main(argv=None) -> None:
         with torch.no_grad():
             teacher.forward_outputs(teacher.preprocess(data))
 
+    feature_only = distiller.needs <= FEATURE_NEEDS
+
+    def teacher_features():
+        with torch.no_grad():
+            teacher.extract_features(teacher.preprocess(data))
+
     with progress_bar(args.warmup + args.reps, "benchmark", unit="rep", bar_format=SECONDS_PER_UNIT) as bar:
         for rep in range(args.warmup + args.reps):
-            # interleave the three measurements so that machine load affects them alike
+            # interleave the measurements so that machine load affects them alike
             distiller.train()
             parts = distill_iteration(distiller, data, device)
             distiller.train()
             s = timed(student_step, device)
             distiller.eval()
             t = timed(teacher_forward, device)
+            tn = timed(teacher_features, device) if feature_only else None
             bar.update(1)
             if rep < args.warmup:
                 continue
@@ -161,6 +172,8 @@ def main(argv=None) -> None:
                 record(k, v)
             record("student_step", s)
             record("teacher_inference_forward", t)
+            if tn is not None:
+                record("teacher_backbone_neck", tn)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     best = {k: min(v) for k, v in rows.items()}
@@ -181,6 +194,8 @@ def main(argv=None) -> None:
         print(f"| {k} | {1000 * med[k]:.1f} | {100 * med[k] / med['iteration']:.1f}% |")
     print(f"| student step (student alone, fwd+bwd) | {1000 * med['student_step']:.1f} | |")
     print(f"| teacher inference forward | {1000 * med['teacher_inference_forward']:.1f} | |")
+    if feature_only:
+        print(f"| teacher backbone + neck | {1000 * med['teacher_backbone_neck']:.1f} | |")
     print()
     paired = statistics.median(
         it / (st + tf) for it, st, tf in zip(rows["iteration"], rows["student_step"], rows["teacher_inference_forward"])
@@ -188,6 +203,14 @@ def main(argv=None) -> None:
     print(f"ratio iteration / (student step + teacher forward) = {med['iteration'] / lower:.3f} (medians), "
           f"{best['iteration'] / (best['student_step'] + best['teacher_inference_forward']):.3f} (minima), "
           f"{paired:.3f} (median of the per-repetition ratios)")
+    if feature_only:
+        paired_neck = statistics.median(
+            it / (st + tn) for it, st, tn in zip(rows["iteration"], rows["student_step"], rows["teacher_backbone_neck"])
+        )
+        print(f"feature-only ratio iteration / (student step + teacher backbone+neck) = "
+              f"{med['iteration'] / (med['student_step'] + med['teacher_backbone_neck']):.3f} (medians), "
+              f"{best['iteration'] / (best['student_step'] + best['teacher_backbone_neck']):.3f} (minima), "
+              f"{paired_neck:.3f} (median of the per-repetition ratios)")
     print(f"TPRD share of the iteration = {100 * med['tprd'] / med['iteration']:.2f}%")
     print("raw (s):", {k: [round(x, 4) for x in v] for k, v in rows.items()})
 

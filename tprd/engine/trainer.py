@@ -186,6 +186,9 @@ class SimpleTrainer(TrainerBase):
         return data, time.perf_counter() - start
 
     def _forward(self, data) -> Dict[str, torch.Tensor]:
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        if hasattr(model, "iteration"):  # e.g. the Distiller: per-iteration random draws (MGD masks)
+            model.iteration = self.iter
         loss_dict = self.model(data)
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}

@@ -376,6 +376,14 @@ class DABDETR(DETRDetector):
     # --------------------------------------------------------------------------------------------
     # Stages
     # --------------------------------------------------------------------------------------------
+    def extract_features(self, images: ImageBatch):
+        """Backbone dict, the one "neck" level (``[input_proj [B,D,h,w]]``) and its padding mask
+        (``[[B,h,w]]``): what feature-only distillation needs of a teacher (no transformer)."""
+        feats = self.backbone(images.tensor)
+        x = self.input_proj(feats[self.in_features[-1]])
+        mask = level_masks(images.mask, images.image_sizes, [tuple(x.shape[-2:])], "nearest")[0]
+        return feats, [x], [mask]
+
     def encode(self, images: ImageBatch) -> Dict[str, Any]:
         """Backbone -> input_proj -> position embedding -> encoder.
 
@@ -383,10 +391,8 @@ class DABDETR(DETRDetector):
         ``neck_masks`` (``[[B,h,w]]``), ``memory`` ``[B,S,D]``, ``memory_pos`` ``[B,S,D]``,
         ``memory_mask`` ``[B,S]`` (True = padding), ``spatial_shapes`` ``[1,2]``.
         """
-        feats = self.backbone(images.tensor)
-        x = self.input_proj(feats[self.in_features[-1]])
+        feats, (x,), (mask,) = self.extract_features(images)
         B, D, h, w = x.shape
-        mask = level_masks(images.mask, images.image_sizes, [(h, w)], "nearest")[0]
         pos = self.position_embedding(mask)
         src = x.flatten(2).transpose(1, 2)
         pos_flat = pos.flatten(2).transpose(1, 2)

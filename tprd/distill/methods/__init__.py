@@ -2,6 +2,11 @@
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .d3detr import D3ETR
 from .detrdistill import DETRDistill
+from .fgd import FGD
+from .fitnet import FitNet
 from .kd_detr import KDDETR
+from .mgd import MGD
+from .tprd_kd import TPRDKD
 
-__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "DETRDistill", "KDDETR", "D3ETR"]
+__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "DETRDistill", "KDDETR", "D3ETR", "FGD",
+           "FitNet", "MGD", "TPRDKD"]

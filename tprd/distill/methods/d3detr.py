@@ -37,7 +37,7 @@ from tprd.distill.attention import cross_attention_maps, self_attention_maps
 from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
-from .detrdistill import aligned_prediction_kd, soft_matched_indices
+from .aligned_kd import aligned_prediction_kd, soft_matched_indices
 from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3ETR", "self_attention_kd", "cross_attention_kd"]

@@ -33,23 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tprd.distill.losses import box_pair_losses, soft_bce_pair_losses
-from tprd.distill.soft_matcher import soft_hungarian_match_stages
-from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, paired_box_iou
-from tprd.modeling.outputs import QueryGroup, StagePredictions
+from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
+from .aligned_kd import matching_kd
+from .kd_detr import check_same_stages, detector_embed_dim, tprd_stats
 
-__all__ = [
-    "DETRDistill",
-    "target_aware_weights",
-    "target_aware_masks",
-    "target_aware_loss",
-    "soft_matched_indices",
-    "aligned_prediction_kd",
-]
+__all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
 PRIOR_TERMS = ("prior_class", "prior_l1", "prior_giou")
 
@@ -117,63 +108,6 @@ def target_aware_loss(
         term = (mask.pow(2) * sq[None]).flatten(1).sum(-1) / fs.numel()
         total = term if total is None else total + term
     return total
-
-
-def soft_matched_indices(ctx: DistillContext, s: StagePredictions, t_logits: Tensor, t_boxes: Tensor,
-                         soft_costs: Sequence[float]) -> Tuple[Tensor, Tensor]:
-    """Soft matcher B3 at every stage between the student group ``s`` (``[L,B,Ns,·]``) and teacher
-    targets ``[L,B,Nt,·]``: student and teacher query of each pair, ``s_idx``, ``t_idx`` ``[L,B,P]``
-    (``P = min(Ns, Nt)``; a full permutation in increasing student order when equal)."""
-    with ctx.section("matching"):
-        pairs = soft_hungarian_match_stages(s.logits, s.boxes, t_logits, t_boxes, *soft_costs)
-        s_idx = torch.stack([torch.stack([p[0] for p in stage]) for stage in pairs])  # [L,B,P]
-        t_idx = torch.stack([torch.stack([p[1] for p in stage]) for stage in pairs])
-    return s_idx.to(s.logits.device), t_idx.to(s.logits.device)
-
-
-def aligned_prediction_kd(
-    s: StagePredictions,
-    t_logits: Tensor,
-    t_boxes: Tensor,
-    s_idx: Tensor,
-    t_idx: Tensor,
-    norm: float,
-    tprd: Optional[Tuple[Tensor, Tensor]] = None,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-) -> Dict[str, Tensor]:
-    """Prediction distillation of aligned pairs at every stage, ``{"class", "l1", "giou"}`` ``[L]``,
-    each ``Σ_pairs / norm``.
-
-    Pairs: student query ``s_idx[l,b,i]`` <-> teacher query ``t_idx[l,b,i]`` (``[L,B,P]``; the soft
-    matcher's pairs or the identity). Baseline (``tprd=None``): B4 soft-BCE / L1 / ``1 − GIoU``.
-    ``tprd = (match_index [L,B,Nt], labels_pad [B,G])`` (from :func:`tprd_refine_and_targets`,
-    with ``t_logits``/``t_boxes`` the refined targets): the class term is TPRD-CKD, a pair being
-    positive iff its teacher query is in ``M_l`` (spec 2.4, 2.5).
-    """
-    num_stages, batch, _, nc = s.logits.shape
-    s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
-    s_bx = s.boxes.gather(2, s_idx[..., None].expand(-1, -1, -1, 4))
-    t_lg = t_logits.detach().gather(2, t_idx[..., None].expand(-1, -1, -1, nc))
-    t_bx = t_boxes.detach().gather(2, t_idx[..., None].expand(-1, -1, -1, 4))
-    if tprd is not None:
-        match_index, labels_pad = tprd
-        positive, cls = aligned_positive_targets(
-            match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
-        )
-        class_pp = decoupled_kd(
-            s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1), alpha=alpha, beta=beta,
-        ).view(s_idx.shape)
-        l1, giou = box_pair_losses(s_bx, t_bx)
-    else:
-        per = soft_bce_pair_losses(s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), s_bx.reshape(-1, 4),
-                                   t_bx.reshape(-1, 4), reduction="none")
-        class_pp, l1, giou = (per[k].view(s_idx.shape) for k in ("class", "l1", "giou"))
-    return {
-        "class": class_pp.flatten(1).sum(-1) / norm,
-        "l1": l1.flatten(1).sum(-1) / norm,
-        "giou": giou.flatten(1).sum(-1) / norm,
-    }
 
 
 class DETRDistill(DistillMethod):
@@ -250,20 +184,13 @@ class DETRDistill(DistillMethod):
         return [query_group_from_tap(tap, self.group_name("teacher_queries"), ctx.batch_size, self._embed_dim)]
 
     # ------------------------------------------------------------------ terms
-    def _matching_kd(self, ctx: DistillContext, matches) -> Dict[str, Tensor]:
-        s, t = ctx.student_out.main, ctx.teacher_out.main
-        tprd = None
-        if self.refine:
-            t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-                ctx, t, self.matcher, self.skip_empty_images, key="main"
-            )
-            tprd = (match_index, labels_pad)
+    def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
+        """Term 1 (:func:`~.aligned_kd.matching_kd`, shared with D³ETR, CrossKD and ``tprd_kd``)."""
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
+                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta)
+        if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
-        else:
-            t_logits, t_boxes = t.logits.detach(), t.boxes.detach()
-        s_idx, t_idx = soft_matched_indices(ctx, s, t_logits, t_boxes, self.soft_costs)
-        norm = float(s.logits.shape[1] * s.logits.shape[2])  # A = B·Ns
-        return aligned_prediction_kd(s, t_logits, t_boxes, s_idx, t_idx, norm, tprd, self.alpha, self.beta)
+        return terms
 
     def _target_aware(self, ctx: DistillContext) -> Tensor:
         t = ctx.teacher_out.main
@@ -291,7 +218,7 @@ class DETRDistill(DistillMethod):
         matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.matcher, key="main")
         out: Dict[str, Tensor] = {}
         if self._uses("class", "l1", "giou"):
-            out.update(self._matching_kd(ctx, matches))
+            out.update(self._matching_kd(ctx))
         if self._uses("target_aware"):
             out["target_aware"] = self._target_aware(ctx)
         if self._uses(*PRIOR_TERMS):
