@@ -1,5 +1,5 @@
 """Knowledge distillation of DETR detectors: the distiller, TPRD and the method plug-ins."""
 from .distiller import Distiller
-from .methods import DETRDistill, DistillMethod, KDDETR
+from .methods import CrossKD, DETRDistill, DistillMethod, KDDETR
 
-__all__ = ["Distiller", "DistillMethod", "DETRDistill", "KDDETR"]
+__all__ = ["Distiller", "DistillMethod", "CrossKD", "DETRDistill", "KDDETR"]

@@ -427,21 +427,38 @@ class DABDETR(DETRDetector):
             preds.append(StagePredictions(logits=l_, boxes=b_, hidden=h_, references=r_))
         return preds[0], {g.name: p for g, p in zip(query_groups, preds[1:])}
 
+    def encode_images(self, images: ImageBatch) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """Backbone, input projection and encoder (the same entry point as the multi-scale
+        detectors): the encoder state ``{memory [B,S,D], memory_pos [B,S,D], memory_mask [B,S],
+        spatial_shapes [1,2]}`` and the feature taps (``backbone``, ``neck``, ``neck_masks``,
+        ``image_sizes``, ``padded_size``)."""
+        out = self.encode(images)
+        enc = {k: out[k] for k in ("memory", "memory_pos", "memory_mask", "spatial_shapes")}
+        taps = {k: out[k] for k in ("backbone", "neck", "neck_masks")}
+        taps.update(image_sizes=list(images.image_sizes), padded_size=tuple(images.tensor.shape[-2:]))
+        return enc, taps
+
+    def decode_memory(
+        self, enc: Dict[str, Tensor], query_groups: Sequence[QueryGroup] = (), taps: Optional[Dict[str, Any]] = None
+    ) -> DetectorOutputs:
+        """Anchors, conditional decoder and heads on an encoder state (possibly another model's
+        memory, e.g. CrossKD's student memory through the teacher)."""
+        names = [g.name for g in query_groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"query group names must be unique, got {names}")
+        main, groups = self.decode(enc["memory"], enc["memory_pos"], enc.get("memory_mask"), query_groups)
+        taps = dict(taps or {})
+        taps.update(enc)
+        taps["queries"] = self.initial_anchors()
+        return DetectorOutputs(main=main, groups=groups, taps=taps)
+
     def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = ()) -> DetectorOutputs:
         """Full forward: stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra
         groups by name, and the taps (``backbone``, ``neck``, ``neck_masks``, ``memory``,
         ``memory_pos``, ``memory_mask``, ``spatial_shapes``, ``queries`` = anchor table as
         normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``)."""
-        names = [g.name for g in query_groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"query group names must be unique, got {names}")
-        enc = self.encode(images)
-        main, groups = self.decode(enc["memory"], enc["memory_pos"], enc["memory_mask"], query_groups)
-        taps = dict(enc)
-        taps["queries"] = self.initial_anchors()
-        taps["image_sizes"] = list(images.image_sizes)
-        taps["padded_size"] = tuple(images.tensor.shape[-2:])
-        return DetectorOutputs(main=main, groups=groups, taps=taps)
+        enc, taps = self.encode_images(images)
+        return self.decode_memory(enc, query_groups, taps)
 
     # --------------------------------------------------------------------------------------------
     # Training / inference: forward, inference and postprocess come from DETRDetector

@@ -1,6 +1,7 @@
 """Distillation methods: small plug-ins for :class:`tprd.distill.Distiller`."""
 from .base import DistillContext, DistillMethod, query_group_from_tap
+from .crosskd import CrossKD
 from .detrdistill import DETRDistill
 from .kd_detr import KDDETR
 
-__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "DETRDistill", "KDDETR"]
+__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "CrossKD", "DETRDistill", "KDDETR"]

@@ -37,12 +37,12 @@ from tprd.distill.losses import box_pair_losses, soft_bce_pair_losses
 from tprd.distill.soft_matcher import soft_hungarian_match_stages
 from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, paired_box_iou
-from tprd.modeling.outputs import QueryGroup
+from tprd.modeling.outputs import QueryGroup, StagePredictions
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
 
-__all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
+__all__ = ["DETRDistill", "soft_matching_kd", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
 PRIOR_TERMS = ("prior_class", "prior_l1", "prior_giou")
 
@@ -110,6 +110,72 @@ def target_aware_loss(
         term = (mask.pow(2) * sq[None]).flatten(1).sum(-1) / fs.numel()
         total = term if total is None else total + term
     return total
+
+
+def soft_matching_kd(
+    ctx: DistillContext,
+    student: StagePredictions,
+    teacher: StagePredictions,
+    refine: bool = False,
+    matcher: Optional[nn.Module] = None,
+    soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
+    skip_empty_images: bool = False,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    key: str = "main",
+) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
+    """Hungarian-matched prediction KD at every stage (B3 + B4; TPRD variant of spec 2.4/2.5).
+
+    Student stage ``l`` ``[L,B,Ns,·]`` <-> teacher stage ``l`` ``[L,B,Nt,·]``: the soft matcher B3
+    pairs the queries (``min(Ns, Nt)`` pairs per image), then per stage ``Σ_pairs`` of the B4
+    soft-BCE class term, L1 and ``1 − GIoU``, each divided by ``A = B·Ns``. Used by DETRDistill
+    (student main group vs teacher) and CrossKD (crossed predictions vs teacher).
+
+    With ``refine=True`` the teacher targets are the TPRD-refined stage-``l`` predictions (B1
+    matching ``M_l`` of the raw teacher under ``key``, shared through ``ctx``), the soft matcher runs
+    against them, the class term is TPRD-CKD with positives = pairs whose teacher query is in ``M_l``
+    (inverse lookup through ``π``), and the boxes go towards the refined boxes.
+
+    Returns ``({"class", "l1", "giou"}`` each ``[L]``, the refinement statistics or ``None``).
+    The teacher side is detached; gradients reach only ``student``.
+    """
+    num_stages, batch, ns, nc = student.logits.shape
+    stats = None
+    if refine:
+        if matcher is None:
+            raise ValueError("soft_matching_kd(refine=True) needs the B1 matcher of the TPRD refinement")
+        t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
+            ctx, teacher, matcher, skip_empty_images, key=key
+        )
+    else:
+        t_logits, t_boxes = teacher.logits.detach(), teacher.boxes.detach()
+    with ctx.section("matching"):
+        pairs = soft_hungarian_match_stages(student.logits, student.boxes, t_logits, t_boxes, *soft_costs)
+        s_idx = torch.stack([torch.stack([p[0] for p in stage]) for stage in pairs])  # [L,B,P]
+        t_idx = torch.stack([torch.stack([p[1] for p in stage]) for stage in pairs])
+    s_lg = student.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
+    s_bx = student.boxes.gather(2, s_idx[..., None].expand(-1, -1, -1, 4))
+    t_lg = t_logits.gather(2, t_idx[..., None].expand(-1, -1, -1, nc))
+    t_bx = t_boxes.gather(2, t_idx[..., None].expand(-1, -1, -1, 4))
+    norm = float(batch * ns)
+    if refine:
+        positive, cls = aligned_positive_targets(
+            match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
+        )
+        class_pp = decoupled_kd(
+            s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1), alpha=alpha, beta=beta,
+        ).view(s_idx.shape)
+        l1, giou = box_pair_losses(s_bx, t_bx)
+    else:
+        per = soft_bce_pair_losses(s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), s_bx.reshape(-1, 4),
+                                   t_bx.reshape(-1, 4), reduction="none")
+        class_pp, l1, giou = (per[k].view(s_idx.shape) for k in ("class", "l1", "giou"))
+    terms = {
+        "class": class_pp.flatten(1).sum(-1) / norm,
+        "l1": l1.flatten(1).sum(-1) / norm,
+        "giou": giou.flatten(1).sum(-1) / norm,
+    }
+    return terms, stats
 
 
 class DETRDistill(DistillMethod):
@@ -186,43 +252,14 @@ class DETRDistill(DistillMethod):
         return [query_group_from_tap(tap, self.group_name("teacher_queries"), ctx.batch_size, self._embed_dim)]
 
     # ------------------------------------------------------------------ terms
-    def _matching_kd(self, ctx: DistillContext, matches) -> Dict[str, Tensor]:
-        s, t = ctx.student_out.main, ctx.teacher_out.main
-        num_stages, batch, ns, nc = s.logits.shape
-        if self.refine:
-            t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-                ctx, t, self.matcher, self.skip_empty_images, key="main"
-            )
+    def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
+        terms, stats = soft_matching_kd(
+            ctx, ctx.student_out.main, ctx.teacher_out.main, refine=self.refine, matcher=self.matcher,
+            soft_costs=self.soft_costs, skip_empty_images=self.skip_empty_images, alpha=self.alpha, beta=self.beta,
+        )
+        if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
-        else:
-            t_logits, t_boxes = t.logits.detach(), t.boxes.detach()
-        with ctx.section("matching"):
-            pairs = soft_hungarian_match_stages(s.logits, s.boxes, t_logits, t_boxes, *self.soft_costs)
-            s_idx = torch.stack([torch.stack([p[0] for p in stage]) for stage in pairs])  # [L,B,P]
-            t_idx = torch.stack([torch.stack([p[1] for p in stage]) for stage in pairs])
-        s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
-        s_bx = s.boxes.gather(2, s_idx[..., None].expand(-1, -1, -1, 4))
-        t_lg = t_logits.gather(2, t_idx[..., None].expand(-1, -1, -1, nc))
-        t_bx = t_boxes.gather(2, t_idx[..., None].expand(-1, -1, -1, 4))
-        norm = float(batch * ns)
-        if self.refine:
-            positive, cls = aligned_positive_targets(
-                match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
-            )
-            class_pp = decoupled_kd(
-                s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1),
-                alpha=self.alpha, beta=self.beta,
-            ).view(s_idx.shape)
-            l1, giou = box_pair_losses(s_bx, t_bx)
-        else:
-            per = soft_bce_pair_losses(s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), s_bx.reshape(-1, 4),
-                                       t_bx.reshape(-1, 4), reduction="none")
-            class_pp, l1, giou = (per[k].view(s_idx.shape) for k in ("class", "l1", "giou"))
-        return {
-            "class": class_pp.flatten(1).sum(-1) / norm,
-            "l1": l1.flatten(1).sum(-1) / norm,
-            "giou": giou.flatten(1).sum(-1) / norm,
-        }
+        return terms
 
     def _target_aware(self, ctx: DistillContext) -> Tensor:
         t = ctx.teacher_out.main
@@ -250,7 +287,7 @@ class DETRDistill(DistillMethod):
         matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.matcher, key="main")
         out: Dict[str, Tensor] = {}
         if self._uses("class", "l1", "giou"):
-            out.update(self._matching_kd(ctx, matches))
+            out.update(self._matching_kd(ctx))
         if self._uses("target_aware"):
             out["target_aware"] = self._target_aware(ctx)
         if self._uses(*PRIOR_TERMS):
