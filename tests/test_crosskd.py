@@ -1,5 +1,9 @@
 """CrossKD: the gradient path student memory -> frozen teacher decoder -> CrossKD terms, on the three
 detector families; the crossed pass equals the teacher's own decoding of that memory; TPRD variant."""
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -106,3 +110,51 @@ def test_requires_grad_never_thaws_the_teacher():
     next(distiller.teacher.parameters()).requires_grad_(True)
     with pytest.raises(RuntimeError, match="teacher must stay frozen"):
         distiller(batch(num_classes=3))
+
+
+# ------------------------------------------------------------------------------------------------
+# every new synthetic config through the training entry point (shared with test_qskd.py)
+# ------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_configs(folder):
+    return sorted(REPO.glob(f"projects/*/cfg_distill/{folder}/*_synthetic.py"))
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    from tprd.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("datasets")
+    generate_synthetic_dataset(root / "synthetic", num_train=4, num_val=2, seed=3)
+    return root
+
+
+def train_through_entry_point(path, datasets, out, monkeypatch, method):
+    """One iteration of ``path`` through ``tprd.engine.main.main`` (what ``projects/<det>/train_net.py``
+    runs); checks finite, present terms of ``method`` and, for ``_TPRD`` folders, TPRD diagnostics."""
+    from tprd.engine.defaults import default_argument_parser
+    from tprd.engine.main import main
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
+    args = default_argument_parser().parse_args([
+        "--config-file", str(path), f"train.output_dir={out}", "train.max_iter=1", "train.eval_period=0",
+        "train.log_period=1", "train.checkpointer.period=100",
+    ])
+    main(args)
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    last = [m for m in metrics if "total_loss" in m][-1]
+    terms = {k: v for k, v in last.items() if k.startswith(f"distill_{method}_")}
+    assert terms and all(math.isfinite(v) for v in terms.values()), terms
+    assert math.isfinite(last["total_loss"])
+    if path.parent.name.endswith("_TPRD"):
+        assert any(k.startswith(f"tprd_{method}_") for k in last), sorted(last)
+    return terms
+
+
+@pytest.mark.parametrize("path", synthetic_configs("CrossKD") + synthetic_configs("CrossKD_TPRD"),
+                         ids=lambda p: p.relative_to(REPO).as_posix())
+def test_crosskd_synthetic_configs_train_through_the_entry_point(path, datasets, tmp_path, monkeypatch):
+    terms = train_through_entry_point(path, datasets, tmp_path / "run", monkeypatch, "crosskd")
+    assert {"distill_crosskd_class", "distill_crosskd_l1", "distill_crosskd_giou", "distill_crosskd_giou_0"} <= set(terms)
