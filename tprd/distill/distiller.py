@@ -184,6 +184,14 @@ class Distiller(nn.Module):
             out.update(m.needs)
         return frozenset(out)
 
+    @property
+    def student_needs(self) -> frozenset:
+        """Union of the methods' student needs (``attention``: decoder attention taps)."""
+        out = set()
+        for m in self.methods:
+            out.update(m.student_needs)
+        return frozenset(out)
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: Sequence[Mapping[str, Any]]):
         if not self.training:
@@ -246,7 +254,8 @@ class Distiller(nn.Module):
                 taps = self._teacher_features(images)
                 if taps is not None:
                     return DetectorOutputs(main=None, taps=taps)
-            return self.teacher.forward_outputs(images, query_groups=list(groups))
+            extra = {"return_attention": True} if "attention" in needs else {}
+            return self.teacher.forward_outputs(images, query_groups=list(groups), **extra)
 
     def _teacher_features(self, images: ImageBatch) -> Optional[Dict[str, Any]]:
         """Backbone + neck of the teacher only (spec 8 #14), through the detector's
@@ -261,9 +270,10 @@ class Distiller(nn.Module):
         return None
 
     def _run_student(self, images: ImageBatch, groups: Sequence[QueryGroup], targets) -> DetectorOutputs:
+        extra = {"return_attention": True} if "attention" in self.student_needs else {}
         if self._student_takes_targets:
-            return self.student.forward_outputs(images, query_groups=list(groups), targets=targets)
-        return self.student.forward_outputs(images, query_groups=list(groups))
+            extra["targets"] = targets
+        return self.student.forward_outputs(images, query_groups=list(groups), **extra)
 
     def student_gt_losses(self, outputs: DetectorOutputs, targets) -> Dict[str, Tensor]:
         """The student's weighted GT losses, exactly as its own training forward weights them

@@ -55,8 +55,10 @@ from tprd.modeling.detector import (
     PIXEL_MEAN,
     PIXEL_STD,
     DETRDetector,
+    attention_taps,
     block_diagonal_mask,
     focal_prior_bias,
+    group_slices,
     level_masks,
 )
 from tprd.modeling.detrex_compat import (
@@ -167,12 +169,22 @@ class DabDetrDecoderLayer(nn.Module):
         self.ffn = FFN(embed_dim, feedforward_dim, activation, ffn_dropout)
         self.norm3 = nn.LayerNorm(embed_dim)
 
-    def forward(self, query, query_pos, query_sine_embed, memory, memory_pos, self_attn_mask, memory_mask):
-        query = self.norm1(self.self_attn(query, query_pos, attn_mask=self_attn_mask))
-        query = self.norm2(
-            self.cross_attn(query, memory, memory_pos, query_pos, query_sine_embed, key_padding_mask=memory_mask)
-        )
-        return self.norm3(self.ffn(query))
+    def forward(self, query, query_pos, query_sine_embed, memory, memory_pos, self_attn_mask, memory_mask,
+                return_attention: bool = False):
+        """Returns the layer output ``[B,Q,D]``, and with ``return_attention`` also
+        ``{"self_attn" [B,M,Q,Q], "cross_attn" [B,M,Q,S]}`` (softmax weights before dropout)."""
+        query = self.self_attn(query, query_pos, attn_mask=self_attn_mask, need_weights=return_attention)
+        if return_attention:
+            query, self_weights = query
+        query = self.norm1(query)
+        query = self.cross_attn(query, memory, memory_pos, query_pos, query_sine_embed, key_padding_mask=memory_mask,
+                                need_weights=return_attention)
+        if return_attention:
+            query, cross_weights = query
+        query = self.norm3(self.ffn(self.norm2(query)))
+        if return_attention:
+            return query, {"self_attn": self_weights, "cross_attn": cross_weights}
+        return query
 
 
 class DabDetrTransformerDecoder(nn.Module):
@@ -243,24 +255,32 @@ class DabDetrTransformerDecoder(nn.Module):
         bbox_embed: nn.Module,
         self_attn_mask: Optional[Tensor] = None,
         memory_mask: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor]:
+        return_attention: bool = False,
+    ):
         """``query [B,Q,D]`` content, ``anchors [B,Q,4]`` normalised boxes, ``memory``/``memory_pos``
         ``[B,S,D]``, ``self_attn_mask [Q,Q]`` bool (True = blocked), ``memory_mask [B,S]`` bool
         (True = padding; ``None`` attends to every token).
 
         Returns ``hidden [L,B,Q,D]`` (after ``post_norm_layer``) and ``references [L,B,Q,4]``, the
-        anchors each layer received (index 0 = the input anchors).
+        anchors each layer received (index 0 = the input anchors); with ``return_attention`` also the
+        per-layer maps ``[{"self_attn" [B,M,Q,Q], "cross_attn" [B,M,Q,S]}]``.
         """
+        maps: List[Dict[str, Tensor]] = []
         hidden: List[Tensor] = []
         references: List[Tensor] = [anchors]
         for idx, layer in enumerate(self.layers):
             query_pos, sine = self._query_sine_embed(query, anchors, first=(idx == 0))
-            query = layer(query, query_pos, sine, memory, memory_pos, self_attn_mask, memory_mask)
+            query = layer(query, query_pos, sine, memory, memory_pos, self_attn_mask, memory_mask, return_attention)
+            if return_attention:
+                query, layer_maps = query
+                maps.append(layer_maps)
             refined = (bbox_embed(query) + inverse_sigmoid(anchors)).sigmoid()
             if idx < self.num_layers - 1:
                 references.append(refined)
             anchors = refined.detach()
             hidden.append(self.post_norm_layer(query))
+        if return_attention:
+            return torch.stack(hidden), torch.stack(references), maps
         return torch.stack(hidden), torch.stack(references)
 
 
@@ -390,10 +410,13 @@ class DABDETR(DETRDetector):
         memory_pos: Tensor,
         memory_mask: Optional[Tensor] = None,
         query_groups: Sequence[QueryGroup] = (),
-    ) -> Tuple[StagePredictions, Dict[str, StagePredictions]]:
+        return_attention: bool = False,
+    ):
         """Decode the main anchors plus ``query_groups`` in one pass (block-diagonal self-attention).
 
-        Returns the main group's :class:`StagePredictions` and a dict of the groups' by name.
+        Returns the main group's :class:`StagePredictions`, a dict of the groups' by name, the
+        query range of every group (``{"main": slice, name: slice}``) and the per-layer attention
+        maps (``None`` unless ``return_attention``).
         """
         B = memory.shape[0]
         D = self.embed_dim
@@ -411,7 +434,7 @@ class DABDETR(DETRDetector):
             contents.append(con.to(memory.dtype).expand(B, Q, D))
         sizes = [a.shape[1] for a in anchors]
         self_attn_mask = block_diagonal_mask(sizes, memory.device) if len(sizes) > 1 else None
-        hidden, references = self.transformer.decoder(
+        decoded = self.transformer.decoder(
             torch.cat(contents, dim=1),
             torch.cat(anchors, dim=1),
             memory,
@@ -419,13 +442,17 @@ class DABDETR(DETRDetector):
             self.bbox_embed,
             self_attn_mask=self_attn_mask,
             memory_mask=memory_mask if self.mask_decoder_memory else None,
+            return_attention=return_attention,
         )
+        hidden, references = decoded[:2]
+        maps = decoded[2] if return_attention else None
         logits = self.class_embed(hidden)
         boxes = (inverse_sigmoid(references) + self.bbox_embed(hidden)).sigmoid()
         preds = []
         for h_, r_, l_, b_ in zip(*(t.split(sizes, dim=2) for t in (hidden, references, logits, boxes))):
             preds.append(StagePredictions(logits=l_, boxes=b_, hidden=h_, references=r_))
-        return preds[0], {g.name: p for g, p in zip(query_groups, preds[1:])}
+        slices = group_slices(["main"] + [g.name for g in query_groups], sizes)
+        return preds[0], {g.name: p for g, p in zip(query_groups, preds[1:])}, slices, maps
 
     def encode_images(self, images: ImageBatch) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """Backbone, input projection and encoder (the same entry point as the multi-scale
@@ -439,26 +466,36 @@ class DABDETR(DETRDetector):
         return enc, taps
 
     def decode_memory(
-        self, enc: Dict[str, Tensor], query_groups: Sequence[QueryGroup] = (), taps: Optional[Dict[str, Any]] = None
+        self,
+        enc: Dict[str, Tensor],
+        query_groups: Sequence[QueryGroup] = (),
+        return_attention: bool = False,
+        taps: Optional[Dict[str, Any]] = None,
     ) -> DetectorOutputs:
         """Anchors, conditional decoder and heads on an encoder state (possibly another model's
         memory, e.g. CrossKD's student memory through the teacher)."""
         names = [g.name for g in query_groups]
         if len(set(names)) != len(names):
             raise ValueError(f"query group names must be unique, got {names}")
-        main, groups = self.decode(enc["memory"], enc["memory_pos"], enc.get("memory_mask"), query_groups)
+        main, groups, slices, maps = self.decode(enc["memory"], enc["memory_pos"], enc.get("memory_mask"),
+                                                 query_groups, return_attention)
         taps = dict(taps or {})
         taps.update(enc)
         taps["queries"] = self.initial_anchors()
+        taps["group_slices"] = slices
+        taps.update(attention_taps(maps))
         return DetectorOutputs(main=main, groups=groups, taps=taps)
 
-    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = ()) -> DetectorOutputs:
+    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (),
+                        return_attention: bool = False) -> DetectorOutputs:
         """Full forward: stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra
         groups by name, and the taps (``backbone``, ``neck``, ``neck_masks``, ``memory``,
         ``memory_pos``, ``memory_mask``, ``spatial_shapes``, ``queries`` = anchor table as
-        normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``)."""
+        normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``, ``group_slices``; with
+        ``return_attention`` the per-layer ``decoder_self_attn`` ``[B,M,T,T]`` and dense
+        ``decoder_cross_attn`` ``{"kind": "dense", "attention_weights" [B,M,T,S]}``)."""
         enc, taps = self.encode_images(images)
-        return self.decode_memory(enc, query_groups, taps)
+        return self.decode_memory(enc, query_groups, return_attention, taps)
 
     # --------------------------------------------------------------------------------------------
     # Training / inference: forward, inference and postprocess come from DETRDetector

@@ -43,6 +43,7 @@ from .detector import (
     attention_taps,
     block_diagonal_mask,
     check_mask_mode,
+    multihead_attention_weights,
     encoder_output_proposals,
     focal_prior_bias,
     group_slices,
@@ -136,10 +137,11 @@ class DeformableDecoderLayer(nn.Module):
                 memory_padding_mask, self_attn_mask=None, return_attention=False):
         """``tgt``, ``query_pos`` ``[B,Q,D]``; ``reference_points [B,Q,L,2|4]`` (already scaled by the
         valid ratios); ``memory [B,S,D]``. Returns ``(tgt, attention)`` where ``attention`` is ``None``
-        or ``{"self_attn" [B,M,Q,Q], "sampling_locations", "attention_weights"}``."""
+        or ``{"self_attn" [B,M,Q,Q] (softmax before dropout), "sampling_locations" [B,Q,M,L,P,2],
+        "attention_weights" [B,Q,M,L,P]}``; the outputs are the same with or without maps."""
         q = k = tgt + query_pos
-        attn, self_weights = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=return_attention,
-                                            average_attn_weights=False)
+        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        self_weights = multihead_attention_weights(self.self_attn, q, k, self_attn_mask) if return_attention else None
         tgt = self.norm1(tgt + attn)
         cross = self.cross_attn(tgt, memory, reference_points, spatial_shapes, level_start_index,
                                 query_pos=query_pos, value_padding_mask=memory_padding_mask,
@@ -559,7 +561,7 @@ class DeformableDETR(MultiScaleDETRDetector):
             next_reference=next_ref,
             group_slices=slices,
         )
-        taps.update(attention_taps(maps))
+        taps.update(attention_taps(maps, enc["spatial_shapes"], enc["level_start_index"]))
         return DetectorOutputs(main=main_preds, groups=groups, enc=enc_out, taps=taps)
 
     def forward_outputs(

@@ -37,6 +37,7 @@ __all__ = [
     "block_diagonal_mask",
     "group_slices",
     "attention_taps",
+    "multihead_attention_weights",
     "focal_prior_bias",
     "reset_neck_parameters",
 ]
@@ -199,19 +200,54 @@ def group_slices(names: Sequence[str], sizes: Sequence[int]) -> Dict[str, slice]
     return slices
 
 
-def attention_taps(maps: Optional[Sequence[Dict[str, Tensor]]]) -> Dict[str, Any]:
-    """Per-layer decoder attention maps (deformable decoder layers) as taps: ``decoder_self_attn``
-    ``[B,M,T,T]`` per layer and ``decoder_cross_attn`` (sampling locations / weights); empty
-    without maps."""
+def attention_taps(maps: Optional[Sequence[Dict[str, Tensor]]], spatial_shapes: Optional[Tensor] = None,
+                   level_start_index: Optional[Tensor] = None) -> Dict[str, Any]:
+    """Per-layer decoder attention maps as taps; empty without maps (``return_attention=False``).
+
+    ``decoder_self_attn``: per layer the per-head softmax weights *before dropout* ``[B,M,T,T]``
+    over all ``T`` decoded queries (groups are blocks of it, see ``group_slices``).
+    ``decoder_cross_attn``: per layer one of
+
+    * ``{"kind": "deformable", "sampling_locations" [B,T,M,L,P,2], "attention_weights"
+      [B,T,M,L,P], "spatial_shapes" [L,2], "level_start_index" [L]}`` (Deformable DETR, DINO);
+    * ``{"kind": "dense", "attention_weights" [B,M,T,S]}`` (DAB-DETR: softmax over the S memory
+      tokens, before dropout).
+
+    :func:`tprd.distill.attention.cross_attention_map` turns either into the head- or
+    query-aggregated map of one query group.
+    """
     if maps is None:
         return {}
-    return {
-        "decoder_self_attn": [m["self_attn"] for m in maps],
-        "decoder_cross_attn": [
-            {"sampling_locations": m["sampling_locations"], "attention_weights": m["attention_weights"]}
-            for m in maps
-        ],
-    }
+    cross = []
+    for m in maps:
+        if "sampling_locations" in m:
+            cross.append({
+                "kind": "deformable",
+                "sampling_locations": m["sampling_locations"],
+                "attention_weights": m["attention_weights"],
+                "spatial_shapes": spatial_shapes,
+                "level_start_index": level_start_index,
+            })
+        else:
+            cross.append({"kind": "dense", "attention_weights": m["cross_attn"]})
+    return {"decoder_self_attn": [m["self_attn"] for m in maps], "decoder_cross_attn": cross}
+
+
+def multihead_attention_weights(attn: nn.MultiheadAttention, query: Tensor, key: Tensor,
+                                attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Per-head softmax weights ``[B,M,Q,K]`` of a batch-first :class:`nn.MultiheadAttention`
+    (packed in-projection) *before* its dropout (spec 8 #19; ``need_weights`` would give them
+    after dropout). ``attn_mask [Q,K]``: bool (True = blocked) or additive float."""
+    heads, dim = attn.num_heads, attn.embed_dim
+    w_q, w_k, _ = attn.in_proj_weight.chunk(3)
+    b_q, b_k = (None, None) if attn.in_proj_bias is None else attn.in_proj_bias.chunk(3)[:2]
+    bsz, nq, nk = query.shape[0], query.shape[1], key.shape[1]
+    q = F.linear(query, w_q, b_q).view(bsz, nq, heads, dim // heads).transpose(1, 2)
+    k = F.linear(key, w_k, b_k).view(bsz, nk, heads, dim // heads).transpose(1, 2)
+    logits = (q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        logits = logits.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return logits.softmax(-1)
 
 
 # ============================================================================================

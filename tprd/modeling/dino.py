@@ -649,7 +649,7 @@ class DINO(MultiScaleDETRDetector):
             next_reference=next_ref,
             group_slices=slices,
         )
-        taps.update(attention_taps(maps))
+        taps.update(attention_taps(maps, enc["spatial_shapes"], enc["level_start_index"]))
         return DetectorOutputs(main=main_preds, groups=groups, enc=proposals, dn=dn_out, taps=taps)
 
     def forward_outputs(

@@ -37,6 +37,7 @@ from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, Stage
 
 __all__ = [
     "TEACHER_NEEDS",
+    "STUDENT_NEEDS",
     "FEATURE_NEEDS",
     "DistillContext",
     "DistillMethod",
@@ -49,8 +50,12 @@ __all__ = [
 Match = Tuple[Tensor, Tensor]
 
 #: What a method may ask of the teacher. ``predictions``/``hidden``/``queries``/``memory`` need the
-#: full forward (decoder included); ``backbone``/``neck`` only the feature extractor.
-TEACHER_NEEDS = frozenset({"predictions", "hidden", "queries", "memory", "backbone", "neck"})
+#: full forward (decoder included); ``backbone``/``neck`` only the feature extractor;
+#: ``attention`` the per-layer decoder attention taps (``return_attention=True``, see
+#: :mod:`tprd.distill.attention`).
+TEACHER_NEEDS = frozenset({"predictions", "hidden", "queries", "memory", "backbone", "neck", "attention"})
+#: What a method may ask of the student beyond its ordinary training forward.
+STUDENT_NEEDS = frozenset({"attention"})
 FEATURE_NEEDS = frozenset({"backbone", "neck"})
 
 
@@ -190,6 +195,8 @@ class DistillMethod(nn.Module):
     name: str = "method"
     terms: Tuple[str, ...] = ()
     needs: Tuple[str, ...] = ("predictions",)
+    #: ``("attention",)``: the student's forward also returns its decoder attention taps.
+    student_needs: Tuple[str, ...] = ()
     #: ``True`` for methods that pair student query ``q`` with teacher query ``q`` of the *main*
     #: groups and hence need equal query counts.
     requires_equal_queries: bool = False
@@ -206,6 +213,11 @@ class DistillMethod(nn.Module):
         bad_needs = set(self.needs) - TEACHER_NEEDS
         if bad_needs:
             raise ValueError(f"{type(self).__name__}.needs has unknown entries {sorted(bad_needs)}; known: {sorted(TEACHER_NEEDS)}")
+        bad_needs = set(self.student_needs) - STUDENT_NEEDS
+        if bad_needs:
+            raise ValueError(
+                f"{type(self).__name__}.student_needs has unknown entries {sorted(bad_needs)}; known: {sorted(STUDENT_NEEDS)}"
+            )
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(self.terms))
         missing = sorted(set(self.terms) - set(weights))
