@@ -3,5 +3,6 @@ from .base import DistillContext, DistillMethod, query_group_from_tap
 from .crosskd import CrossKD
 from .detrdistill import DETRDistill
 from .kd_detr import KDDETR
+from .qskd import QSKD
 
-__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "CrossKD", "DETRDistill", "KDDETR"]
+__all__ = ["DistillContext", "DistillMethod", "query_group_from_tap", "CrossKD", "DETRDistill", "KDDETR", "QSKD"]
