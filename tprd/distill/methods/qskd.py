@@ -314,7 +314,8 @@ class QSKD(DistillMethod):
                 f"QSKD compares encoder memories token by token; teacher {tuple(mem_t.shape)} vs student "
                 f"{tuple(mem_s.shape)}: use the same feature levels and strides in both models"
             )
-        mask = self.memory_masks(ctx, t_sel)  # [L,B,S]
+        with ctx.section("attention_maps"):
+            mask = self.memory_masks(ctx, t_sel)  # [L,B,S]
         sq = (mem_t.detach() - mem_s).pow(2).sum(-1)  # [B,S]: (M m_t − M m_s)² = M² (m_t − m_s)², over D
         return (mask.pow(2) * sq[None]).flatten(1).sum(-1) / mem_s.numel()
 
