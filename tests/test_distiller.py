@@ -367,7 +367,7 @@ def test_student_backbone_missing_is_an_error():
 REPO = Path(__file__).resolve().parents[1]
 METHOD_CONFIGS = sorted(p for p in REPO.glob("projects/*/cfg_distill/*/*.py") if p.parent.name != "base")
 SYNTHETIC_CONFIGS = [p for p in METHOD_CONFIGS if p.name.endswith("_synthetic.py")]
-METHOD_KEYS = {"DETRDistill": "detrdistill", "KD_DETR": "kd_detr", "CrossKD": "crosskd", "QSKD": "qskd"}
+METHOD_KEYS = {"DETRDistill": "detrdistill", "KD_DETR": "kd_detr", "D3DETR": "d3detr", "CrossKD": "crosskd", "QSKD": "qskd"}
 
 
 def _cfg_id(path):
@@ -419,6 +419,9 @@ def test_distill_config_declares_its_method_and_tprd_diff(path):
     family = path.parents[2].name
     if key == "detrdistill":
         assert changed.pop(prefix + "weights.class") == (1.0, 4.0)
+    if key == "d3detr":
+        assert changed.pop(prefix + "weights.class") == (1.0, 3.0)
+        assert changed.pop(prefix + "weights.fixed_class") == (1.0, 3.0)
     if key in ("crosskd", "qskd"):  # QSKD: spec 2.6; CrossKD_TPRD (ours): the same choice
         assert changed.pop(prefix + "weights.class") == (1.0, 3.0)
     if key == "kd_detr" and family == "dino":

@@ -1,6 +1,7 @@
 """QSKD: selection and pairing on a hand-built case, the attention-guided mask and memory term by
 hand, the weighted splat against the per-query maps, stage/layer pairing, empty batches, and the
 synthetic configs through the training entry point."""
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -93,7 +94,7 @@ def test_memory_mask_and_feature_term_by_hand():
     attn = torch.tensor([[[[0.2, 0.3, 0.5], [0.5, 0.5, 0.0]], [[0.1, 0.1, 0.8], [0.0, 1.0, 0.0]]]])  # [B,M,Q,S]
     taps = {"decoder_cross_attn": [{"kind": "dense", "attention_weights": attn}], "group_slices": {"main": slice(0, 2)},
             "memory": torch.zeros(1, 3, 2)}
-    ctx = SimpleNamespace(teacher_out=DetectorOutputs(main=None, taps=taps),
+    ctx = SimpleNamespace(section=lambda name: nullcontext(), teacher_out=DetectorOutputs(main=None, taps=taps),
                           student_out=DetectorOutputs(main=None, taps={"memory": torch.ones(1, 3, 2)}))
     t_sel = {"positive": torch.tensor([[[True, False]]]), "hard_negative": torch.tensor([[[False, True]]]),
              "score": torch.tensor([[[0.5, 0.2]]])}

@@ -11,11 +11,11 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
 * **distillation iteration**: ``distiller(batch)`` (train mode) + ``backward`` of the summed losses,
   split by the Distiller's profiler (``Distiller(profile=True)``) into teacher forward (no grad),
   student forward, student GT loss, matching (teacher-GT B1 and student-teacher soft Hungarian),
-  TPRD (refinement + positive lookup) and the rest of the method losses; backward is the rest of
-  the wall time after the forward.
-  Sections a method opens inside its losses get their own rows (CrossKD: ``teacher_cross_forward``,
-  the teacher decoder on the student memory; QSKD: ``attention_maps``, the weighted splats of its
-  memory masks).
+  TPRD (refinement + positive lookup), sections a method times itself (D3ETR: ``attention_maps``,
+  cutting the groups' maps, splatting and the attention distances; QSKD: ``attention_maps``, the
+  weighted splats of its memory masks; CrossKD: ``teacher_cross_forward``, the teacher's decoder on
+  the student memory) and the rest of the method losses; backward is the rest of the wall time
+  after the forward.
 * **student step**: the student alone, ``student(batch)`` in train mode + backward.
 * **teacher forward**: ``teacher.forward_outputs`` in eval mode under ``torch.no_grad``.
 
@@ -46,6 +46,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from tprd.config import LazyConfig, instantiate  # noqa: E402
 
+BASE_SECTIONS = ("teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd", "method_losses")
 DEFAULT_CONFIG = "projects/deformable_detr/cfg_distill/DETRDistill_TPRD/deformable_detr_r50_distill_r18_50ep.py"
 
 
@@ -78,9 +79,6 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-TOP_LEVEL = ("teacher_forward", "student_forward", "student_gt_loss", "method_losses")
-
-
 def distill_iteration(distiller, data, device) -> Dict[str, float]:
     distiller.zero_grad(set_to_none=True)
     sync(device)
@@ -93,17 +91,17 @@ def distill_iteration(distiller, data, device) -> Dict[str, float]:
     sync(device)
     wall = time.perf_counter() - start
     t = dict(distiller.timings)
-    # sections a method opens inside its losses (matching, tprd, CrossKD's teacher_cross_forward,
-    # QSKD's attention_maps ...) are parts of method_losses
-    nested = {k: v for k, v in t.items() if k not in TOP_LEVEL}
+    # sections a method times itself (e.g. D3ETR's "attention_maps"), inside its method losses
+    own = {k: v for k, v in t.items() if k not in BASE_SECTIONS}
     parts = {
         "teacher_forward": t.get("teacher_forward", 0.0),
         "student_forward": t.get("student_forward", 0.0),
         "student_gt_loss": t.get("student_gt_loss", 0.0),
         "matching": t.get("matching", 0.0),
         "tprd": t.get("tprd", 0.0),
-        **{k: v for k, v in nested.items() if k not in ("matching", "tprd")},
-        "method_losses_other": t.get("method_losses", 0.0) - sum(nested.values()),
+        **own,
+        "method_losses_other": t.get("method_losses", 0.0) - t.get("matching", 0.0) - t.get("tprd", 0.0)
+        - sum(own.values()),
         "backward": wall - forward,
     }
     parts["preprocess_other"] = forward - sum(v for k, v in parts.items() if k != "backward")
@@ -174,9 +172,10 @@ def main(argv=None) -> None:
     print()
     print("| part | median ms | share of iteration |")
     print("|---|---:|---:|")
-    known = ["teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd"]
-    tail = ["method_losses_other", "preprocess_other", "backward", "iteration", "student_step", "teacher_inference_forward"]
-    order = known + [k for k in med if k not in known + tail] + tail[:4]
+    own = sorted(k for k in med if k not in BASE_SECTIONS + ("method_losses_other", "preprocess_other", "backward",
+                                                               "iteration", "student_step", "teacher_inference_forward"))
+    order = ["teacher_forward", "student_forward", "student_gt_loss", "matching", "tprd", *own,
+             "method_losses_other", "preprocess_other", "backward", "iteration"]
     for k in order:
         print(f"| {k} | {1000 * med[k]:.1f} | {100 * med[k] / med['iteration']:.1f}% |")
     print(f"| student step (student alone, fwd+bwd) | {1000 * med['student_step']:.1f} | |")

@@ -42,7 +42,15 @@ from tprd.modeling.outputs import QueryGroup, StagePredictions
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
 
-__all__ = ["DETRDistill", "soft_matching_kd", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
+__all__ = [
+    "DETRDistill",
+    "target_aware_weights",
+    "target_aware_masks",
+    "target_aware_loss",
+    "soft_matched_indices",
+    "aligned_prediction_kd",
+    "soft_matching_kd",
+]
 
 PRIOR_TERMS = ("prior_class", "prior_l1", "prior_giou")
 
@@ -112,6 +120,63 @@ def target_aware_loss(
     return total
 
 
+def soft_matched_indices(ctx: DistillContext, s: StagePredictions, t_logits: Tensor, t_boxes: Tensor,
+                         soft_costs: Sequence[float]) -> Tuple[Tensor, Tensor]:
+    """Soft matcher B3 at every stage between the student group ``s`` (``[L,B,Ns,·]``) and teacher
+    targets ``[L,B,Nt,·]``: student and teacher query of each pair, ``s_idx``, ``t_idx`` ``[L,B,P]``
+    (``P = min(Ns, Nt)``; a full permutation in increasing student order when equal)."""
+    with ctx.section("matching"):
+        pairs = soft_hungarian_match_stages(s.logits, s.boxes, t_logits, t_boxes, *soft_costs)
+        s_idx = torch.stack([torch.stack([p[0] for p in stage]) for stage in pairs])  # [L,B,P]
+        t_idx = torch.stack([torch.stack([p[1] for p in stage]) for stage in pairs])
+    return s_idx.to(s.logits.device), t_idx.to(s.logits.device)
+
+
+def aligned_prediction_kd(
+    s: StagePredictions,
+    t_logits: Tensor,
+    t_boxes: Tensor,
+    s_idx: Tensor,
+    t_idx: Tensor,
+    norm: float,
+    tprd: Optional[Tuple[Tensor, Tensor]] = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Dict[str, Tensor]:
+    """Prediction distillation of aligned pairs at every stage, ``{"class", "l1", "giou"}`` ``[L]``,
+    each ``Σ_pairs / norm``.
+
+    Pairs: student query ``s_idx[l,b,i]`` <-> teacher query ``t_idx[l,b,i]`` (``[L,B,P]``; the soft
+    matcher's pairs or the identity). Baseline (``tprd=None``): B4 soft-BCE / L1 / ``1 − GIoU``.
+    ``tprd = (match_index [L,B,Nt], labels_pad [B,G])`` (from :func:`tprd_refine_and_targets`,
+    with ``t_logits``/``t_boxes`` the refined targets): the class term is TPRD-CKD, a pair being
+    positive iff its teacher query is in ``M_l`` (spec 2.4, 2.5).
+    """
+    num_stages, batch, _, nc = s.logits.shape
+    s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
+    s_bx = s.boxes.gather(2, s_idx[..., None].expand(-1, -1, -1, 4))
+    t_lg = t_logits.detach().gather(2, t_idx[..., None].expand(-1, -1, -1, nc))
+    t_bx = t_boxes.detach().gather(2, t_idx[..., None].expand(-1, -1, -1, 4))
+    if tprd is not None:
+        match_index, labels_pad = tprd
+        positive, cls = aligned_positive_targets(
+            match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
+        )
+        class_pp = decoupled_kd(
+            s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1), alpha=alpha, beta=beta,
+        ).view(s_idx.shape)
+        l1, giou = box_pair_losses(s_bx, t_bx)
+    else:
+        per = soft_bce_pair_losses(s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), s_bx.reshape(-1, 4),
+                                   t_bx.reshape(-1, 4), reduction="none")
+        class_pp, l1, giou = (per[k].view(s_idx.shape) for k in ("class", "l1", "giou"))
+    return {
+        "class": class_pp.flatten(1).sum(-1) / norm,
+        "l1": l1.flatten(1).sum(-1) / norm,
+        "giou": giou.flatten(1).sum(-1) / norm,
+    }
+
+
 def soft_matching_kd(
     ctx: DistillContext,
     student: StagePredictions,
@@ -124,58 +189,32 @@ def soft_matching_kd(
     beta: float = 1.0,
     key: str = "main",
 ) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
-    """Hungarian-matched prediction KD at every stage (B3 + B4; TPRD variant of spec 2.4/2.5).
-
-    Student stage ``l`` ``[L,B,Ns,·]`` <-> teacher stage ``l`` ``[L,B,Nt,·]``: the soft matcher B3
-    pairs the queries (``min(Ns, Nt)`` pairs per image), then per stage ``Σ_pairs`` of the B4
-    soft-BCE class term, L1 and ``1 − GIoU``, each divided by ``A = B·Ns``. Used by DETRDistill
-    (student main group vs teacher) and CrossKD (crossed predictions vs teacher).
+    """Hungarian-matched prediction KD at every stage (B3 + B4; TPRD variant of spec 2.4/2.5):
+    [TPRD refinement of the teacher] -> :func:`soft_matched_indices` -> :func:`aligned_prediction_kd`
+    with ``A = B·Ns``. Used by DETRDistill (student main group vs teacher) and CrossKD (crossed
+    predictions vs teacher).
 
     With ``refine=True`` the teacher targets are the TPRD-refined stage-``l`` predictions (B1
     matching ``M_l`` of the raw teacher under ``key``, shared through ``ctx``), the soft matcher runs
-    against them, the class term is TPRD-CKD with positives = pairs whose teacher query is in ``M_l``
-    (inverse lookup through ``π``), and the boxes go towards the refined boxes.
+    against them, the class term is TPRD-CKD with positives = pairs whose teacher query is in ``M_l``,
+    and the boxes go towards the refined boxes.
 
     Returns ``({"class", "l1", "giou"}`` each ``[L]``, the refinement statistics or ``None``).
     The teacher side is detached; gradients reach only ``student``.
     """
-    num_stages, batch, ns, nc = student.logits.shape
-    stats = None
+    stats, tprd = None, None
     if refine:
         if matcher is None:
             raise ValueError("soft_matching_kd(refine=True) needs the B1 matcher of the TPRD refinement")
         t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
             ctx, teacher, matcher, skip_empty_images, key=key
         )
+        tprd = (match_index, labels_pad)
     else:
         t_logits, t_boxes = teacher.logits.detach(), teacher.boxes.detach()
-    with ctx.section("matching"):
-        pairs = soft_hungarian_match_stages(student.logits, student.boxes, t_logits, t_boxes, *soft_costs)
-        s_idx = torch.stack([torch.stack([p[0] for p in stage]) for stage in pairs])  # [L,B,P]
-        t_idx = torch.stack([torch.stack([p[1] for p in stage]) for stage in pairs])
-    s_lg = student.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
-    s_bx = student.boxes.gather(2, s_idx[..., None].expand(-1, -1, -1, 4))
-    t_lg = t_logits.gather(2, t_idx[..., None].expand(-1, -1, -1, nc))
-    t_bx = t_boxes.gather(2, t_idx[..., None].expand(-1, -1, -1, 4))
-    norm = float(batch * ns)
-    if refine:
-        positive, cls = aligned_positive_targets(
-            match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
-        )
-        class_pp = decoupled_kd(
-            s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1), alpha=alpha, beta=beta,
-        ).view(s_idx.shape)
-        l1, giou = box_pair_losses(s_bx, t_bx)
-    else:
-        per = soft_bce_pair_losses(s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), s_bx.reshape(-1, 4),
-                                   t_bx.reshape(-1, 4), reduction="none")
-        class_pp, l1, giou = (per[k].view(s_idx.shape) for k in ("class", "l1", "giou"))
-    terms = {
-        "class": class_pp.flatten(1).sum(-1) / norm,
-        "l1": l1.flatten(1).sum(-1) / norm,
-        "giou": giou.flatten(1).sum(-1) / norm,
-    }
-    return terms, stats
+    s_idx, t_idx = soft_matched_indices(ctx, student, t_logits, t_boxes, soft_costs)
+    norm = float(student.logits.shape[1] * student.logits.shape[2])  # A = B·Ns
+    return aligned_prediction_kd(student, t_logits, t_boxes, s_idx, t_idx, norm, tprd, alpha, beta), stats
 
 
 class DETRDistill(DistillMethod):
