@@ -365,7 +365,7 @@ def test_student_backbone_missing_is_an_error():
 # configs
 # ------------------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
-METHOD_KEYS = {"DETRDistill": "detrdistill", "KD_DETR": "kd_detr", "D3DETR": "d3detr"}
+METHOD_KEYS = {"DETRDistill": "detrdistill", "KD_DETR": "kd_detr", "D3DETR": "d3detr", "CrossKD": "crosskd", "QSKD": "qskd"}
 # the feature methods and TPRD-alone folders have their own checks in test_feature_methods.py
 METHOD_CONFIGS = sorted(p for p in REPO.glob("projects/*/cfg_distill/*/*.py")
                         if p.parent.name.replace("_TPRD", "") in METHOD_KEYS)
@@ -424,6 +424,8 @@ def test_distill_config_declares_its_method_and_tprd_diff(path):
     if key == "d3detr":
         assert changed.pop(prefix + "weights.class") == (1.0, 3.0)
         assert changed.pop(prefix + "weights.fixed_class") == (1.0, 3.0)
+    if key in ("crosskd", "qskd"):  # QSKD: spec 2.6; CrossKD_TPRD (ours): the same choice
+        assert changed.pop(prefix + "weights.class") == (1.0, 3.0)
     if key == "kd_detr" and family == "dino":
         assert changed.pop(prefix + "weights.specific_class") == (4.0, 2.0)
         if path.name.endswith("_synthetic.py"):  # the CPU smoke config keeps its small table

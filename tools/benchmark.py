@@ -12,8 +12,10 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
   split by the Distiller's profiler (``Distiller(profile=True)``) into teacher forward (no grad),
   student forward, student GT loss, matching (teacher-GT B1 and student-teacher soft Hungarian),
   TPRD (refinement + positive lookup), sections a method times itself (D3ETR: ``attention_maps``,
-  cutting the groups' maps, splatting and the attention distances) and the rest of the method
-  losses; backward is the rest of the wall time after the forward.
+  cutting the groups' maps, splatting and the attention distances; QSKD: ``attention_maps``, the
+  weighted splats of its memory masks; CrossKD: ``teacher_cross_forward``, the teacher's decoder on
+  the student memory) and the rest of the method losses; backward is the rest of the wall time
+  after the forward.
 * **student step**: the student alone, ``student(batch)`` in train mode + backward.
 * **teacher forward**: ``teacher.forward_outputs`` in eval mode under ``torch.no_grad``.
 * **teacher backbone + neck** (feature-only methods, whose teacher stops at its neck, spec 8 #14):

@@ -15,7 +15,13 @@ In eval mode the distiller returns exactly ``student(batched_inputs)``; the teac
 
 The teacher is frozen (``requires_grad=False``) and stays in eval mode whatever ``train()`` is
 called with (dropout off), unless ``teacher_train_mode=True`` (the reference's behaviour: the
-teacher follows the wrapper's mode; spec section 8 #1). It always runs under ``torch.no_grad()``.
+teacher follows the wrapper's mode; spec section 8 #1). Its own forward always runs under
+``torch.no_grad()``. One gradient path through the teacher exists: a method with
+``grad_through_teacher`` (CrossKD) runs the teacher's post-encoder path on the student's memory
+with autograd on, so the gradient reaches the student through the frozen teacher. Teacher
+parameters never receive a gradient: they stay ``requires_grad=False`` (``requires_grad_`` on the
+distiller leaves the teacher alone, and every training forward checks it), so neither the optimiser
+(trainable parameters only) nor DDP ever sees them.
 
 Loss-key scheme (every method, see :mod:`tprd.distill.methods.base`): the student's own GT losses
 keep their names (``loss_class``, ``loss_bbox_0`` ...); distillation terms are
@@ -108,8 +114,7 @@ class Distiller(nn.Module):
         self.last_stats: Dict[str, Tensor] = {}
         self.iteration: Optional[int] = None
 
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher.requires_grad_(False)
         if check_pixel_stats:
             self._check_pixel_stats()
         self._check_classes()
@@ -153,6 +158,20 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    def requires_grad_(self, requires_grad: bool = True) -> "Distiller":
+        """Student and method adapters only: the teacher stays frozen whatever is asked."""
+        self.student.requires_grad_(requires_grad)
+        self.methods.requires_grad_(requires_grad)
+        return self
+
+    def _check_teacher_frozen(self) -> None:
+        thawed = [n for n, p in self.teacher.named_parameters() if p.requires_grad]
+        if thawed:
+            raise RuntimeError(
+                f"{len(thawed)} teacher parameters require gradients (e.g. {thawed[:3]}); the teacher must stay "
+                "frozen. Something called requires_grad_(True) on the teacher: call distiller.teacher.requires_grad_(False)"
+            )
+
     @property
     def device(self) -> torch.device:
         return self.student.device if hasattr(self.student, "device") else next(self.student.parameters()).device
@@ -182,6 +201,7 @@ class Distiller(nn.Module):
     def forward_train(self, batched_inputs: Sequence[Mapping[str, Any]]) -> Dict[str, Tensor]:
         """Weighted loss dict of one training iteration (also usable in eval mode, e.g. to measure
         validation losses)."""
+        self._check_teacher_frozen()
         timings = {} if self.profile else None
         images = self.student.preprocess(batched_inputs)
         targets = self.student.prepare_targets(batched_inputs)

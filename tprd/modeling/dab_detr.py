@@ -462,6 +462,38 @@ class DABDETR(DETRDetector):
         slices = group_slices(["main"] + [g.name for g in query_groups], sizes)
         return preds[0], {g.name: p for g, p in zip(query_groups, preds[1:])}, slices, maps
 
+    def encode_images(self, images: ImageBatch) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """Backbone, input projection and encoder (the same entry point as the multi-scale
+        detectors): the encoder state ``{memory [B,S,D], memory_pos [B,S,D], memory_mask [B,S],
+        spatial_shapes [1,2]}`` and the feature taps (``backbone``, ``neck``, ``neck_masks``,
+        ``image_sizes``, ``padded_size``)."""
+        out = self.encode(images)
+        enc = {k: out[k] for k in ("memory", "memory_pos", "memory_mask", "spatial_shapes")}
+        taps = {k: out[k] for k in ("backbone", "neck", "neck_masks")}
+        taps.update(image_sizes=list(images.image_sizes), padded_size=tuple(images.tensor.shape[-2:]))
+        return enc, taps
+
+    def decode_memory(
+        self,
+        enc: Dict[str, Tensor],
+        query_groups: Sequence[QueryGroup] = (),
+        return_attention: bool = False,
+        taps: Optional[Dict[str, Any]] = None,
+    ) -> DetectorOutputs:
+        """Anchors, conditional decoder and heads on an encoder state (possibly another model's
+        memory, e.g. CrossKD's student memory through the teacher)."""
+        names = [g.name for g in query_groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"query group names must be unique, got {names}")
+        main, groups, slices, maps = self.decode(enc["memory"], enc["memory_pos"], enc.get("memory_mask"),
+                                                 query_groups, return_attention)
+        taps = dict(taps or {})
+        taps.update(enc)
+        taps["queries"] = self.initial_anchors()
+        taps["group_slices"] = slices
+        taps.update(attention_taps(maps))
+        return DetectorOutputs(main=main, groups=groups, taps=taps)
+
     def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (),
                         return_attention: bool = False) -> DetectorOutputs:
         """Full forward: stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra
@@ -470,19 +502,8 @@ class DABDETR(DETRDetector):
         normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``, ``group_slices``; with
         ``return_attention`` the per-layer ``decoder_self_attn`` ``[B,M,T,T]`` and dense
         ``decoder_cross_attn`` ``{"kind": "dense", "attention_weights" [B,M,T,S]}``)."""
-        names = [g.name for g in query_groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"query group names must be unique, got {names}")
-        enc = self.encode(images)
-        main, groups, slices, maps = self.decode(enc["memory"], enc["memory_pos"], enc["memory_mask"], query_groups,
-                                                 return_attention)
-        taps = dict(enc)
-        taps["queries"] = self.initial_anchors()
-        taps["image_sizes"] = list(images.image_sizes)
-        taps["padded_size"] = tuple(images.tensor.shape[-2:])
-        taps["group_slices"] = slices
-        taps.update(attention_taps(maps))
-        return DetectorOutputs(main=main, groups=groups, taps=taps)
+        enc, taps = self.encode_images(images)
+        return self.decode_memory(enc, query_groups, return_attention, taps)
 
     # --------------------------------------------------------------------------------------------
     # Training / inference: forward, inference and postprocess come from DETRDetector

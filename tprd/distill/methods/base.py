@@ -200,6 +200,9 @@ class DistillMethod(nn.Module):
     #: ``True`` for methods that pair student query ``q`` with teacher query ``q`` of the *main*
     #: groups and hence need equal query counts.
     requires_equal_queries: bool = False
+    #: ``True`` for a method whose loss back-propagates through the frozen teacher (CrossKD): it runs
+    #: that teacher pass itself, with autograd on, inside :meth:`losses`.
+    grad_through_teacher: bool = False
 
     def __init__(self, weights: Optional[Mapping[str, float]] = None, name: Optional[str] = None):
         super().__init__()

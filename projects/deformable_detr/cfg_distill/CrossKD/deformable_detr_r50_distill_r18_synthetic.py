@@ -1,0 +1,18 @@
+"""CrossKD, Deformable DETR R50 -> R18, synthetic.
+
+The method of ``deformable_detr_r50_distill_r18_50ep.py`` on the
+``base/deformable_detr_r50_distill_r18_synthetic.py`` setting.
+"""
+from ..base.deformable_detr_r50_distill_r18_synthetic import (  # noqa: F401
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
+from .deformable_detr_r50_distill_r18_50ep import model as method_config
+
+model.methods = method_config.methods
+del method_config
+
+train.output_dir = "./output/deformable_detr/CrossKD/deformable_detr_r50_distill_r18_synthetic"

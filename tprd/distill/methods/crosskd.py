@@ -1,0 +1,147 @@
+"""CrossKD: the student's encoder memory decoded by the teacher (METHODS.md 3.5; TPRD variant ours).
+
+What crosses: the student's encoder state -- memory ``[B,S,D]`` with its padding mask ``[B,S]``,
+spatial shapes, level start indices and valid ratios (DAB-DETR: its single-level memory, memory
+position embedding and mask) -- goes through the **teacher's post-encoder path**
+(``teacher.decode_memory``): its queries, decoder and heads. Per family that path is
+
+* Deformable DETR: the learned query table and the teacher's reference-point layer;
+* DINO: the teacher's two-stage query selection run **on the crossed memory** (its encoder-output
+  heads pick the top-``Q`` tokens of the student memory; references detached, content = its
+  learned ``tgt_embed``), no denoising queries;
+* DAB-DETR: the teacher's anchor table and conditional decoder over the single-level memory.
+
+The crossed pass runs **with gradients**: the teacher's parameters are frozen
+(``requires_grad=False``, so they never receive or accumulate a gradient), but the gradient flows
+through the frozen teacher decoder into the student's encoder, neck and backbone. The student's
+decoder gets only its GT loss. The teacher's own pass (the targets) stays under ``no_grad`` in the
+distiller.
+
+Loss per stage ``l``: the soft matcher B3 pairs the crossed stage-``l`` predictions with the
+teacher's own stage-``l`` predictions (although both come from the same teacher queries, as in the
+reference), then B4 soft-BCE / L1 / ``1 − GIoU`` summed over pairs and divided by ``A = B·Q``
+(:func:`~tprd.distill.methods.aligned_kd.matching_kd`). Weights class 1.0, L1 5.0, GIoU 2.0.
+
+``refine=True`` (CrossKD_TPRD, **ours: the reference has no TPRD variant of CrossKD**): the targets
+are the TPRD-refined teacher stage-``l`` predictions (B1 matching ``M_l`` of the raw teacher stage
+``l``); the soft matcher pairs the crossed predictions with the refined ones; the class term is
+TPRD-CKD with positives mapped through the alignment (a pair is positive iff its teacher query is in
+``M_l``, spec 2.5) and normalised ``Σ/(B·Q)`` as DETRDistill_TPRD; the boxes go towards the refined
+boxes. Weights class **3.0**, L1 5.0, GIoU 2.0 -- the class weight D³ETR_TPRD and QSKD_TPRD use
+for the same soft-BCE -> TPRD-CKD switch with an unchanged ``Σ/(B·N)`` / pair normaliser (DETRDistill
+uses 4.0); chosen, not tuned.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tprd.modeling.outputs import DetectorOutputs
+
+from .base import DistillContext, DistillMethod
+from .aligned_kd import matching_kd
+from .kd_detr import detector_embed_dim, tprd_stats
+
+__all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
+
+#: Entries of a detector's taps that make up its encoder state (what ``decode_memory`` reads).
+ENCODER_STATE_KEYS = ("memory", "memory_mask", "pos", "memory_pos", "spatial_shapes", "level_start_index", "valid_ratios")
+
+
+def crossed_teacher_outputs(teacher: nn.Module, student_taps: Dict[str, object]) -> DetectorOutputs:
+    """The teacher's post-encoder path on the student's encoder state, with gradients enabled
+    towards the student memory (teacher parameters must be frozen by the caller)."""
+    if not hasattr(teacher, "decode_memory"):
+        raise TypeError(f"CrossKD needs the teacher's decode_memory(enc) entry point; {type(teacher).__name__} has none")
+    if "memory" not in student_taps:
+        raise KeyError("CrossKD needs the student's encoder memory (taps['memory'])")
+    enc = {k: student_taps[k] for k in ENCODER_STATE_KEYS if k in student_taps}
+    with torch.enable_grad():
+        return teacher.decode_memory(enc)
+
+
+def _num_levels(model: nn.Module) -> Optional[int]:
+    n = getattr(model, "num_feature_levels", None)
+    if n is not None:
+        return int(n)
+    level_embeds = getattr(getattr(model, "transformer", None), "level_embeds", None)
+    return None if level_embeds is None else int(level_embeds.shape[0])
+
+
+class CrossKD(DistillMethod):
+    """CrossKD with optional TPRD.
+
+    Args:
+        weights: ``class``, ``l1``, ``giou`` (default 1 / 5 / 2).
+        refine: TPRD on the targets (CrossKD_TPRD; ours).
+        matcher: B1 teacher–GT matcher of TPRD (default focal Hungarian 2 / 5 / 2).
+        soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
+        skip_empty_images, alpha, beta: TPRD parity flag and TPRD-CKD weights.
+    """
+
+    name = "crosskd"
+    terms = ("class", "l1", "giou")
+    needs = ("predictions", "memory")
+    #: the one method whose loss back-propagates through the (frozen) teacher
+    grad_through_teacher = True
+
+    def __init__(
+        self,
+        weights: Optional[Dict[str, float]] = None,
+        refine: bool = False,
+        matcher: Optional[nn.Module] = None,
+        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
+        skip_empty_images: bool = False,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        name: Optional[str] = None,
+    ):
+        if weights is None:
+            weights = {"class": 1.0, "l1": 5.0, "giou": 2.0}
+        super().__init__(weights, name)
+        self.refine = bool(refine)
+        if matcher is None:
+            from tprd.modeling.matcher import HungarianMatcher
+
+            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+        self.matcher = matcher
+        if len(soft_costs) != 3:
+            raise ValueError(f"soft_costs must be (class, l1, giou), got {soft_costs}")
+        self.soft_costs = tuple(float(c) for c in soft_costs)
+        self.skip_empty_images = bool(skip_empty_images)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        if type(student) is not type(teacher):
+            raise ValueError(
+                f"CrossKD decodes the student's memory with the teacher: one detector family needed, got "
+                f"{type(student).__name__} and {type(teacher).__name__}"
+            )
+        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        if ds != dt:
+            raise ValueError(
+                f"CrossKD feeds the student's {ds}-d memory to the teacher's {dt}-d decoder; use the same "
+                "transformer embed_dim in both models"
+            )
+        ls, lt = _num_levels(student), _num_levels(teacher)
+        if ls is not None and lt is not None and ls != lt:
+            raise ValueError(f"CrossKD: the student's memory has {ls} feature levels but the teacher's decoder expects {lt}")
+        if not hasattr(teacher, "decode_memory"):
+            raise TypeError(f"CrossKD needs the teacher's decode_memory(enc) entry point; {type(teacher).__name__} has none")
+
+    def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
+        with ctx.section("teacher_cross_forward"):
+            crossed = crossed_teacher_outputs(ctx.teacher, ctx.student_out.taps).main
+        terms, stats = matching_kd(
+            ctx, crossed, ctx.teacher_out.main, matcher=self.matcher, refine=self.refine,
+            soft_costs=self.soft_costs, skip_empty_images=self.skip_empty_images, alpha=self.alpha, beta=self.beta,
+        )
+        if stats is not None:
+            self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
+        return terms
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
