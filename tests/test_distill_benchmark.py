@@ -192,3 +192,24 @@ def test_visualize_tprd_random_teacher(tmp_path, datasets):
         assert sums["borrowed"][l].sum() == sums["num_positive_refined"][l]
         assert (sums["borrowed"][l, l:] == 0).all()
     assert table.count("\n| ") == num_stages + 1
+
+
+def test_distillation_student_starts_as_the_student_alone(tmp_path):
+    # the plan's fairness claim: with the same seed, the distiller's student is built with the same
+    # initial weights as the `none` run's student (build_init takes its backbone the same way)
+    from tprd.config import instantiate
+    from tprd.engine.defaults import seed_all_rng
+    from tprd.engine.main import load_config
+
+    args = bench.parse_args(["--out", str(tmp_path), "--methods", "none,KD_DETR_TPRD"])
+    plan = bench.build_plan(args, bench.BUDGETS["quick"])
+    none, kd = plan["runs"]
+    seed_all_rng(1)
+    alone = instantiate(load_config(str(none.config), plan["student_overrides"]).model).state_dict()
+    overrides = [o for o in kd.overrides if not o.startswith("train.init_checkpoint=")]
+    seed_all_rng(1)
+    distilled = instantiate(load_config(str(kd.config), overrides).model).student.state_dict()
+    assert set(alone) == set(distilled)
+    assert all(torch.equal(alone[k], distilled[k]) for k in alone)
+    # ... and the teacher is the larger model
+    assert "model.teacher.transformer.encoder.num_layers=2" in kd.overrides

@@ -396,7 +396,7 @@ def _loss_of(rec: Dict[str, Any]) -> Optional[float]:
     return float(sum(terms)) if terms else None
 
 
-def write_plots(out: Path, teacher_run: Run, plan_runs: List[Run], results: List[Dict[str, Any]],
+def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
                 teacher: Dict[str, Any], methods: List[str]) -> List[Path]:
     import matplotlib
 
@@ -513,26 +513,38 @@ def main(argv=None) -> Dict[str, Any]:
         for seed, init in plan["inits"].items():
             if any(r.seed == seed and r.method != "none" and not r.done for r in runs):
                 build_init(init, teacher_run.output_dir, plan["student_cfg"], plan["student_overrides"], seed)
-        for run in runs:
+        for i, run in enumerate(runs):
             results.append(one(run))
-    wall = time.time() - started
+            # the table so far after every run: a benchmark stopped midway still leaves its results
+            report = write_report(args, budget, plan, teacher, results, time.time() - started,
+                                  complete=i == len(runs) - 1)
+    if not runs:
+        report = write_report(args, budget, plan, teacher, results, time.time() - started, complete=True)
+    print((args.out / "results.md").read_text())
+    return report
 
+
+def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, Any],
+                 results: List[Dict[str, Any]], wall: float, complete: bool) -> Dict[str, Any]:
+    """``results.json``, ``results.md`` and the plots of the runs finished so far."""
     report = {
         "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed")},
         "runs": [{k: r[k] for k in ("method", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
     }
     _write_json(args.out / "results.json", report)
+    state = "" if complete else f" **Partial: {len(results)} of {len(plan['runs'])} runs finished so far.**"
     header = [
-        f"# Distillation benchmark: {detector}, budget {args.budget}, dataset {args.dataset}",
+        f"# Distillation benchmark: {args.detector}, budget {args.budget}, dataset {args.dataset}",
         "",
         f"Student R18 {budget.student_iter} iterations, teacher R50 {budget.teacher_iter} iterations, batch "
         f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
         f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
-        "(finished runs are not rerun).",
+        f"(finished runs are not rerun).{state}",
     ]
     write_results_md(args.out / "results.md", report["teacher"], report["runs"], plan["methods"], header)
-    write_plots(args.out, teacher_run, runs, report["runs"], report["teacher"], plan["methods"])
-    print((args.out / "results.md").read_text())
+    done = {(r["method"], r["seed"]) for r in results}
+    write_plots(args.out, [r for r in plan["runs"] if (r.method, r.seed) in done], report["runs"],
+                report["teacher"], plan["methods"])
     return report
 
 
