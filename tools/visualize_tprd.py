@@ -165,7 +165,7 @@ def draw_image(path: Path, image: torch.Tensor, res: Dict[str, Any], b: int, cla
     for q in order.tolist():
         rect(ax, raw_boxes[last][q], ec="orange", lw=1.2, ls="--")
         ax.text(float(raw_boxes[last][q][0]), float(raw_boxes[last][q][1]),
-                f"{raw_max[q]:.2f}->{new_max[q]:.2f} (s{int(neg_src[q]) + 1})", color="orange", fontsize=7,
+                f"{raw_max[q]:.3f}->{new_max[q]:.3f} (s{int(neg_src[q]) + 1})", color="orange", fontsize=7,
                 va="bottom", bbox=dict(fc="black", alpha=0.5, pad=1, lw=0))
     ax.set_title(f"suppressed final-stage negatives: {len(suppressed)} "
                  f"(top {len(order)} by score: before->after, source stage)", fontsize=9)
