@@ -157,8 +157,8 @@ def test_results_table_gain_and_spread(tmp_path):
     bench.write_results_md(tmp_path / "r.md", teacher, runs, ["none", "X"], ["# t"])
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "r.md").read_text().splitlines()
             if line.startswith("| ") and "method" not in line}
-    # mean ± sample std: (10, 12) -> 11.0 ± 1.4; (13, 15) -> 14.0 ± 1.4; gain 14 - 11 = +3.0
-    assert "11.0 ± 1.4" in rows["none"] and "14.0 ± 1.4" in rows["X"] and "+3.0" in rows["X"]
+    # mean ± sample std: (10, 12) -> 11 ± sqrt(2); (13, 15) -> 14 ± sqrt(2); gain 14 - 11 = +3
+    assert "11.00 ± 1.41" in rows["none"] and "14.00 ± 1.41" in rows["X"] and "+3.00" in rows["X"]
 
 
 def test_visualize_tprd_random_teacher(tmp_path, datasets):

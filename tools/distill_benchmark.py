@@ -357,8 +357,8 @@ def _write_json(path: Path, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------
 def _mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, Any]], methods: List[str],
@@ -367,8 +367,8 @@ def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, A
     base = statistics.mean(r["bbox/AP"] for r in by_method["none"]) if by_method.get("none") else None
     lines = header + [
         "",
-        f"Teacher (trained alone, seed 0): AP {teacher['bbox/AP']:.1f}, AP50 {teacher['bbox/AP50']:.1f}, "
-        f"AP75 {teacher['bbox/AP75']:.1f} ({teacher['sec_per_iter']:.3f} s/iter)",
+        f"Teacher (trained alone, seed 0): AP {teacher['bbox/AP']:.2f}, AP50 {teacher['bbox/AP50']:.2f}, "
+        f"AP75 {teacher['bbox/AP75']:.2f} ({teacher['sec_per_iter']:.3f} s/iter)",
         "",
         "| method | AP | AP50 | AP75 | AP per seed | gain over none (AP) | s/iter |",
         "|---|---|---|---|---|---|---|",
@@ -378,14 +378,15 @@ def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, A
         if not rs:
             continue
         ap = [r["bbox/AP"] for r in rs]
-        gain = "—" if m == "none" or base is None else f"{statistics.mean(ap) - base:+.1f}"
-        per_seed = ", ".join(f"{r['bbox/AP']:.1f} (s{r['seed']})" for r in rs)
+        gain = "—" if m == "none" or base is None else f"{statistics.mean(ap) - base:+.2f}"
+        per_seed = ", ".join(f"{r['bbox/AP']:.2f} (s{r['seed']})" for r in rs)
         spi = statistics.median(r["sec_per_iter"] for r in rs)
         lines.append(
             f"| {m} | {_mean_std(ap)} | {_mean_std([r['bbox/AP50'] for r in rs])} | "
             f"{_mean_std([r['bbox/AP75'] for r in rs])} | {per_seed} | {gain} | {spi:.3f} |"
         )
-    lines += ["", "Mean ± sample standard deviation over seeds; s/iter is the median training step time."]
+    lines += ["", "Mean ± sample standard deviation over seeds; s/iter is the median logged training step time "
+              "(wall clock: it moves with the load of a shared machine)."]
     path.write_text("\n".join(lines) + "\n")
 
 
