@@ -23,6 +23,10 @@ documented in ``datasets/README.md``:
 ``synthetic_train/val``     ``synthetic/annotations/instances_{train,val}.json`` + images
 ``synthetic_voc_trainval``  ``synthetic/VOC`` (``trainval``) — VOC layout of the same images
 ``synthetic_voc_test``      ``synthetic/VOC`` (``test``)
+``synthetic_bench_train``   ``synthetic_bench/``: the larger benchmark set of
+``synthetic_bench_val``     ``tools/distill_benchmark.py`` (:data:`SYNTHETIC_BENCH_PARAMS`:
+``synthetic_bench_voc_*``   2000 train / 300 val images), COCO and VOC layouts
+                            (``trainval`` / ``test``)
 ==========================  ==========================================================
 
 The synthetic sets are generated on first use (:func:`tprd.data.synthetic.ensure_synthetic_dataset`).
@@ -50,6 +54,7 @@ __all__ = [
     "register_pascal_voc",
     "prepare_dataset",
     "resolve_dataset_names",
+    "SYNTHETIC_BENCH_PARAMS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +86,11 @@ VOC_CLASSES: Tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
+
+
+#: Generation parameters of the ``synthetic_bench_*`` datasets (same images and classes as the
+#: small ``synthetic_*`` sets, more of them; see :func:`tprd.data.synthetic.generate_synthetic_dataset`).
+SYNTHETIC_BENCH_PARAMS: Dict[str, Any] = {"num_train": 2000, "num_val": 300, "seed": 1}
 
 
 def datasets_root() -> Path:
@@ -263,7 +273,7 @@ def prepare_dataset(name: str) -> Metadata:
     if meta.get("synthetic", False):
         from .synthetic import ensure_synthetic_dataset
 
-        ensure_synthetic_dataset(Path(meta.synthetic_root))
+        ensure_synthetic_dataset(Path(meta.synthetic_root), **dict(meta.get("synthetic_params", {}) or {}))
     etype = meta.get("evaluator_type")
     if etype == "coco":
         layout = _coco_layout(meta)
@@ -414,22 +424,26 @@ def _register_all_builtin() -> None:
 
     from .synthetic import SYNTHETIC_CATEGORIES, SYNTHETIC_CLASSES
 
-    syn_root = lambda: str(datasets_root() / "synthetic")  # noqa: E731
     syn_meta = _coco_meta_from_categories([(c["id"], c["name"]) for c in SYNTHETIC_CATEGORIES])
-    for split in ("train", "val"):
-        name = f"synthetic_{split}"
-        _register_builtin_coco(
-            name, f"synthetic/{split}", f"synthetic/annotations/instances_{split}.json", synthetic=True, **syn_meta
-        )
-        MetadataCatalog.get(name)._dynamic["synthetic_root"] = syn_root
-    # The VOC copy of the synthetic images; year 2007 => evaluated like voc_2007_test (11-point AP).
-    for split in ("trainval", "test"):
-        name = f"synthetic_voc_{split}"
-        DatasetCatalog.register(name, _voc_loader(name))
-        meta = MetadataCatalog.get(name)
-        meta.set(split=split, year=2007, evaluator_type="voc", synthetic=True, **_voc_meta(SYNTHETIC_CLASSES))
-        meta._dynamic["dirname"] = lambda: str(datasets_root() / "synthetic" / "VOC")
-        meta._dynamic["synthetic_root"] = syn_root
+    # synthetic_*: the small pipeline-check set (64/16 images); synthetic_bench_*: the benchmark set.
+    for prefix, folder, params in (("synthetic", "synthetic", {}), ("synthetic_bench", "synthetic_bench", SYNTHETIC_BENCH_PARAMS)):
+        root = lambda folder=folder: str(datasets_root() / folder)  # noqa: E731
+        for split in ("train", "val"):
+            name = f"{prefix}_{split}"
+            _register_builtin_coco(
+                name, f"{folder}/{split}", f"{folder}/annotations/instances_{split}.json",
+                synthetic=True, synthetic_params=dict(params), **syn_meta,
+            )
+            MetadataCatalog.get(name)._dynamic["synthetic_root"] = root
+        # The VOC copy of the images; year 2007 => evaluated like voc_2007_test (11-point AP).
+        for split in ("trainval", "test"):
+            name = f"{prefix}_voc_{split}"
+            DatasetCatalog.register(name, _voc_loader(name))
+            meta = MetadataCatalog.get(name)
+            meta.set(split=split, year=2007, evaluator_type="voc", synthetic=True, synthetic_params=dict(params),
+                     **_voc_meta(SYNTHETIC_CLASSES))
+            meta._dynamic["dirname"] = lambda folder=folder: str(datasets_root() / folder / "VOC")
+            meta._dynamic["synthetic_root"] = root
 
 
 _register_all_builtin()

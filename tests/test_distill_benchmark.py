@@ -1,0 +1,215 @@
+"""tools/distill_benchmark.py (end to end on a tiny plan, killed and resumed) and tools/visualize_tprd.py."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_tool("distill_benchmark")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# two methods, one seed, a handful of iterations on a handful of images (the `datasets` fixture)
+TINY = ["--methods", "none,KD_DETR_TPRD", "--seeds", "1", "--student-iter", "6", "--teacher-iter", "2",
+        "--batch", "2", "--num-evals", "2",
+        "dataloader.train.dataset.names=synthetic_train", "dataloader.test.dataset.names=synthetic_val"]
+
+
+@pytest.fixture
+def datasets(tmp_path, monkeypatch):
+    from tprd.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path / "datasets"
+    # synthetic_train / synthetic_val accept an existing synthetic dataset of any size: 8 / 4 images
+    generate_synthetic_dataset(root / "synthetic", num_train=8, num_val=4)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return root
+
+
+def _wait_for(predicate, proc, timeout=300.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    try:
+        return (run_dir / "last_checkpoint").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _valid_png(path: Path) -> bool:
+    from PIL import Image
+
+    if path.read_bytes()[:8] != PNG_MAGIC:
+        return False
+    with Image.open(path) as im:
+        im.verify()
+        return im.size[0] > 50 and im.size[1] > 50
+
+
+def test_tiny_plan_killed_resumed_then_skipped(tmp_path, datasets):
+    out = tmp_path / "bench"
+    run_dir = out / "runs" / "none_seed1"
+    # 1. start the plan and kill it hard (SIGKILL to the whole process group) once the student run
+    #    has written its first checkpoint (iteration 3 of 6): the run is left unfinished
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "distill_benchmark.py"), "--out", str(out), *TINY],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        reached = _wait_for(lambda: _last_checkpoint(run_dir) == "model_0000002.pth", proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert reached, proc.stderr.read().decode()[-3000:]
+    assert (out / "teacher" / bench.RESULT_FILE).is_file()  # the teacher finished before
+    assert not (run_dir / bench.RESULT_FILE).is_file()
+
+    # 2. the second call resumes the killed run from its checkpoint and finishes the plan
+    report = bench.main(["--out", str(out), *TINY])
+    assert "Resumed at iteration 3 of 6" in (run_dir / "log.txt").read_text()
+
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert isinstance(data["teacher"]["bbox/AP"], float)
+    assert sorted((r["method"], r["seed"]) for r in data["runs"]) == [("KD_DETR_TPRD", 1), ("none", 1)]
+    for r in data["runs"]:
+        assert set(r) == {"method", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir"}
+        assert all(isinstance(r[k], float) for k in ("bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter"))
+        assert 0.0 <= r["bbox/AP"] <= 100.0 and r["sec_per_iter"] > 0
+        assert Path(r["output_dir"]).is_dir()
+    # the resumed run's metrics hold each iteration once and end with the final evaluation (the one
+    # after iteration 3 is missing when the kill came between the checkpoint and the evaluation)
+    recs = bench.read_metrics(run_dir / "metrics.json")
+    iters = [r["iteration"] for r in recs]
+    assert iters == sorted(set(iters)) and "bbox/AP" in recs[-1] and iters[-1] == 5
+    other = bench.read_metrics(out / "runs" / "KD_DETR_TPRD_seed1" / "metrics.json")
+    assert [r["iteration"] for r in other if "bbox/AP" in r] == [2, 5]
+    md = (out / "results.md").read_text()
+    assert "Teacher" in md and "| none |" in md and "| KD_DETR_TPRD |" in md
+    for png in ("curves.png", "ap_per_method.png"):
+        assert _valid_png(out / png)
+    # both methods trained with the same seed, iterations and batch, through train_net
+    commands = (out / "commands.sh").read_text().splitlines()[1:]
+    assert len(commands) == 3 and all("train_net.py" in c and "--resume" in c for c in commands)
+    for key in ("train.seed=1", "train.max_iter=6", "dataloader.train.total_batch_size=2"):
+        assert all(key in c for c in commands[1:])
+
+    # 3. a third call skips every finished run (no training: checkpoints and metrics untouched)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    again = bench.main(["--out", str(out), *TINY])
+    assert again == report
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
+    # a changed plan does not silently reuse the stored runs
+    with pytest.raises(RuntimeError, match="different plan"):
+        bench.main(["--out", str(out), *TINY[:-2], "--student-iter", "8", *TINY[-2:]])
+
+
+def test_read_metrics_keeps_the_resumed_records(tmp_path):
+    # a run killed after iteration 7 (checkpoint at 4) and resumed: iterations 5..7 are logged twice
+    lines = [{"iteration": i, "total_loss": 10.0 - i} for i in range(8)]
+    lines += [{"iteration": i, "total_loss": 100.0 - i} for i in range(5, 10)]
+    lines.append({"iteration": 9, "bbox/AP": 3.0})
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"iteration": 1')  # torn last line
+    recs = bench.read_metrics(path)
+    assert [r["iteration"] for r in recs] == list(range(10))
+    assert [r["total_loss"] for r in recs] == [10.0, 9.0, 8.0, 7.0, 6.0, 95.0, 94.0, 93.0, 92.0, 91.0]
+    assert recs[-1]["bbox/AP"] == 3.0
+
+
+def test_unknown_method_names_the_config_and_the_known_methods(tmp_path):
+    with pytest.raises(FileNotFoundError, match="KD_DETR_TPRD") as err:
+        bench.method_config("deformable_detr", "NoSuchMethod")
+    assert "NoSuchMethod/deformable_detr_r50_distill_r18_synthetic.py" in str(err.value)
+
+
+def test_results_table_gain_and_spread(tmp_path):
+    teacher = {"bbox/AP": 30.0, "bbox/AP50": 50.0, "bbox/AP75": 30.0, "sec_per_iter": 1.0}
+    runs = [{"method": m, "seed": s, "bbox/AP": ap, "bbox/AP50": 2 * ap, "bbox/AP75": ap, "sec_per_iter": 0.5}
+            for m, s, ap in [("none", 1, 10.0), ("none", 2, 12.0), ("X", 1, 13.0), ("X", 2, 15.0)]]
+    bench.write_results_md(tmp_path / "r.md", teacher, runs, ["none", "X"], ["# t"])
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "r.md").read_text().splitlines()
+            if line.startswith("| ") and "method" not in line}
+    # mean ± sample std: (10, 12) -> 11 ± sqrt(2); (13, 15) -> 14 ± sqrt(2); gain 14 - 11 = +3
+    assert "11.00 ± 1.41" in rows["none"] and "14.00 ± 1.41" in rows["X"] and "+3.00" in rows["X"]
+
+
+def test_visualize_tprd_random_teacher(tmp_path, datasets):
+    vis = _load_tool("visualize_tprd")
+    from tprd.config import instantiate
+    from tprd.engine.main import load_config
+
+    config = str(REPO / "projects/deformable_detr/cfg_distill/base/deformable_detr_r50_distill_r18_synthetic.py")
+    # the fixture's 4 validation images
+    opts = ["train.device=cpu"]
+    cfg = load_config(config, opts)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    ckpt = tmp_path / "distiller.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    result = vis.main(["--config", config, "--checkpoint", str(ckpt), "--out", str(tmp_path / "vis"),
+                       "--num-images", "2", "--max-images", "4", *opts])
+    assert len(result["images"]) == 2 and all(_valid_png(p) for p in result["images"])
+    table = (tmp_path / "vis" / "tprd_stats.md").read_text()
+    assert "TPRD on 4 images" in table
+    sums = result["sums"]
+    num_stages = int(cfg.model.teacher.transformer.decoder.num_layers)
+    assert sums["num_positive"].numel() == num_stages
+    # every stage matches each GT box once; positives + negatives = all queries of every image
+    queries = int(cfg.model.teacher.num_queries)
+    assert (sums["num_positive"] == sums["num_positive"][0]).all()
+    assert (sums["num_positive"] + sums["num_negative"] == 4 * queries).all()
+    # stage 1 has nothing earlier to borrow from; refined positives borrow from earlier stages only
+    assert sums["num_positive_refined"][0] == 0 and sums["num_negative_refined"][0] == 0
+    for l in range(num_stages):
+        assert sums["borrowed"][l].sum() == sums["num_positive_refined"][l]
+        assert (sums["borrowed"][l, l:] == 0).all()
+    assert table.count("\n| ") == num_stages + 1
+
+
+def test_distillation_student_starts_as_the_student_alone(tmp_path):
+    # the plan's fairness claim: with the same seed, the distiller's student is built with the same
+    # initial weights as the `none` run's student (build_init takes its backbone the same way)
+    from tprd.config import instantiate
+    from tprd.engine.defaults import seed_all_rng
+    from tprd.engine.main import load_config
+
+    args = bench.parse_args(["--out", str(tmp_path), "--methods", "none,KD_DETR_TPRD"])
+    plan = bench.build_plan(args, bench.BUDGETS["quick"])
+    none, kd = plan["runs"]
+    seed_all_rng(1)
+    alone = instantiate(load_config(str(none.config), plan["student_overrides"]).model).state_dict()
+    overrides = [o for o in kd.overrides if not o.startswith("train.init_checkpoint=")]
+    seed_all_rng(1)
+    distilled = instantiate(load_config(str(kd.config), overrides).model).student.state_dict()
+    assert set(alone) == set(distilled)
+    assert all(torch.equal(alone[k], distilled[k]) for k in alone)
+    # ... and the teacher is the larger model
+    assert "model.teacher.transformer.encoder.num_layers=2" in kd.overrides

@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""Fixed-budget distillation benchmark on synthetic data: does the student beat itself trained alone?
+
+    python tools/distill_benchmark.py --out OUT [--detector deformable_detr|dino|dab_detr] \\
+        [--methods none,KD_DETR,KD_DETR_TPRD,DETRDistill,DETRDistill_TPRD] [--seeds 1,2,3] \\
+        [--budget quick|full] [--dataset coco|voc] [key=value ...]
+
+The protocol, every step through the same ``projects/<detector>/train_net.py`` a user runs
+(one subprocess per run, always with ``--resume``, so a killed run continues from its last
+checkpoint):
+
+1. the benchmark datasets (``synthetic_bench_*``, :data:`tprd.data.catalog.SYNTHETIC_BENCH_PARAMS`)
+   are generated on first use;
+2. a **teacher** is trained once per plan (seed 0) and evaluated: the ``model.teacher`` of the
+   method configs -- ResNet-50 -- made wider (FFN x2) and one encoder layer deeper, trained for
+   three times the student's iterations;
+3. per seed, the distillation init file is built with ``merge_weight.py``'s code
+   (:func:`tprd.checkpoint.merge.merge_weights`): the teacher checkpoint plus, standing in for the
+   ImageNet backbone, the student backbone that the seed draws (the ``none`` run starts from the
+   same draw);
+4. the student (``model.student`` of the method configs, ResNet-18) is trained alone (``none``)
+   and with each method -- any folder name under ``projects/<detector>/cfg_distill/``, using its
+   ``<detector>_r50_distill_r18_synthetic.py`` -- for the same iterations, batch, data order and
+   seed; each run is evaluated during and after training with the COCO evaluator (the VOC one
+   for ``--dataset voc``);
+5. ``OUT/results.md``, ``OUT/results.json`` and the plots ``OUT/curves.png`` (training losses, AP
+   over iterations) and ``OUT/ap_per_method.png`` (AP per method with the seed spread) are written.
+
+A run whose ``benchmark_result.json`` exists is skipped; its command is checked against the plan's,
+so a changed plan never silently reuses old results (use another ``--out``). The ``key=value``
+overrides go to every run (student, teacher and distillation runs alike), after the budget's.
+
+How the budgets were chosen is written down in ``benchmarks/distill_synthetic.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DETECTORS = ("deformable_detr", "dino", "dab_detr")
+DEFAULT_METHODS = ("none", "KD_DETR", "KD_DETR_TPRD", "DETRDistill", "DETRDistill_TPRD")
+METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75")
+RESULT_FILE = "benchmark_result.json"
+
+#: train / validation dataset names and the data config (its evaluator) per ``--dataset``.
+DATASETS = {
+    "coco": ("synthetic_bench_train", "synthetic_bench_val", "common/data/synthetic_detr.py"),
+    "voc": ("synthetic_bench_voc_trainval", "synthetic_bench_voc_test", "common/data/synthetic_voc_detr.py"),
+}
+
+
+@dataclasses.dataclass
+class Budget:
+    """Iterations and sizes of one plan (every field can be changed on the command line)."""
+
+    student_iter: int
+    teacher_iter: int
+    batch: int
+    num_evals: int  # evaluations per run (AP curve points), the last one after the final iteration
+    seeds: str
+    lr: float = 4e-4
+
+
+BUDGETS = {
+    # see benchmarks/distill_synthetic.md for the measurements behind these numbers
+    "quick": Budget(student_iter=150, teacher_iter=450, batch=4, num_evals=2, seeds="1"),
+    "full": Budget(student_iter=500, teacher_iter=1500, batch=4, num_evals=4, seeds="1,2,3"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """One training run of the plan: a config, its overrides and its output folder."""
+
+    name: str  # "teacher" or "<method>_seed<seed>"
+    method: str  # "teacher", "none" or a cfg_distill folder name
+    seed: int
+    config: Path
+    overrides: List[str]
+    max_iter: int
+    output_dir: Path
+
+    def command(self, detector: str) -> List[str]:
+        entry = REPO / "projects" / detector / "train_net.py"
+        return [sys.executable, str(entry), "--config-file", str(self.config), "--resume", *self.overrides]
+
+    @property
+    def done(self) -> bool:
+        return (self.output_dir / RESULT_FILE).is_file()
+
+
+def method_config(detector: str, method: str) -> Path:
+    """``projects/<detector>/cfg_distill/<method>/<detector>_r50_distill_r18_synthetic.py``."""
+    folder = REPO / "projects" / detector / "cfg_distill"
+    path = folder / method / f"{detector}_r50_distill_r18_synthetic.py"
+    if not path.is_file():
+        known = sorted(p.name for p in folder.iterdir() if (p / path.name).is_file() and p.name != "base")
+        raise FileNotFoundError(
+            f"--methods: no config {path.relative_to(REPO)} for method {method!r}; methods with a synthetic "
+            f"config for {detector}: {', '.join(known)} (and 'none', the student alone)"
+        )
+    return path
+
+
+_CONFIG_TEMPLATE = '''"""Generated by tools/distill_benchmark.py: {what}.
+
+The config is {source} with the benchmark's data{member_note}; everything else of the
+benchmark setting is on the command line (OUT/commands.sh).
+"""
+from tprd.config import LazyConfig, get_config
+
+_source = LazyConfig.load({source_path!r})
+model = _source.model{member}
+optimizer = _source.optimizer
+lr_multiplier = _source.lr_multiplier
+train = _source.train
+dataloader = get_config({data_config!r}).dataloader
+'''
+
+
+def write_config(out: Path, name: str, source: Path, member: Optional[str], data_config: str, what: str) -> Path:
+    path = out / "configs" / f"{name}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _CONFIG_TEMPLATE.format(
+        what=what,
+        source=source.relative_to(REPO),
+        source_path=str(source),
+        member_note=f", and its model.{member} as the model" if member else "",
+        member=f".{member}" if member else "",
+        data_config=data_config,
+    )
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def model_overrides(prefix: str, teacher: bool, student_cfg: Any) -> List[str]:
+    """Model changes of the benchmark: backbones trained from scratch (trainable BatchNorm); the
+    teacher one encoder layer deeper and with a twice wider FFN (same width, queries and decoder
+    stages as the student, so every method's query groups and per-stage losses line up)."""
+    out = [f"{prefix}backbone.norm=BN", f"{prefix}backbone.freeze_at=0"]
+    if teacher:
+        enc = int(student_cfg.transformer.encoder.num_layers) + 1
+        ffn = 2 * int(student_cfg.transformer.encoder.feedforward_dim)
+        out += [
+            f"{prefix}transformer.encoder.num_layers={enc}",
+            f"{prefix}transformer.encoder.feedforward_dim={ffn}",
+            f"{prefix}transformer.decoder.feedforward_dim={ffn}",
+        ]
+    return out
+
+
+def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: str) -> List[str]:
+    """The same training loop for every run: iterations, batch, lr (one lr for every parameter:
+    nothing is pretrained), lr x0.1 for the last 20%, 5% warmup, evaluations, checkpoints."""
+    eval_period = max(1, max_iter // max(1, budget.num_evals))
+    return [
+        f"train.max_iter={max_iter}",
+        f"train.eval_period={eval_period if budget.num_evals > 1 else 0}",
+        f"train.checkpointer.period={max(1, min(eval_period, 100))}",
+        "train.checkpointer.max_to_keep=2",
+        "train.log_period=10",
+        "train.device=cpu",
+        f"dataloader.train.total_batch_size={budget.batch}",
+        f"dataloader.train.dataset.names={train_set}",
+        f"dataloader.test.dataset.names={val_set}",
+        f"optimizer.lr={budget.lr}",
+        "optimizer.params.lr_factor_func=None",
+        f"lr_multiplier.scheduler.milestones=[{max(1, int(max_iter * 0.8))},{max_iter}]",
+        "lr_multiplier.warmup_length=0.05",
+        "lr_multiplier.warmup_factor=0.1",
+    ]
+
+
+def build_plan(args: argparse.Namespace, budget: Budget) -> Dict[str, Any]:
+    """Write the generated configs and return the teacher run, the per-seed init files and the runs."""
+    from tprd.engine.main import load_config
+
+    out = args.out
+    detector = args.detector
+    train_set, val_set, data_config = DATASETS[args.dataset]
+    methods = [m for m in args.methods.split(",") if m]
+    if "none" not in methods:
+        methods = ["none"] + methods
+    distill_methods = [m for m in methods if m != "none"]
+    sources = {m: method_config(detector, m) for m in distill_methods}
+    base = REPO / "projects" / detector / "cfg_distill" / "base" / f"{detector}_r50_distill_r18_synthetic.py"
+    seeds = [int(s) for s in (args.seeds or budget.seeds).split(",") if s.strip()]
+    user = list(args.overrides)
+
+    student_arch = load_config(str(base)).model.student
+    teacher_cfg = write_config(out, "teacher", base, "teacher", data_config, "the teacher trained alone")
+    student_cfg = write_config(out, "none", base, "student", data_config, "the student trained alone")
+    teacher = Run(
+        "teacher", "teacher", 0, teacher_cfg,
+        model_overrides("model.", True, student_arch)
+        + schedule_overrides(budget, budget.teacher_iter, train_set, val_set)
+        + ["train.seed=0", f"train.output_dir={out / 'teacher'}"] + user,
+        budget.teacher_iter, out / "teacher",
+    )
+    student_model = model_overrides("model.", False, student_arch)
+    distill_model = model_overrides("model.student.", False, student_arch) + model_overrides(
+        "model.teacher.", True, student_arch
+    )
+    runs: List[Run] = []
+    inits = {seed: out / "init" / f"teacher_student_seed{seed}.pth" for seed in seeds}
+    for seed in seeds:
+        for method in methods:
+            name = f"{method}_seed{seed}"
+            run_dir = out / "runs" / name
+            common = schedule_overrides(budget, budget.student_iter, train_set, val_set) + [
+                f"train.seed={seed}", f"train.output_dir={run_dir}"
+            ]
+            if method == "none":
+                runs.append(Run(name, method, seed, student_cfg, student_model + common + user, budget.student_iter, run_dir))
+            else:
+                cfg = write_config(out, method, sources[method], None, data_config, f"{method} distillation")
+                ov = distill_model + common + [f"train.init_checkpoint={inits[seed]}"] + user
+                runs.append(Run(name, method, seed, cfg, ov, budget.student_iter, run_dir))
+    return {"teacher": teacher, "runs": runs, "inits": inits, "student_cfg": student_cfg,
+            "student_overrides": student_model, "seeds": seeds, "methods": methods,
+            "datasets": (_last_value(user, "dataloader.train.dataset.names", train_set),
+                         _last_value(user, "dataloader.test.dataset.names", val_set))}
+
+
+def _last_value(overrides: Sequence[str], key: str, default: str) -> str:
+    """The value the last ``key=...`` of ``overrides`` sets (quotes removed), else ``default``."""
+    values = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.split("=", 1)[0] == key]
+    return values[-1] if values else default
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """``metrics.json`` records (one JSON object per line); a resumed run writes some iterations
+    twice -- the later record of an iteration wins. A torn last line (killed run) is ignored."""
+    by_iter: Dict[int, Dict[str, Any]] = {}
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "iteration" in rec:
+            it = int(rec["iteration"])
+            # a resumed run restarts at an earlier iteration: drop what the killed run logged after it
+            by_iter = {k: v for k, v in by_iter.items() if k < it} | {it: {**by_iter.get(it, {}), **rec}}
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def summarise(run: Run) -> Dict[str, Any]:
+    """Final AP / AP50 / AP75 and seconds per iteration of a finished run, from its metrics.json."""
+    records = read_metrics(run.output_dir / "metrics.json")
+    evals = [r for r in records if "bbox/AP" in r]
+    if not evals or int(evals[-1]["iteration"]) < run.max_iter - 1:
+        raise RuntimeError(
+            f"{run.output_dir / 'metrics.json'}: no final evaluation of run {run.name!r}; see "
+            f"{run.output_dir / 'benchmark_stdout.log'}"
+        )
+    final = evals[-1]
+    times = [float(r["time"]) for r in records if "time" in r]
+    out = {k: float(final[k]) for k in METRICS}
+    out["sec_per_iter"] = statistics.median(times) if times else float("nan")
+    return out
+
+
+def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]:
+    """Run one training (or resume it) in a subprocess, advancing ``bar`` from its metrics.json."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    log = run.output_dir / "benchmark_stdout.log"
+    cmd = run.command(detector)
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        try:
+            shown = 0
+            while proc.poll() is None:
+                time.sleep(1.0)
+                records = read_metrics(run.output_dir / "metrics.json")
+                it = int(records[-1]["iteration"]) + 1 if records else 0
+                if it > shown:
+                    bar.update(it - shown)
+                    shown = it
+            bar.update(run.max_iter - shown)
+        finally:
+            if proc.poll() is None:  # the benchmark itself is being stopped: stop the run too
+                proc.terminate()
+                proc.wait()
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"run {run.name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    result = {"method": run.method, "seed": run.seed, **summarise(run), "output_dir": str(run.output_dir),
+              "command": cmd[1:]}
+    _write_json(run.output_dir / RESULT_FILE, result)
+    return result
+
+
+def load_result(run: Run, detector: str) -> Dict[str, Any]:
+    """The stored result of a finished run; an error when it was made with another command."""
+    result = json.loads((run.output_dir / RESULT_FILE).read_text())
+    if result.get("command") != run.command(detector)[1:]:
+        raise RuntimeError(
+            f"{run.output_dir / RESULT_FILE} was written by a different plan (another command line); "
+            f"use a new --out folder, or delete {run.output_dir} to rerun it"
+        )
+    return result
+
+
+def build_init(init: Path, teacher_dir: Path, student_cfg: Path, student_overrides: List[str], seed: int) -> None:
+    """The distillation init file of one seed, with merge_weight.py's code: the trained teacher,
+    and the backbone that ``train.seed=seed`` draws for the student (the ``none`` run's start)."""
+    if init.is_file():
+        return
+    from tprd.checkpoint.merge import load_state_dict_file, merge_weights, save_atomic
+    from tprd.config import instantiate
+    from tprd.engine.defaults import seed_all_rng
+    from tprd.engine.main import load_config
+
+    cfg = load_config(str(student_cfg), student_overrides)
+    seed_all_rng(seed)  # as the engine does before building the model
+    student = instantiate(cfg.model)
+    backbone = {f"student.backbone.{k}": v for k, v in student.backbone.state_dict().items()}
+    merged, report = merge_weights(backbone, load_state_dict_file(teacher_dir / "model_final.pth"))
+    save_atomic(merged, init)
+    (init.with_suffix(".txt")).write_text(report.summary() + "\n")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, Any]], methods: List[str],
+                     header: List[str]) -> None:
+    by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
+    base = statistics.mean(r["bbox/AP"] for r in by_method["none"]) if by_method.get("none") else None
+    lines = header + [
+        "",
+        f"Teacher (trained alone, seed 0): AP {teacher['bbox/AP']:.2f}, AP50 {teacher['bbox/AP50']:.2f}, "
+        f"AP75 {teacher['bbox/AP75']:.2f} ({teacher['sec_per_iter']:.3f} s/iter)",
+        "",
+        "| method | AP | AP50 | AP75 | AP per seed | gain over none (AP) | s/iter |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rs = sorted(by_method[m], key=lambda r: r["seed"])
+        if not rs:
+            continue
+        ap = [r["bbox/AP"] for r in rs]
+        gain = "—" if m == "none" or base is None else f"{statistics.mean(ap) - base:+.2f}"
+        per_seed = ", ".join(f"{r['bbox/AP']:.2f} (s{r['seed']})" for r in rs)
+        spi = statistics.median(r["sec_per_iter"] for r in rs)
+        lines.append(
+            f"| {m} | {_mean_std(ap)} | {_mean_std([r['bbox/AP50'] for r in rs])} | "
+            f"{_mean_std([r['bbox/AP75'] for r in rs])} | {per_seed} | {gain} | {spi:.3f} |"
+        )
+    lines += ["", "Mean ± sample standard deviation over seeds; s/iter is the median logged training step time "
+              "(wall clock: it moves with the load of a shared machine)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _loss_of(rec: Dict[str, Any]) -> Optional[float]:
+    """The student's own detection loss: the sum of the ``loss_*`` terms (distillation terms are
+    logged as ``distill_*``), comparable between ``none`` and the methods."""
+    terms = [v for k, v in rec.items() if k.startswith("loss_")]
+    return float(sum(terms)) if terms else None
+
+
+def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
+                teacher: Dict[str, Any], methods: List[str]) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run in plan_runs:
+        recs = read_metrics(run.output_dir / "metrics.json")
+        its = [r["iteration"] + 1 for r in recs if "total_loss" in r]
+        axes[0].plot(its, [r["total_loss"] for r in recs if "total_loss" in r], color=colors[run.method],
+                     alpha=0.8, lw=1, label=run.name)
+        det = [(r["iteration"] + 1, _loss_of(r)) for r in recs if _loss_of(r) is not None]
+        axes[1].plot([d[0] for d in det], [d[1] for d in det], color=colors[run.method], alpha=0.8, lw=1)
+        ev = [(r["iteration"] + 1, r["bbox/AP"]) for r in recs if "bbox/AP" in r]
+        axes[2].plot([e[0] for e in ev], [e[1] for e in ev], "o-", color=colors[run.method], ms=3)
+    axes[2].axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label="teacher")
+    axes[0].set(title="total training loss (incl. distillation terms)", xlabel="iteration", yscale="log")
+    axes[1].set(title="student detection loss (sum of loss_*)", xlabel="iteration", yscale="log")
+    axes[2].set(title="validation AP", xlabel="iteration", ylabel="bbox AP")
+    axes[0].legend(fontsize=6)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    curves = out / "curves.png"
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.4 * len(methods) + 2, 4))
+    for i, m in enumerate(methods):
+        aps = [r["bbox/AP"] for r in results if r["method"] == m]
+        if not aps:
+            continue
+        ax.scatter([i] * len(aps), aps, color=colors[m], s=18, zorder=3)
+        std = statistics.stdev(aps) if len(aps) > 1 else 0.0
+        ax.errorbar([i], [statistics.mean(aps)], yerr=[std], fmt="_", color="k", ms=20, capsize=6, zorder=4)
+    ax.axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label=f"teacher {teacher['bbox/AP']:.1f}")
+    ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
+    ax.set(ylabel="bbox AP", title="AP per method (dots: seeds; bar: mean ± std)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    per_method = out / "ap_per_method.png"
+    fig.savefig(per_method, dpi=100)
+    plt.close(fig)
+    return [curves, per_method]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder of the plan (runs, results, plots)")
+    p.add_argument("--detector", choices=DETECTORS, default="deformable_detr")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated: 'none' (student alone) and cfg_distill folder names")
+    p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the budget's)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="coco",
+                   help="coco: synthetic_bench_train/val, COCO evaluator; voc: the VOC layout, VOC evaluator")
+    for field in dataclasses.fields(Budget):
+        if field.name != "seeds":
+            kind = float if field.name == "lr" else int
+            p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                           help=f"override the budget's {field.name}")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    # a plain `kill` stops the current run too (the finally of execute); a run resumes next time
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    budget = dataclasses.replace(BUDGETS[args.budget])
+    for field in dataclasses.fields(Budget):
+        value = getattr(args, field.name, None)
+        if value is not None and field.name != "seeds":
+            setattr(budget, field.name, value)
+    from tqdm import tqdm
+
+    from tprd.data.catalog import prepare_dataset
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(args, budget)
+    teacher_run: Run = plan["teacher"]
+    runs: List[Run] = plan["runs"]
+    detector = args.detector
+
+    # (a) the data, generated once (the runs then find it)
+    for name in plan["datasets"]:
+        prepare_dataset(name)
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(args.out / "commands.sh", "w") as f:
+        f.write("# the runs of this plan, in order (each is resumable: --resume)\n")
+        for run in [teacher_run] + runs:
+            f.write(shlex.join(run.command(detector)[1:]) + "\n")
+
+    total = teacher_run.max_iter + sum(r.max_iter for r in runs)
+    started = time.time()
+    results: List[Dict[str, Any]] = []
+    with tqdm(total=total, unit="it", desc="benchmark", dynamic_ncols=True, smoothing=0.05) as bar:
+        def one(run: Run) -> Dict[str, Any]:
+            if run.done:
+                bar.update(run.max_iter)
+                return load_result(run, detector)
+            bar.set_postfix_str(run.name)
+            return execute(run, detector, env, bar)
+
+        teacher = one(teacher_run)
+        for seed, init in plan["inits"].items():
+            if any(r.seed == seed and r.method != "none" and not r.done for r in runs):
+                build_init(init, teacher_run.output_dir, plan["student_cfg"], plan["student_overrides"], seed)
+        for i, run in enumerate(runs):
+            results.append(one(run))
+            # the table so far after every run: a benchmark stopped midway still leaves its results
+            report = write_report(args, budget, plan, teacher, results, time.time() - started,
+                                  complete=i == len(runs) - 1)
+    if not runs:
+        report = write_report(args, budget, plan, teacher, results, time.time() - started, complete=True)
+    print((args.out / "results.md").read_text())
+    return report
+
+
+def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, Any],
+                 results: List[Dict[str, Any]], wall: float, complete: bool) -> Dict[str, Any]:
+    """``results.json``, ``results.md`` and the plots of the runs finished so far."""
+    report = {
+        "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed")},
+        "runs": [{k: r[k] for k in ("method", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
+    }
+    _write_json(args.out / "results.json", report)
+    state = "" if complete else f" **Partial: {len(results)} of {len(plan['runs'])} runs finished so far.**"
+    header = [
+        f"# Distillation benchmark: {args.detector}, budget {args.budget}, dataset {args.dataset}",
+        "",
+        f"Student R18 {budget.student_iter} iterations, teacher R50 {budget.teacher_iter} iterations, batch "
+        f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
+        f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
+        f"(finished runs are not rerun).{state}",
+    ]
+    write_results_md(args.out / "results.md", report["teacher"], report["runs"], plan["methods"], header)
+    done = {(r["method"], r["seed"]) for r in results}
+    write_plots(args.out, [r for r in plan["runs"] if (r.method, r.seed) in done], report["runs"],
+                report["teacher"], plan["methods"])
+    return report
+
+
+if __name__ == "__main__":
+    main()
