@@ -203,6 +203,17 @@ def _try_register_compiled_op() -> None:
 _try_register_compiled_op()
 
 
+def _try_register_triton() -> None:
+    """Register the Triton kernel (:mod:`tprd.layers.msda_triton`) when Triton is importable."""
+    from .msda_triton import TRITON_AVAILABLE, msda_triton
+
+    if TRITON_AVAILABLE:
+        register_msda_backend("triton", msda_triton, cuda_only=True)
+
+
+_try_register_triton()
+
+
 # --------------------------------------------------------------------------------------------
 # Module
 # --------------------------------------------------------------------------------------------
