@@ -42,32 +42,31 @@ def bilinear_corners(locations: Tensor, height: Tensor, width: Tensor, derivativ
     """The four bilinear neighbours of normalised ``locations [...,2]`` ``(x, y)`` in maps of
     ``height x width`` (tensors broadcastable to ``locations[..., 0]``; ``align_corners=False``).
 
-    Returns ``index [...,4]`` (``index_dtype`` ``y*W + x``, clamped into the map), ``weight [...,4]`` (zero for
-    a neighbour outside the map) and, with ``derivatives``, ``dweight_dx [...,4]`` and ``dweight_dy
-    [...,4]`` (derivatives of the weights w.r.t. the normalised ``x`` and ``y``, zero outside).
+    Corner ``k`` is ``(x0 + dx, y0 + dy)`` with ``(dx, dy)`` = (0,0), (1,0), (0,1), (1,1). Returns
+    ``index [...,4]`` (``index_dtype`` ``y*W + x``, clamped into the map), ``weight [...,4]`` (zero
+    for a neighbour outside the map) and, with ``derivatives``, ``dweight_dx [...,4]`` and
+    ``dweight_dy [...,4]`` (derivatives of the weights w.r.t. the normalised ``x`` and ``y``, zero
+    outside). The x and y factors are computed on ``[...,2]`` and multiplied out at the end.
     """
-    width = width.to(locations.dtype).unsqueeze(-1)
-    height = height.to(locations.dtype).unsqueeze(-1)
-    px = locations[..., :1] * width - 0.5  # [...,1]
-    py = locations[..., 1:] * height - 0.5
-    x0 = px.floor()
-    y0 = py.floor()
-    fx = px - x0
-    fy = py - y0
-    dx = locations.new_tensor(_DX)
-    dy = locations.new_tensor(_DY)
-    xs = x0 + dx  # [...,4]
-    ys = y0 + dy
-    inside = ((xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)).to(locations.dtype)
-    wx = torch.where(dx > 0, fx, 1 - fx) * inside
-    wy = torch.where(dy > 0, fy, 1 - fy)
-    index = (torch.minimum(ys.clamp_min(0), height - 1) * width + torch.minimum(xs.clamp_min(0), width - 1))
-    index = index.to(index_dtype)
+    size = torch.stack([width, height], -1).to(locations.dtype).unsqueeze(-1)  # [...,2 (x|y),1]
+    pix = locations.unsqueeze(-1) * size - 0.5  # [...,2,1]
+    low = pix.floor()
+    frac = pix - low
+    step = locations.new_tensor([0.0, 1.0])  # left/top neighbour, right/bottom neighbour
+    coord = low + step  # [...,2 (x|y),2 (neighbour)]
+    inside = ((coord >= 0) & (coord < size)).to(locations.dtype)
+    factor = torch.where(step > 0, frac, 1 - frac) * inside  # 1-D bilinear factors, zero outside
+    coord = torch.minimum(coord.clamp_min(0), size - 1).to(index_dtype)
+    wx, wy = factor[..., 0, None, :], factor[..., 1, :, None]  # [...,1,2], [...,2,1]
+    index = (coord[..., 1, :, None] * width.to(index_dtype).unsqueeze(-1).unsqueeze(-1) + coord[..., 0, None, :])
+    index = index.flatten(-2)  # [...,4]: k = 2 * dy + dx
+    weight = (wy * wx).flatten(-2)
     if not derivatives:
-        return index, wx * wy
-    sx = (2 * dx - 1) * width * inside  # d wx / d x (normalised)
-    sy = (2 * dy - 1) * height
-    return index, wx * wy, sx * wy, wx * sy
+        return index, weight
+    slope = (2 * step - 1) * size * inside  # d factor / d normalised coordinate   [...,2,2]
+    dwx = (wy * slope[..., 0, None, :]).flatten(-2)
+    dwy = (slope[..., 1, :, None] * wx).flatten(-2)
+    return index, weight, dwx, dwy
 
 
 def _corner_rows(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, locations: Tensor,
