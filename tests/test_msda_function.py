@@ -7,6 +7,7 @@ from tprd.layers.ms_deform_attn import (
     msda_pytorch,
     multi_scale_deformable_attention,
     resolve_msda_backend,
+    set_msda_backend,
 )
 from tprd.layers.msda_function import MSDAFunction, bilinear_corners, msda_function
 
@@ -95,6 +96,12 @@ def test_auto_is_the_function_on_cpu_and_grid_sample_when_tracing():
         assert torch.allclose(traced(*args), module(*args), atol=1e-6)
         exported = torch.export.export(module, args)
         assert any("grid_sampler" in str(n.target) for n in exported.graph.nodes)
+        set_msda_backend("pytorch")  # what an export helper may force: still the traceable path
+        try:
+            kinds = {n.kind() for n in torch.jit.trace(module, args).inlined_graph.nodes()}
+        finally:
+            set_msda_backend("auto")
+        assert "aten::grid_sampler" in kinds and "prim::PythonOp" not in kinds
 
 
 def test_module_backend_override():

@@ -12,7 +12,7 @@ to the backend chosen with :func:`set_msda_backend` (default ``"auto"``), or to 
   own backward that saves only its inputs (the default on CPU);
 * ``"grid_sample"`` -- :func:`msda_pytorch`, the ``F.grid_sample`` path (bilinear, zero padding,
   ``align_corners=False``) that detrex itself uses on CPU and against which the parity fixtures
-  were produced; ``"auto"`` uses it while tracing or exporting (ONNX ``GridSample``);
+  were produced; ``"auto"`` and ``"pytorch"`` use it while tracing or exporting (ONNX ``GridSample``);
 * ``"triton"`` -- the Triton kernel (:mod:`tprd.layers.msda_triton`), chosen by ``"auto"`` for CUDA
   tensors when Triton is importable; ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
 
@@ -139,11 +139,13 @@ def _is_exporting() -> bool:
 
 
 def resolve_msda_backend(name: str, value: Tensor) -> str:
-    """The backend ``name`` stands for with ``value`` (``"auto"`` resolved)."""
+    """The backend ``name`` stands for with ``value`` (``"auto"`` resolved). While tracing or
+    exporting, ``"auto"`` and ``"pytorch"`` (whose sparse products no exporter knows) resolve to
+    ``"grid_sample"``, the same arithmetic in standard ops."""
+    if name in ("auto", "pytorch") and _is_exporting():
+        return "grid_sample"
     if name != "auto":
         return name
-    if _is_exporting():
-        return "grid_sample"
     if value.is_cuda:
         preferred = [n for n in _CUDA_PREFERENCE if n in _CUDA_ONLY]
         others = sorted(_CUDA_ONLY - set(preferred))
