@@ -61,7 +61,7 @@ def export(model, images, path: str) -> None:
     from tprd.layers.ms_deform_attn import get_msda_backend, set_msda_backend
 
     previous = get_msda_backend()
-    set_msda_backend("pytorch")  # the grid_sample path: traceable, standard ONNX ops
+    set_msda_backend("grid_sample")  # traceable, standard ONNX ops
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"

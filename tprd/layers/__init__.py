@@ -13,6 +13,7 @@ from .ms_deform_attn import (  # noqa: F401
     MultiScaleDeformableAttention,
     available_msda_backends,
     get_msda_backend,
+    msda_function,
     msda_pytorch,
     multi_scale_deformable_attention,
     register_msda_backend,

@@ -5,11 +5,18 @@ reference point; the sampled values (bilinear interpolation, zero outside the ma
 with softmax weights over ``num_levels * num_points``.
 
 The sampling kernel is a pluggable function. :func:`multi_scale_deformable_attention` dispatches
-to the backend chosen with :func:`set_msda_backend` (default ``"auto"``): a compiled CUDA op when
-one is importable and the tensors live on a GPU, otherwise :func:`msda_pytorch`, the pure PyTorch
-path (``F.grid_sample`` bilinear, zero padding, ``align_corners=False``) that detrex itself uses on
-CPU, and against which the parity fixtures were produced. A new kernel is added with
-:func:`register_msda_backend`.
+to the backend chosen with :func:`set_msda_backend` (default ``"auto"``), or to the module's own
+``msda_backend`` when set:
+
+* ``"pytorch"`` -- :func:`~tprd.layers.msda_function.msda_function`, one autograd Function with its
+  own backward that saves only its inputs (the default on CPU);
+* ``"grid_sample"`` -- :func:`msda_pytorch`, the ``F.grid_sample`` path (bilinear, zero padding,
+  ``align_corners=False``) that detrex itself uses on CPU and against which the parity fixtures
+  were produced; ``"auto"`` and ``"pytorch"`` use it while tracing or exporting (ONNX ``GridSample``);
+* ``"triton"`` -- the Triton kernel (:mod:`tprd.layers.msda_triton`), chosen by ``"auto"`` for CUDA
+  tensors when Triton is importable; ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
+
+A new kernel is added with :func:`register_msda_backend`.
 
 Shapes used throughout: ``B`` batch, ``Q`` queries, ``S`` = sum of ``H_l * W_l`` value tokens,
 ``M`` heads, ``Dh`` channels per head, ``L`` levels, ``P`` points.
@@ -24,10 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .msda_function import msda_function
+
 __all__ = [
     "MultiScaleDeformableAttention",
     "multi_scale_deformable_attention",
     "msda_pytorch",
+    "msda_function",
+    "check_msda_backend",
+    "resolve_msda_backend",
     "register_msda_backend",
     "set_msda_backend",
     "get_msda_backend",
@@ -76,8 +88,10 @@ def msda_pytorch(
 # Backend registry
 # --------------------------------------------------------------------------------------------
 
-_BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_pytorch}
+_BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_function, "grid_sample": msda_pytorch}
 _CUDA_ONLY = set()
+# "auto" on CUDA: the first of these that is registered (then any other CUDA-only backend)
+_CUDA_PREFERENCE = ("triton", "cuda_ext")
 _ACTIVE = "auto"
 
 
@@ -93,15 +107,21 @@ def register_msda_backend(name: str, fn: MSDAFunction, cuda_only: bool = True) -
         _CUDA_ONLY.discard(name)
 
 
-def set_msda_backend(name: str) -> None:
-    """``"auto"`` (compiled kernel on CUDA when available, else PyTorch), ``"pytorch"``, or any
-    registered name."""
-    global _ACTIVE
+def check_msda_backend(name: str) -> str:
+    """``name`` when it is ``"auto"`` or a registered backend; else a ValueError naming the choices."""
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(
-            f"unknown deformable-attention backend {name!r}; available: {['auto'] + sorted(_BACKENDS)}"
+            f"unknown deformable-attention backend {name!r} (msda_backend); "
+            f"available: {['auto'] + sorted(_BACKENDS)}"
         )
-    _ACTIVE = name
+    return name
+
+
+def set_msda_backend(name: str) -> None:
+    """The process-wide backend: ``"auto"`` (a GPU kernel on CUDA when available, else
+    ``"pytorch"``; ``"grid_sample"`` while tracing/exporting), or any registered name."""
+    global _ACTIVE
+    _ACTIVE = check_msda_backend(name)
 
 
 def get_msda_backend() -> str:
@@ -112,21 +132,39 @@ def available_msda_backends() -> Tuple[str, ...]:
     return tuple(sorted(_BACKENDS))
 
 
+def _is_exporting() -> bool:
+    """Tracing (``torch.jit.trace``), exporting (ONNX, ``torch.export``) or compiling: the graph
+    gets the ``grid_sample`` ops, which every exporter knows."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def resolve_msda_backend(name: str, value: Tensor) -> str:
+    """The backend ``name`` stands for with ``value`` (``"auto"`` resolved). While tracing or
+    exporting, ``"auto"`` and ``"pytorch"`` (whose sparse products no exporter knows) resolve to
+    ``"grid_sample"``, the same arithmetic in standard ops."""
+    if name in ("auto", "pytorch") and _is_exporting():
+        return "grid_sample"
+    if name != "auto":
+        return name
+    if value.is_cuda:
+        preferred = [n for n in _CUDA_PREFERENCE if n in _CUDA_ONLY]
+        others = sorted(_CUDA_ONLY - set(preferred))
+        if preferred or others:
+            return (preferred + others)[0]
+    return "pytorch"
+
+
 def multi_scale_deformable_attention(
     value: Tensor,
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    backend: Optional[str] = None,
 ) -> Tensor:
-    """Dispatch to the active backend (see :func:`set_msda_backend`). Returns ``[B,Q,M*Dh]``."""
-    name = _ACTIVE
-    if name == "auto":
-        name = "pytorch"
-        if value.is_cuda:
-            for candidate in sorted(_CUDA_ONLY):
-                name = candidate
-                break
+    """Dispatch to ``backend`` (``None``: the process-wide one, see :func:`set_msda_backend`).
+    Returns ``[B,Q,M*Dh]``."""
+    name = resolve_msda_backend(_ACTIVE if backend is None else backend, value)
     return _BACKENDS[name](value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -167,6 +205,17 @@ def _try_register_compiled_op() -> None:
 _try_register_compiled_op()
 
 
+def _try_register_triton() -> None:
+    """Register the Triton kernel (:mod:`tprd.layers.msda_triton`) when Triton is importable."""
+    from .msda_triton import TRITON_AVAILABLE, msda_triton
+
+    if TRITON_AVAILABLE:
+        register_msda_backend("triton", msda_triton, cuda_only=True)
+
+
+_try_register_triton()
+
+
 # --------------------------------------------------------------------------------------------
 # Module
 # --------------------------------------------------------------------------------------------
@@ -178,10 +227,13 @@ class MultiScaleDeformableAttention(nn.Module):
     Parameters (detrex names): ``sampling_offsets`` Linear(D -> M*L*P*2), ``attention_weights``
     Linear(D -> M*L*P), ``value_proj`` and ``output_proj`` Linear(D -> D). The module returns
     ``output_proj(attention)`` only: residual connection and dropout belong to the layer that uses it.
+    ``msda_backend``: this module's sampling backend (``None``: the process-wide one).
     """
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
+                 msda_backend: Optional[str] = None):
         super().__init__()
+        self.msda_backend = None if msda_backend is None else check_msda_backend(msda_backend)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         head_dim = embed_dim // num_heads
@@ -269,7 +321,8 @@ class MultiScaleDeformableAttention(nn.Module):
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(bsz, nv, self.num_heads, -1)
         locations, weights = self.sampling(query, reference_points, spatial_shapes)
-        out = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights)
+        out = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights,
+                                               backend=self.msda_backend)
         out = self.output_proj(out)
         if return_sampling:
             return out, {"sampling_locations": locations, "attention_weights": weights}

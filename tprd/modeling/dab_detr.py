@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from tprd.layers.activation_checkpoint import run_layer, set_layer_options
 from tprd.layers.box_ops import inverse_sigmoid
 from tprd.layers.conditional_attention import ConditionalCrossAttention, ConditionalSelfAttention
 from tprd.layers.mlp import MLP
@@ -149,10 +150,11 @@ class DabDetrTransformerEncoder(nn.Module):
         )
         self.query_scale = MLP(embed_dim, embed_dim, embed_dim, 2)
         self.post_norm_layer = nn.LayerNorm(embed_dim) if post_norm else None
+        self.use_checkpoint = False  # activation checkpointing of each layer (set by the detector)
 
     def forward(self, x: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         for layer in self.layers:
-            x = layer(x, pos * self.query_scale(x), key_padding_mask)
+            x = run_layer(layer, x, pos * self.query_scale(x), key_padding_mask, use_checkpoint=self.use_checkpoint)
         if self.post_norm_layer is not None:
             x = self.post_norm_layer(x)
         return x
@@ -232,6 +234,7 @@ class DabDetrTransformerDecoder(nn.Module):
         self.modulate_hw_attn = modulate_hw_attn
         self.ref_anchor_head = MLP(embed_dim, embed_dim, 2, 2) if modulate_hw_attn else None
         self.post_norm_layer = nn.LayerNorm(embed_dim)
+        self.use_checkpoint = False  # activation checkpointing of each layer (set by the detector)
 
     def _query_sine_embed(self, query: Tensor, anchors: Tensor, first: bool) -> Tuple[Tensor, Tensor]:
         # [B,Q,4*D/2]: pos(cy), pos(cx), pos(w), pos(h) (D/2 = 128 in every DAB-DETR config)
@@ -272,7 +275,8 @@ class DabDetrTransformerDecoder(nn.Module):
         references: List[Tensor] = [anchors]
         for idx, layer in enumerate(self.layers):
             query_pos, sine = self._query_sine_embed(query, anchors, first=(idx == 0))
-            query = layer(query, query_pos, sine, memory, memory_pos, self_attn_mask, memory_mask, return_attention)
+            query = run_layer(layer, query, query_pos, sine, memory, memory_pos, self_attn_mask, memory_mask,
+                              return_attention, use_checkpoint=self.use_checkpoint)
             if return_attention:
                 query, layer_maps = query
                 maps.append(layer_maps)
@@ -314,6 +318,9 @@ class DABDETR(DETRDetector):
 
     ``batched_inputs``: list of dicts ``image`` ``[3,H,W]`` RGB 0..255, ``height``/``width`` (output
     size), ``gt_boxes`` ``[G,4]`` xyxy pixels of ``image``, ``gt_classes`` ``[G]`` (training; required).
+
+    ``use_checkpoint``: activation checkpointing of every encoder and decoder layer (exact; less
+    memory, one more forward per layer in backward).
     """
 
     require_gt = True
@@ -335,6 +342,7 @@ class DABDETR(DETRDetector):
         freeze_anchor_box_centers: bool = True,
         select_box_nums_for_evaluation: int = 300,
         mask_decoder_memory: bool = False,
+        use_checkpoint: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -354,6 +362,7 @@ class DABDETR(DETRDetector):
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.mask_decoder_memory = mask_decoder_memory
         self.register_pixel_stats(pixel_mean, pixel_std)
+        set_layer_options(self, use_checkpoint)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -648,6 +657,7 @@ def _from_detrex_config(cls, cfg: Mapping[str, Any]) -> DABDETR:
         pixel_std=list(cfg.get("pixel_std", PIXEL_STD)),
         freeze_anchor_box_centers=bool(cfg.get("freeze_anchor_box_centers", True)),
         select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 300)),
+        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
     )
 
 

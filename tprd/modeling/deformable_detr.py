@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..layers.mlp import MLP
 from ..layers.box_ops import inverse_sigmoid
+from ..layers.activation_checkpoint import run_layer, set_layer_options
 from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from .criterion import SetCriterion
 from .detector import (
@@ -171,6 +172,7 @@ class DeformableTransformerEncoder(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(embed_dim) if post_norm else None
+        self.use_checkpoint = False  # activation checkpointing of each layer (set by the detector)
 
     @staticmethod
     def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
@@ -192,7 +194,8 @@ class DeformableTransformerEncoder(nn.Module):
         """``src``/``pos`` ``[B,S,D]`` -> memory ``[B,S,D]``."""
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = run_layer(layer, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                            use_checkpoint=self.use_checkpoint)
         return self.norm(src) if self.norm is not None else src
 
 
@@ -212,6 +215,7 @@ class DeformableTransformerDecoder(nn.Module):
                                    num_feature_levels, num_points)
             for _ in range(num_layers)
         )
+        self.use_checkpoint = False  # activation checkpointing of each layer (set by the detector)
 
     def forward(self, tgt, query_pos, reference, memory, spatial_shapes, level_start_index, valid_ratios,
                 memory_padding_mask, self_attn_mask=None, bbox_embed=None, return_attention=False):
@@ -229,8 +233,9 @@ class DeformableTransformerDecoder(nn.Module):
             else:
                 ref_input = reference[:, :, None] * valid_ratios[:, None]
             references.append(reference)
-            tgt, layer_maps = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index,
-                                    memory_padding_mask, self_attn_mask, return_attention)
+            tgt, layer_maps = run_layer(layer, tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index,
+                                        memory_padding_mask, self_attn_mask, return_attention,
+                                        use_checkpoint=self.use_checkpoint)
             if bbox_embed is not None:
                 reference = _refine(bbox_embed[lid](tgt), reference).detach()
             hidden.append(tgt)
@@ -349,6 +354,10 @@ class DeformableDETR(MultiScaleDETRDetector):
             configs, but works without).
         select_box_nums_for_evaluation: top-k detections kept per image.
         mask_mode: per-level padding masks, ``"nearest"`` (detrex) or ``"exact"``.
+        use_checkpoint: activation checkpointing of every encoder and decoder layer (exact; less
+            memory, one more forward per layer in backward).
+        msda_backend: deformable-attention backend of every MSDA module (``None``: the process-wide
+            one, ``"auto"`` by default; see :mod:`tprd.layers.ms_deform_attn`).
         device: where to put the model (``None``: leave it).
     """
 
@@ -369,6 +378,8 @@ class DeformableDETR(MultiScaleDETRDetector):
         as_two_stage: bool = False,
         select_box_nums_for_evaluation: int = 100,
         mask_mode: str = "nearest",
+        use_checkpoint: bool = False,
+        msda_backend: Optional[str] = None,
         device: Optional[str] = None,
     ):
         super().__init__()
@@ -402,6 +413,7 @@ class DeformableDETR(MultiScaleDETRDetector):
         self.class_embed = nn.ModuleList(nn.Linear(embed_dim, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_heads))
         self.register_pixel_stats(pixel_mean, pixel_std)
+        set_layer_options(self, use_checkpoint, msda_backend)
         self.reset_head_parameters()
         if device is not None:
             self.to(device)
@@ -695,5 +707,7 @@ def _parse_detrex_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         with_box_refine=bool(cfg.get("with_box_refine", False)),
         as_two_stage=two_stage,
         select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 100)),
+        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
+        msda_backend=cfg.get("msda_backend"),
         device=cfg.get("device"),
     )

@@ -52,6 +52,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..layers.activation_checkpoint import run_layer, set_layer_options
 from ..layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from ..layers.mlp import MLP
 from ..layers.position_embedding import get_sine_pos_embed
@@ -137,6 +138,7 @@ class DINOTransformerDecoder(nn.Module):
         )
         self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
         self.norm = nn.LayerNorm(embed_dim)
+        self.use_checkpoint = False  # activation checkpointing of each layer (set by the detector)
 
     def forward(
         self,
@@ -164,8 +166,9 @@ class DINOTransformerDecoder(nn.Module):
             ref_input = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             sine = get_sine_pos_embed(ref_input[:, :, 0, :], num_pos_feats=self.embed_dim // 2)
             query_pos = self.ref_point_head(sine)
-            output, layer_maps = layer(output, query_pos, ref_input, memory, spatial_shapes, level_start_index,
-                                       memory_padding_mask, self_attn_mask, return_attention)
+            output, layer_maps = run_layer(layer, output, query_pos, ref_input, memory, spatial_shapes,
+                                           level_start_index, memory_padding_mask, self_attn_mask, return_attention,
+                                           use_checkpoint=self.use_checkpoint)
             new_reference = (bbox_embed[lid](output) + inverse_sigmoid(reference)).sigmoid()
             reference = new_reference.detach()
             hidden.append(self.norm(output))
@@ -309,6 +312,8 @@ class DINO(MultiScaleDETRDetector):
             than that, negatives between 1x and 2x).
         mask_mode: per-level padding masks, ``"nearest"`` (detrex) or ``"exact"``
             (see :func:`~tprd.modeling.deformable_detr.level_masks`).
+        use_checkpoint: activation checkpointing of every encoder and decoder layer (exact).
+        msda_backend: deformable-attention backend of every MSDA module (``None``: process-wide).
         device: where to put the model (``None``: leave it).
         input_format, vis_period: accepted for detrex config compatibility (RGB input; no
             training-time visualisation).
@@ -334,6 +339,8 @@ class DINO(MultiScaleDETRDetector):
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 1.0,
         mask_mode: str = "nearest",
+        use_checkpoint: bool = False,
+        msda_backend: Optional[str] = None,
         device: Optional[str] = None,
         input_format: Optional[str] = "RGB",
         vis_period: int = 0,
@@ -371,6 +378,7 @@ class DINO(MultiScaleDETRDetector):
         # denoising: embedding of the (noised) GT labels
         self.label_enc = nn.Embedding(num_classes, embed_dim)
         self.register_pixel_stats(pixel_mean, pixel_std)
+        set_layer_options(self, use_checkpoint, msda_backend)
         self.reset_head_parameters()
         if device is not None:
             self.to(device)
@@ -777,6 +785,8 @@ def _parse_detrex_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         dn_number=int(cfg.get("dn_number", 100)),
         label_noise_ratio=float(cfg.get("label_noise_ratio", 0.2)),
         box_noise_scale=float(cfg.get("box_noise_scale", 1.0)),
+        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
+        msda_backend=cfg.get("msda_backend"),
         device=cfg.get("device"),
         input_format=cfg.get("input_format", "RGB"),
         vis_period=int(cfg.get("vis_period", 0)),

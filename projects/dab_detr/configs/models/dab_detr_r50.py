@@ -79,6 +79,7 @@ model = L(DABDETR)(
     # the anchors stay trainable (METHODS.md section 8, #22).
     freeze_anchor_box_centers=True,
     select_box_nums_for_evaluation=300,
+    use_checkpoint=False,  # activation checkpointing of encoder/decoder layers (exact; less memory)
     # detrex never masks padded memory tokens in the decoder's cross-attention.
     mask_decoder_memory=False,
 )

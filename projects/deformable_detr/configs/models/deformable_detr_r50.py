@@ -77,6 +77,8 @@ model = L(DeformableDETR)(
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
     select_box_nums_for_evaluation=300,
+    use_checkpoint=False,  # activation checkpointing of encoder/decoder layers (exact; less memory)
+    msda_backend=None,  # None: process-wide "auto"; or "pytorch", "grid_sample", "triton"
     # per-level padding masks: "nearest" reproduces detrex; "exact" treats a padded image exactly
     # like the same image alone
     mask_mode="nearest",

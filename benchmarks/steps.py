@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Training steps before/after the MSDA Function, with and without activation checkpointing (CPU).
+
+    python benchmarks/steps.py --rounds 3 --threads 2
+
+Rows: the Deformable DETR R18 **student step** (``student(batch)`` in train mode + backward) and
+one **distillation step** (``distiller(batch)`` + backward) of DETRDistill_TPRD and KD_DETR_TPRD
+(R50 teacher -> R18 student, the full-size configs, random weights), on 2 random 512x512 images
+with 7 random boxes each. Variants:
+
+* ``before``: the grid_sample MSDA path (``set_msda_backend("grid_sample")``), today's code path;
+* ``after``: the default backend (the MSDA autograd Function on CPU);
+* ``after+ckpt``: the same with ``use_checkpoint=True`` on the student (the teacher runs without
+  gradients, so checkpointing does not apply to it).
+
+Every (round, row, variant) runs in a fresh process: build, one untimed step, ``--steps`` timed
+steps; its time is the median of those, its memory the process's peak RSS (``ru_maxrss``, which
+includes the models and the inputs). Rounds interleave the variants so that the machine's load
+hits them alike. Prints a markdown table: median over rounds (min-max), and the ratio after/before.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+STUDENT = "projects/deformable_detr/configs/models/deformable_detr_r18.py"
+DISTILL = "projects/deformable_detr/cfg_distill/{}/deformable_detr_r50_distill_r18_50ep.py"
+ROWS = {
+    "student step (Deformable DETR R18)": ("student", STUDENT),
+    "DETRDistill_TPRD step": ("distill", DISTILL.format("DETRDistill_TPRD")),
+    "KD_DETR_TPRD step": ("distill", DISTILL.format("KD_DETR_TPRD")),
+}
+VARIANTS = ("before", "after", "after+ckpt")
+
+
+def build(kind: str, config: str, variant: str):
+    """The model to step and its student (``use_checkpoint`` set for ``after+ckpt``)."""
+    from tprd.config import LazyConfig, instantiate
+    from tprd.layers.activation_checkpoint import set_layer_options
+    from tprd.layers.ms_deform_attn import set_msda_backend
+
+    set_msda_backend("grid_sample" if variant == "before" else "auto")
+    cfg = LazyConfig.load(config)
+    if kind == "student":
+        cfg.model.device = "cpu"
+    model = instantiate(cfg.model)
+    student = model.student if kind == "distill" else model
+    set_layer_options(student, use_checkpoint=variant == "after+ckpt")
+    return model.train()
+
+
+def child(args) -> None:
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from benchmark import make_batch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    kind, config = ROWS[args.row]
+    model = build(kind, config, args.variant)
+    num_classes = int((model.student if kind == "distill" else model).num_classes)
+    data = make_batch(2, 512, 7, num_classes, seed=0)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        sum(model(data).values()).backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB -> GB
+    print(json.dumps({"time": statistics.median(times), "peak_gb": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per process")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    results, loads = {}, []
+    for rnd in range(args.rounds):
+        for row in args.rows:
+            for variant in args.variants:
+                cmd = [sys.executable, __file__, "--child", "--row", row, "--variant", variant,
+                       "--threads", str(args.threads), "--steps", str(args.steps)]
+                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+                if out.returncode != 0:
+                    sys.exit(out.stderr[-3000:])
+                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                results.setdefault((row, variant), []).append(rec)
+                loads.append(os.getloadavg()[0])
+                print(f"round {rnd} | {row} | {variant}: {rec}", file=sys.stderr, flush=True)
+
+    def cell(values, fmt):
+        return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    print(f"{args.threads} threads, {args.rounds} rounds x {args.steps} timed step(s), load average (1 min) "
+          f"{min(loads):.1f}-{max(loads):.1f}")
+    print()
+    print("| step | variant | time s | peak RSS GB | time / before | peak RSS / before |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in args.rows:
+        base = results.get((row, "before"))
+        for variant in args.variants:
+            recs = results[(row, variant)]
+            t = [r["time"] for r in recs]
+            m = [r["peak_gb"] for r in recs]
+            rt = rm = ""
+            if base:
+                rt = f"{statistics.median(t) / statistics.median(r['time'] for r in base):.2f}x"
+                rm = f"{statistics.median(m) / statistics.median(r['peak_gb'] for r in base):.2f}x"
+            print(f"| {row} | {variant} | {cell(t, '{:.2f}')} | {cell(m, '{:.2f}')} | {rt} | {rm} |")
+
+
+if __name__ == "__main__":
+    main()
