@@ -246,6 +246,33 @@ class DistillMethod(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
+    def set_tprd_options(
+        self,
+        refine: bool,
+        matcher: Optional[nn.Module] = None,
+        skip_empty_images: bool = False,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        soft_costs: Optional[Sequence[float]] = None,
+    ) -> None:
+        """The options every prediction-level method shares: ``refine`` (TPRD on), the B1 matcher of
+        the refinement (default focal Hungarian 2 / 5 / 2, spec 2.2), the empty-image parity flag
+        (spec 8 #5), the TPRD-CKD weights ``alpha``/``beta`` and, for methods that soft-match, the B3
+        costs ``(class, L1, GIoU)``."""
+        self.refine = bool(refine)
+        if matcher is None:
+            from tprd.modeling.matcher import HungarianMatcher
+
+            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+        self.matcher = matcher
+        self.skip_empty_images = bool(skip_empty_images)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        if soft_costs is not None:
+            if len(soft_costs) != 3:
+                raise ValueError(f"soft_costs must be (class, l1, giou), got {soft_costs}")
+            self.soft_costs = tuple(float(c) for c in soft_costs)
+
     def group_name(self, local: str) -> str:
         """Namespaced query-group name ``<method>/<local>`` (unique across methods)."""
         return f"{self.name}/{local}"

@@ -119,18 +119,7 @@ class D3ETR(DistillMethod):
             base = {"class": 1.0, "l1": 5.0, "giou": 2.0, "self_attn": 10000.0, "cross_attn": 1000.0}
             weights = {**base, **{f"fixed_{k}": v for k, v in base.items()}}
         super().__init__(weights, name)
-        self.refine = bool(refine)
-        if matcher is None:
-            from tprd.modeling.matcher import HungarianMatcher
-
-            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-        self.matcher = matcher
-        if len(soft_costs) != 3:
-            raise ValueError(f"soft_costs must be (class, l1, giou), got {soft_costs}")
-        self.soft_costs = tuple(float(c) for c in soft_costs)
-        self.skip_empty_images = bool(skip_empty_images)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
         self._embed_dim: Optional[int] = None
         if not any(self.weights[p + t] != 0 for p in ("", "fixed_") for t in ATTN_TERMS):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute

@@ -188,19 +188,11 @@ class KDDETR(DistillMethod):
             raise ValueError(f"query_kind must be one of {QUERY_KINDS}, got {query_kind!r}")
         self.general_points = int(general_points)
         self.temperature = float(temperature)
-        self.refine = bool(refine)
-        if matcher is None:
-            from tprd.modeling.matcher import HungarianMatcher
-
-            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-        self.matcher = matcher
-        self.skip_empty_images = bool(skip_empty_images)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta)
         self.raw_general_refs = bool(raw_general_refs)
         self.shared_general_refs = bool(shared_general_refs)
         self.query_kind = query_kind
         self.seed = int(seed)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
         self._generator: Optional[torch.Generator] = None
         self._general: Optional[QueryGroup] = None
         self._embed_dim: Optional[int] = None

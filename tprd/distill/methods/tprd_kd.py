@@ -69,18 +69,7 @@ class TPRDKD(DistillMethod):
         if weights is None:
             weights = {"class": 3.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.refine = bool(refine)
-        if matcher is None:
-            from tprd.modeling.matcher import HungarianMatcher
-
-            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-        self.matcher = matcher
-        if len(soft_costs) != 3:
-            raise ValueError(f"soft_costs must be (class, l1, giou), got {soft_costs}")
-        self.soft_costs = tuple(float(c) for c in soft_costs)
-        self.skip_empty_images = bool(skip_empty_images)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         check_same_stages(student, teacher, "tprd_kd")
