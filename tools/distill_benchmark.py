@@ -12,8 +12,10 @@ checkpoint):
 1. the benchmark datasets (``synthetic_bench_*``, :data:`tprd.data.catalog.SYNTHETIC_BENCH_PARAMS`)
    are generated on first use;
 2. a **teacher** is trained once per plan (seed 0) and evaluated: the ``model.teacher`` of the
-   method configs -- ResNet-50 -- made wider (FFN x2) and one encoder layer deeper, trained for
-   three times the student's iterations;
+   method configs with the student's ResNet-18 backbone (a ResNet-50 from scratch learned too
+   slowly on the CPU: 0.31 AP after the quick budget), made wider (FFN x2), one encoder layer
+   deeper, with iterative box refinement and without dropout, trained for four times the
+   student's iterations (:func:`model_overrides`);
 3. per seed, the distillation init file is built with ``merge_weight.py``'s code
    (:func:`tprd.checkpoint.merge.merge_weights`): the teacher checkpoint plus, standing in for the
    ImageNet backbone, the student backbone that the seed draws (the ``none`` run starts from the
@@ -56,6 +58,9 @@ DETECTORS = ("deformable_detr", "dino", "dab_detr")
 DEFAULT_METHODS = ("none", "KD_DETR", "KD_DETR_TPRD", "DETRDistill", "DETRDistill_TPRD")
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75")
 RESULT_FILE = "benchmark_result.json"
+#: The teacher uses the student's backbone (ResNet-18) instead of the method configs' ResNet-50:
+#: see :func:`model_overrides` and benchmarks/distill_synthetic.md ("Choosing the teacher").
+TEACHER_BACKBONE_FROM_STUDENT = True
 
 #: train / validation dataset names and the data config (its evaluator) per ``--dataset``.
 DATASETS = {
@@ -78,8 +83,8 @@ class Budget:
 
 BUDGETS = {
     # see benchmarks/distill_synthetic.md for the measurements behind these numbers
-    "quick": Budget(student_iter=150, teacher_iter=450, batch=4, num_evals=2, seeds="1"),
-    "full": Budget(student_iter=500, teacher_iter=1500, batch=4, num_evals=4, seeds="1,2,3"),
+    "quick": Budget(student_iter=150, teacher_iter=600, batch=4, num_evals=2, seeds="1"),
+    "full": Budget(student_iter=500, teacher_iter=2000, batch=4, num_evals=4, seeds="1,2,3"),
 }
 
 
@@ -153,19 +158,56 @@ def write_config(out: Path, name: str, source: Path, member: Optional[str], data
 
 
 def model_overrides(prefix: str, teacher: bool, student_cfg: Any) -> List[str]:
-    """Model changes of the benchmark: backbones trained from scratch (trainable BatchNorm); the
-    teacher one encoder layer deeper and with a twice wider FFN (same width, queries and decoder
-    stages as the student, so every method's query groups and per-stage losses line up)."""
+    """Model changes of the benchmark: backbones trained from scratch (trainable BatchNorm).
+
+    The teacher (same width, queries and decoder stages as the student, so every method's query
+    groups and per-stage losses line up) is made a larger model that learns fast from scratch:
+    the student's ResNet-18 backbone (:data:`TEACHER_BACKBONE_FROM_STUDENT`), one encoder layer
+    deeper, a twice wider FFN, iterative box refinement where the detector has the switch
+    (Deformable DETR; DINO and DAB-DETR always refine) and no dropout. Measured in
+    benchmarks/distill_synthetic.md ("Choosing the teacher")."""
     out = [f"{prefix}backbone.norm=BN", f"{prefix}backbone.freeze_at=0"]
-    if teacher:
-        enc = int(student_cfg.transformer.encoder.num_layers) + 1
-        ffn = 2 * int(student_cfg.transformer.encoder.feedforward_dim)
-        out += [
-            f"{prefix}transformer.encoder.num_layers={enc}",
-            f"{prefix}transformer.encoder.feedforward_dim={ffn}",
-            f"{prefix}transformer.decoder.feedforward_dim={ffn}",
-        ]
+    if not teacher:
+        return out
+    enc = int(student_cfg.transformer.encoder.num_layers) + 1
+    ffn = 2 * int(student_cfg.transformer.encoder.feedforward_dim)
+    out += [
+        f"{prefix}transformer.encoder.num_layers={enc}",
+        f"{prefix}transformer.encoder.feedforward_dim={ffn}",
+        f"{prefix}transformer.decoder.feedforward_dim={ffn}",
+    ]
+    if TEACHER_BACKBONE_FROM_STUDENT:
+        out.append(f"{prefix}backbone.depth={int(student_cfg.backbone.depth)}")
+        for key in ("neck.in_channels", "in_channels"):  # DAB-DETR reads res5 without a neck
+            value = _select(student_cfg, key)
+            if value is not None:
+                out.append(f"{prefix}{key}={_as_override(value)}")
+    if _select(student_cfg, "with_box_refine") is not None:
+        out.append(f"{prefix}with_box_refine=True")
+    for part in ("encoder", "decoder"):
+        for key in ("attn_dropout", "ffn_dropout"):
+            if _select(student_cfg, f"transformer.{part}.{key}") is not None:
+                out.append(f"{prefix}transformer.{part}.{key}=0.0")
     return out
+
+
+def _teacher_name() -> str:
+    backbone = "R18" if TEACHER_BACKBONE_FROM_STUDENT else "R50"
+    return f"{backbone} (+1 encoder layer, FFN x2, box refinement, no dropout)"
+
+
+def _select(cfg: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def _as_override(value: Any) -> str:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_list(value):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: str) -> List[str]:
@@ -537,7 +579,8 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
     header = [
         f"# Distillation benchmark: {args.detector}, budget {args.budget}, dataset {args.dataset}",
         "",
-        f"Student R18 {budget.student_iter} iterations, teacher R50 {budget.teacher_iter} iterations, batch "
+        f"Student R18 {budget.student_iter} iterations, teacher {_teacher_name()} {budget.teacher_iter} "
+        f"iterations, batch "
         f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
         f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
         f"(finished runs are not rerun).{state}",
