@@ -42,6 +42,20 @@ if TRITON_AVAILABLE:
         return v, valid, row
 
     @triton.jit
+    def _sample_point(loc_ptr, attn_ptr, i, qmask, h, w):
+        """Attention weight ``a``, top-left corner ``(x0, y0)`` and bilinear fractions ``(fx, fy)`` of
+        sampling points ``i`` ``[BLOCK_Q]`` on a level of ``h x w`` (grid_sample's convention:
+        ``align_corners=False``, pixel centres at ``+0.5``)."""
+        x = tl.load(loc_ptr + 2 * i, mask=qmask, other=0.0)
+        y = tl.load(loc_ptr + 2 * i + 1, mask=qmask, other=0.0)
+        a = tl.load(attn_ptr + i, mask=qmask, other=0.0)
+        px = x * w - 0.5
+        py = y * h - 0.5
+        x0f = tl.floor(px)
+        y0f = tl.floor(py)
+        return a, x0f.to(tl.int64), y0f.to(tl.int64), px - x0f, py - y0f
+
+    @triton.jit
     def _msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                              num_value, num_queries, num_heads, dh, num_levels, num_points,
                              BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -61,17 +75,7 @@ if TRITON_AVAILABLE:
             row_base = b * num_value + tl.load(starts_ptr + lvl)
             for p in range(num_points):
                 i = qm * (num_levels * num_points) + lvl * num_points + p
-                x = tl.load(loc_ptr + 2 * i, mask=qmask, other=0.0)
-                y = tl.load(loc_ptr + 2 * i + 1, mask=qmask, other=0.0)
-                a = tl.load(attn_ptr + i, mask=qmask, other=0.0)
-                px = x * w - 0.5
-                py = y * h - 0.5
-                x0f = tl.floor(px)
-                y0f = tl.floor(py)
-                fx = px - x0f
-                fy = py - y0f
-                x0 = x0f.to(tl.int64)
-                y0 = y0f.to(tl.int64)
+                a, x0, y0, fx, fy = _sample_point(loc_ptr, attn_ptr, i, qmask, h, w)
                 v, _, _ = _corner(value_ptr, row_base, x0, y0, h, w, num_heads, head, dh, d, dmask, qmask)
                 acc += (a * (1 - fx) * (1 - fy))[:, None] * v
                 v, _, _ = _corner(value_ptr, row_base, x0 + 1, y0, h, w, num_heads, head, dh, d, dmask, qmask)
@@ -112,17 +116,7 @@ if TRITON_AVAILABLE:
             row_base = b * num_value + tl.load(starts_ptr + lvl)
             for p in range(num_points):
                 i = qm * (num_levels * num_points) + lvl * num_points + p
-                x = tl.load(loc_ptr + 2 * i, mask=qmask, other=0.0)
-                y = tl.load(loc_ptr + 2 * i + 1, mask=qmask, other=0.0)
-                a = tl.load(attn_ptr + i, mask=qmask, other=0.0)
-                px = x * w - 0.5
-                py = y * h - 0.5
-                x0f = tl.floor(px)
-                y0f = tl.floor(py)
-                fx = px - x0f
-                fy = py - y0f
-                x0 = x0f.to(tl.int64)
-                y0 = y0f.to(tl.int64)
+                a, x0, y0, fx, fy = _sample_point(loc_ptr, attn_ptr, i, qmask, h, w)
                 # corners (0,0), (1,0), (0,1), (1,1): weight, d weight / d px, d weight / d py
                 s00 = _corner_backward(value_ptr, grad_value_ptr, row_base, x0, y0, h, w, num_heads, head, dh,
                                        d, dmask, qmask, g, a * (1 - fx) * (1 - fy))
