@@ -11,7 +11,9 @@ with 7 random boxes each. Variants:
 * ``before``: the grid_sample MSDA path (``set_msda_backend("grid_sample")``), today's code path;
 * ``after``: the default backend (the MSDA autograd Function on CPU);
 * ``after+ckpt``: the same with ``use_checkpoint=True`` on the student (the teacher runs without
-  gradients, so checkpointing does not apply to it).
+  gradients, so checkpointing does not apply to it);
+* ``cpp`` and ``cpp+ckpt``: the opt-in C++ MSDA kernel (``set_msda_backend("cpp")``, compiled
+  before the timed steps), without and with ``use_checkpoint``.
 
 Every (round, row, variant) runs in a fresh process: build, one untimed step, ``--steps`` timed
 steps; its time is the median of those, its memory the process's peak RSS (``ru_maxrss``, which
@@ -39,7 +41,7 @@ ROWS = {
     "DETRDistill_TPRD step": ("distill", DISTILL.format("DETRDistill_TPRD")),
     "KD_DETR_TPRD step": ("distill", DISTILL.format("KD_DETR_TPRD")),
 }
-VARIANTS = ("before", "after", "after+ckpt")
+VARIANTS = ("before", "after", "after+ckpt", "cpp", "cpp+ckpt")
 
 
 def build(kind: str, config: str, variant: str):
@@ -48,13 +50,14 @@ def build(kind: str, config: str, variant: str):
     from tprd.layers.activation_checkpoint import set_layer_options
     from tprd.layers.ms_deform_attn import set_msda_backend
 
-    set_msda_backend("grid_sample" if variant == "before" else "auto")
+    backend = {"before": "grid_sample", "cpp": "cpp", "cpp+ckpt": "cpp"}.get(variant, "auto")
+    set_msda_backend(backend)
     cfg = LazyConfig.load(config)
     if kind == "student":
         cfg.model.device = "cpu"
     model = instantiate(cfg.model)
     student = model.student if kind == "distill" else model
-    set_layer_options(student, use_checkpoint=variant == "after+ckpt")
+    set_layer_options(student, use_checkpoint=variant.endswith("+ckpt"))
     return model.train()
 
 

@@ -13,6 +13,8 @@ to the backend chosen with :func:`set_msda_backend` (default ``"auto"``), or to 
 * ``"grid_sample"`` -- :func:`msda_pytorch`, the ``F.grid_sample`` path (bilinear, zero padding,
   ``align_corners=False``) that detrex itself uses on CPU and against which the parity fixtures
   were produced; ``"auto"`` and ``"pytorch"`` use it while tracing or exporting (ONNX ``GridSample``);
+* ``"cpp"`` -- a C++ CPU kernel (:mod:`tprd.layers.msda_cpp`), opt-in: compiled on first use
+  (needs a C++ compiler and ninja), never chosen by ``"auto"``;
 * ``"triton"`` -- the Triton kernel (:mod:`tprd.layers.msda_triton`), chosen by ``"auto"`` for CUDA
   tensors when Triton is importable; ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
 
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .msda_cpp import msda_cpp
 from .msda_function import msda_function
 
 __all__ = [
@@ -88,7 +91,7 @@ def msda_pytorch(
 # Backend registry
 # --------------------------------------------------------------------------------------------
 
-_BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_function, "grid_sample": msda_pytorch}
+_BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_function, "grid_sample": msda_pytorch, "cpp": msda_cpp}
 _CUDA_ONLY = set()
 # "auto" on CUDA: the first of these that is registered (then any other CUDA-only backend)
 _CUDA_PREFERENCE = ("triton", "cuda_ext")

@@ -78,7 +78,7 @@ model = L(DeformableDETR)(
     pixel_std=[58.395, 57.120, 57.375],
     select_box_nums_for_evaluation=300,
     use_checkpoint=False,  # activation checkpointing of encoder/decoder layers (exact; less memory)
-    msda_backend=None,  # None: process-wide "auto"; or "pytorch", "grid_sample", "triton"
+    msda_backend=None,  # None: process-wide "auto"; or "pytorch", "grid_sample", "cpp", "triton"
     # per-level padding masks: "nearest" reproduces detrex; "exact" treats a padded image exactly
     # like the same image alone
     mask_mode="nearest",

@@ -82,7 +82,7 @@ model = L(DINO)(
     pixel_std=[58.395, 57.120, 57.375],
     select_box_nums_for_evaluation=300,
     use_checkpoint=False,  # activation checkpointing of encoder/decoder layers (exact; less memory)
-    msda_backend=None,  # None: process-wide "auto"; or "pytorch", "grid_sample", "triton"
+    msda_backend=None,  # None: process-wide "auto"; or "pytorch", "grid_sample", "cpp", "triton"
     # per-level padding masks: "nearest" reproduces detrex's interpolated masks
     mask_mode="nearest",
 )
