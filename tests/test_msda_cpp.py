@@ -106,3 +106,14 @@ def test_non_cpu_tensors_are_refused_with_the_alternatives():
     with pytest.raises(ValueError, match="CPU tensors only"):
         msda_cpp(torch.empty(1, 1, 1, 1, device="meta"), SHAPES, STARTS, torch.empty(1, 1, 1, 3, 1, 2),
                  torch.empty(1, 1, 1, 3, 1))
+
+
+def test_tracing_a_cpp_module_records_grid_sample():
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(embed_dim=8, num_heads=2, num_levels=3, num_points=2, msda_backend="cpp")
+    args = (torch.randn(1, 4, 8), torch.randn(1, 49, 8), torch.rand(1, 4, 3, 2), SHAPES, STARTS)
+    with torch.no_grad():
+        traced = torch.jit.trace(attn.eval(), args)
+        kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+        assert "aten::grid_sampler" in kinds and "prim::PythonOp" not in kinds
+        assert torch.allclose(traced(*args), attn(*args), atol=1e-6)

@@ -143,9 +143,9 @@ def _is_exporting() -> bool:
 
 def resolve_msda_backend(name: str, value: Tensor) -> str:
     """The backend ``name`` stands for with ``value`` (``"auto"`` resolved). While tracing or
-    exporting, ``"auto"`` and ``"pytorch"`` (whose sparse products no exporter knows) resolve to
-    ``"grid_sample"``, the same arithmetic in standard ops."""
-    if name in ("auto", "pytorch") and _is_exporting():
+    exporting, ``"auto"``, ``"pytorch"`` and ``"cpp"`` (sparse products and a compiled op, which no
+    exporter knows) resolve to ``"grid_sample"``, the same arithmetic in standard ops."""
+    if name in ("auto", "pytorch", "cpp") and _is_exporting():
         return "grid_sample"
     if name != "auto":
         return name
