@@ -22,7 +22,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=7"],
+        # ninja: builds the opt-in C++ MSDA kernel (msda_backend="cpp") with the system C++ compiler
+        "dev": ["pytest>=7", "ninja"],
+        "cpp": ["ninja"],
         # tools/export_onnx.py (TorchScript-based torch.onnx exporter: no onnxscript needed)
         "export": ["onnx", "onnxruntime"],
     },
