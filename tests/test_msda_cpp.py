@@ -117,3 +117,16 @@ def test_tracing_a_cpp_module_records_grid_sample():
         kinds = {n.kind() for n in traced.inlined_graph.nodes()}
         assert "aten::grid_sampler" in kinds and "prim::PythonOp" not in kinds
         assert torch.allclose(traced(*args), attn(*args), atol=1e-6)
+
+
+def test_environment_variable_sets_the_process_default(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from tprd.layers.ms_deform_attn import get_msda_backend; print(get_msda_backend())"
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**__import__("os").environ, "TPRD_MSDA_BACKEND": "cpp"})
+    assert ok.returncode == 0 and ok.stdout.strip() == "cpp"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "TPRD_MSDA_BACKEND": "fast"})
+    assert bad.returncode != 0 and "TPRD_MSDA_BACKEND='fast'" in bad.stderr and "cpp" in bad.stderr

@@ -61,6 +61,8 @@ RESULT_FILE = "benchmark_result.json"
 #: The teacher uses the student's backbone (ResNet-18) instead of the method configs' ResNet-50:
 #: see :func:`model_overrides` and benchmarks/distill_synthetic.md ("Choosing the teacher").
 TEACHER_BACKBONE_FROM_STUDENT = True
+#: environment variable that sets the deformable-attention backend of every model of a run
+ENV_BACKEND = "TPRD_MSDA_BACKEND"
 
 #: train / validation dataset names and the data config (its evaluator) per ``--dataset``.
 DATASETS = {
@@ -505,9 +507,20 @@ def parse_args(argv=None) -> argparse.Namespace:
             kind = float if field.name == "lr" else int
             p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
                            help=f"override the budget's {field.name}")
+    p.add_argument("--msda-backend", default=None,
+                   help="deformable-attention backend of every model of every run (sets "
+                        "$TPRD_MSDA_BACKEND for the runs), e.g. 'cpp' for the C++ CPU kernel; "
+                        "default: the process default ('auto': the pure-PyTorch Function on CPU)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
+    if args.msda_backend:
+        from tprd.layers.ms_deform_attn import check_msda_backend
+
+        try:
+            check_msda_backend(args.msda_backend)
+        except ValueError as exc:
+            p.error(f"--msda-backend: {exc}")
     return args
 
 
@@ -536,8 +549,12 @@ def main(argv=None) -> Dict[str, Any]:
 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if args.msda_backend:
+        env[ENV_BACKEND] = args.msda_backend
     with open(args.out / "commands.sh", "w") as f:
         f.write("# the runs of this plan, in order (each is resumable: --resume)\n")
+        if env.get(ENV_BACKEND):
+            f.write(f"export {ENV_BACKEND}={shlex.quote(env[ENV_BACKEND])}\n")
         for run in [teacher_run] + runs:
             f.write(shlex.join(run.command(detector)[1:]) + "\n")
 
@@ -570,7 +587,9 @@ def main(argv=None) -> Dict[str, Any]:
 def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, Any],
                  results: List[Dict[str, Any]], wall: float, complete: bool) -> Dict[str, Any]:
     """``results.json``, ``results.md`` and the plots of the runs finished so far."""
+    backend = args.msda_backend or os.environ.get(ENV_BACKEND) or "auto"
     report = {
+        "msda_backend": backend,
         "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed")},
         "runs": [{k: r[k] for k in ("method", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
     }
@@ -583,7 +602,7 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
         f"iterations, batch "
         f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
         f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
-        f"(finished runs are not rerun).{state}",
+        f"(finished runs are not rerun). Deformable-attention backend: {backend}.{state}",
     ]
     write_results_md(args.out / "results.md", report["teacher"], report["runs"], plan["methods"], header)
     done = {(r["method"], r["seed"]) for r in results}

@@ -26,6 +26,7 @@ Shapes used throughout: ``B`` batch, ``Q`` queries, ``S`` = sum of ``H_l * W_l``
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
@@ -95,6 +96,9 @@ _BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_function, "grid_sample": m
 _CUDA_ONLY = set()
 # "auto" on CUDA: the first of these that is registered (then any other CUDA-only backend)
 _CUDA_PREFERENCE = ("triton", "cuda_ext")
+#: The process-wide default can be set from the environment (every model of the process, e.g. a
+#: teacher and its student, or every run of tools/distill_benchmark.py --msda-backend).
+ENV_BACKEND = "TPRD_MSDA_BACKEND"
 _ACTIVE = "auto"
 
 
@@ -122,7 +126,8 @@ def check_msda_backend(name: str) -> str:
 
 def set_msda_backend(name: str) -> None:
     """The process-wide backend: ``"auto"`` (a GPU kernel on CUDA when available, else
-    ``"pytorch"``; ``"grid_sample"`` while tracing/exporting), or any registered name."""
+    ``"pytorch"``; ``"grid_sample"`` while tracing/exporting), or any registered name. Its initial
+    value is ``$TPRD_MSDA_BACKEND`` (``"auto"`` when unset)."""
     global _ACTIVE
     _ACTIVE = check_msda_backend(name)
 
@@ -217,6 +222,17 @@ def _try_register_triton() -> None:
 
 
 _try_register_triton()
+
+
+def _backend_from_environment() -> str:
+    name = os.environ.get(ENV_BACKEND, "").strip() or "auto"
+    try:
+        return check_msda_backend(name)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {ENV_BACKEND}={name!r}: {exc}") from None
+
+
+_ACTIVE = _backend_from_environment()
 
 
 # --------------------------------------------------------------------------------------------
