@@ -229,7 +229,8 @@ def load_extension():
             raise _FAILURE
         from torch.utils import cpp_extension
 
-        logger.info("msda cpp backend: compiling the C++ kernel (first use; cached afterwards)")
+        logger.info("msda cpp backend: loading the C++ kernel (compiled on the first use on this machine, "
+                    "about a minute; cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
         try:
             _EXTENSION = cpp_extension.load_inline(
                 name="tprd_msda_cpu",
