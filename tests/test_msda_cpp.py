@@ -1,5 +1,8 @@
 """The C++ CPU kernel (backend "cpp") against the pure-PyTorch Function, gradcheck, and a model."""
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,14 +122,11 @@ def test_tracing_a_cpp_module_records_grid_sample():
         assert torch.allclose(traced(*args), attn(*args), atol=1e-6)
 
 
-def test_environment_variable_sets_the_process_default(tmp_path):
-    import subprocess
-    import sys
-
+def test_environment_variable_sets_the_process_default():
     code = "from tprd.layers.ms_deform_attn import get_msda_backend; print(get_msda_backend())"
     ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env={**__import__("os").environ, "TPRD_MSDA_BACKEND": "cpp"})
+                        env={**os.environ, "TPRD_MSDA_BACKEND": "cpp"})
     assert ok.returncode == 0 and ok.stdout.strip() == "cpp"
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "TPRD_MSDA_BACKEND": "fast"})
+                         env={**os.environ, "TPRD_MSDA_BACKEND": "fast"})
     assert bad.returncode != 0 and "TPRD_MSDA_BACKEND='fast'" in bad.stderr and "cpp" in bad.stderr
