@@ -113,3 +113,32 @@ def test_module_backend_override():
     value, loc, weights = random_case(torch.float32)
     out = multi_scale_deformable_attention(value, SHAPES, STARTS, loc, weights, backend="grid_sample")
     assert torch.equal(out, msda_pytorch(value, SHAPES, STARTS, loc, weights))
+
+
+def test_failed_cpp_build_names_the_cause_and_the_fallback(monkeypatch):
+    """A failed build of the opt-in C++ kernel keeps the compiler's last lines (where the cause
+    is), says how to fix it, and is remembered instead of rebuilt on every call."""
+    from torch.utils import cpp_extension
+
+    from tprd.layers import msda_cpp
+
+    calls = []
+
+    def failing_build(**kwargs):
+        calls.append(kwargs["name"])
+        commands = "\n".join(f"[{i}/2] c++ -O3 -c main.cpp -o main.o" for i in range(200))
+        raise RuntimeError(f"Error building extension 'tprd_msda_cpu': {commands}\n"
+                           "main.o: fatal error: No space left on device")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    monkeypatch.setattr(msda_cpp, "_EXTENSION", None)
+    monkeypatch.setattr(msda_cpp, "_FAILURE", None)
+    for _ in range(2):
+        with pytest.raises(msda_cpp.CppExtensionError) as info:
+            msda_cpp.load_extension()
+        message = str(info.value)
+        assert "Error building extension 'tprd_msda_cpu'" in message
+        assert "No space left on device" in message
+        assert "msda_backend='pytorch'" in message
+        assert len(message) < 2500
+    assert calls == ["tprd_msda_cpu"]

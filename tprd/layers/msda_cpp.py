@@ -240,14 +240,24 @@ def load_extension():
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-        except Exception as exc:  # compiler or ninja missing, build error
+        except Exception as exc:  # compiler or ninja missing, build error, full disk
             _FAILURE = CppExtensionError(
-                "msda_backend='cpp' needs a C++ compiler (g++/clang++) and ninja (`pip install ninja`) "
-                f"to build its CPU kernel; the build failed: {type(exc).__name__}: {str(exc).strip()[:500]}. "
+                "msda_backend='cpp' needs a C++ compiler (g++/clang++), ninja (`pip install ninja`) and "
+                f"a writable cache folder to build its CPU kernel; the build failed: {_build_error(exc)}\n"
                 "Use msda_backend='pytorch' (the default on CPU) instead."
             )
             raise _FAILURE from exc
         return _EXTENSION
+
+
+def _build_error(exc: BaseException, keep: int = 1500) -> str:
+    """The build error's first line and the end of the compiler's output, where the cause is
+    (the start of a failed ninja build is only the commands it ran)."""
+    text = f"{type(exc).__name__}: {str(exc).strip()}"
+    if len(text) <= keep:
+        return text
+    first = text.splitlines()[0][:300]
+    return f"{first}\n...\n{text[-keep:]}"
 
 
 class _MSDACpp(torch.autograd.Function):
