@@ -23,6 +23,7 @@ detrdistill = L(DETRDistill)(
         "prior_giou": 2.0,
     },
     refine=False,
+    class_kd="decoupled",  # class KD with refine: decoupled (TPRD-CKD), sigmoid, decoupled+bce
     topk=100,
     matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0),
     soft_costs=[1.0, 5.0, 2.0],

@@ -16,6 +16,7 @@ from tprd.modeling.matcher import HungarianMatcher
 qskd = L(QSKD)(
     weights={"class": 1.0, "l1": 5.0, "giou": 2.0, "feature": 100.0},
     refine=False,
+    class_kd="decoupled",  # class KD with refine: decoupled (TPRD-CKD), sigmoid, decoupled+bce
     matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0),
     soft_costs=[1.0, 5.0, 2.0],
     giou_threshold=0.0,

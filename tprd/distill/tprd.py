@@ -52,6 +52,9 @@ __all__ = [
     "pad_ground_truth",
     "aligned_positive_targets",
     "decoupled_kd",
+    "sigmoid_decoupled_kd",
+    "tprd_class_kd",
+    "CLASS_KD_FORMS",
 ]
 
 Match = Tuple[Tensor, Tensor]
@@ -380,3 +383,70 @@ def decoupled_kd(
     tckd = kl_div_log_probs(torch.stack([log_r_c, log_r_rest], -1), torch.stack([log_p_c, log_p_rest], -1))
     nckd = kl_div_log_probs(F.log_softmax(t_nt, dim=-1), F.log_softmax(s_nt, dim=-1))
     return torch.where(positive_mask, alpha * tckd + beta * nckd, full_kl)
+
+
+#: Forms of the class KD of a ``_TPRD`` variant (option ``class_kd`` of every prediction-level method).
+CLASS_KD_FORMS = ("decoupled", "sigmoid", "decoupled+bce")
+
+
+def sigmoid_decoupled_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    positive_mask: Tensor,
+    target_class: Tensor,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """A sigmoid form of TPRD-CKD (ours, not the reference's): per-class binary KL between the
+    refined teacher's and the student's sigmoid scores, the family DETR classifiers are trained in.
+
+    With ``KL_k = r_k log(r_k/p_k) + (1−r_k) log((1−r_k)/(1−p_k))``, ``p = σ(student)``,
+    ``r = σ(teacher)``: a positive pair with target class ``c`` gives ``α·KL_c + β·Σ_{k≠c} KL_k``,
+    a negative pair ``Σ_k KL_k``. Unlike the softmax form, every class keeps its own
+    foreground/background probability, so "no object here" is taught too. With ``α = β = 1`` the
+    gradient equals that of the soft-BCE prediction KD (they differ by the teacher's entropy).
+    Same arguments and result shape as :func:`decoupled_kd`.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"expected equal [P,C] logits, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    s = _at_least_float32(student_logits)
+    t = teacher_logits.detach().to(s.dtype)
+    # binary KL in log space: log σ(z) = −softplus(−z), log(1−σ(z)) = −softplus(z)
+    r = torch.sigmoid(t)
+    kl = r * (F.softplus(-s) - F.softplus(-t)) + (1.0 - r) * (F.softplus(s) - F.softplus(t))
+    positive_mask = positive_mask.to(device=s.device, dtype=torch.bool)
+    target = torch.where(positive_mask, target_class.to(device=s.device, dtype=torch.long),
+                         torch.zeros_like(target_class, device=s.device, dtype=torch.long))
+    total = kl.sum(-1)
+    if s.shape[0] == 0:
+        return total
+    kl_c = kl.gather(-1, target[:, None]).squeeze(-1)
+    return torch.where(positive_mask, alpha * kl_c + beta * (total - kl_c), total)
+
+
+def tprd_class_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    positive_mask: Tensor,
+    target_class: Tensor,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    form: str = "decoupled",
+) -> Tensor:
+    """The class KD of a ``_TPRD`` variant per pair, in one of :data:`CLASS_KD_FORMS`:
+    ``"decoupled"`` TPRD-CKD as the reference (:func:`decoupled_kd`, the default), ``"sigmoid"``
+    (:func:`sigmoid_decoupled_kd`), or ``"decoupled+bce"``: TPRD-CKD plus the baselines' soft-BCE
+    class KD against the same (refined) teacher scores, i.e. TPRD-CKD added to the method's own
+    class KD instead of replacing it."""
+    if form == "decoupled":
+        return decoupled_kd(student_logits, teacher_logits, positive_mask, target_class, alpha, beta)
+    if form == "sigmoid":
+        return sigmoid_decoupled_kd(student_logits, teacher_logits, positive_mask, target_class, alpha, beta)
+    if form == "decoupled+bce":
+        s = _at_least_float32(student_logits)
+        bce = F.binary_cross_entropy_with_logits(s, teacher_logits.detach().to(s.dtype).sigmoid(),
+                                                 reduction="none").sum(-1)
+        return decoupled_kd(student_logits, teacher_logits, positive_mask, target_class, alpha, beta) + bce
+    raise ValueError(f"class_kd must be one of {CLASS_KD_FORMS}, got {form!r}")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tprd.distill.losses import box_pair_losses, soft_bce_pair_losses
 from tprd.distill.soft_matcher import soft_hungarian_match_stages
-from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
+from tprd.distill.tprd import aligned_positive_targets, tprd_class_kd
 from tprd.modeling.outputs import StagePredictions
 
 from .base import DistillContext
@@ -46,6 +46,7 @@ def aligned_prediction_kd(
     tprd: Optional[Tuple[Tensor, Tensor]] = None,
     alpha: float = 1.0,
     beta: float = 1.0,
+    class_kd: str = "decoupled",
 ) -> Dict[str, Tensor]:
     """Prediction distillation of aligned pairs at every stage, ``{"class", "l1", "giou"}`` ``[L]``,
     each ``Σ_pairs / norm``.
@@ -54,7 +55,8 @@ def aligned_prediction_kd(
     matcher's pairs or the identity). Baseline (``tprd=None``): B4 soft-BCE / L1 / ``1 − GIoU``.
     ``tprd = (match_index [L,B,Nt], labels_pad [B,G])`` (from :func:`tprd_refine_and_targets`,
     with ``t_logits``/``t_boxes`` the refined targets): the class term is TPRD-CKD, a pair being
-    positive iff its teacher query is in ``M_l`` (spec 2.4, 2.5).
+    positive iff its teacher query is in ``M_l`` (spec 2.4, 2.5); ``class_kd`` picks its form
+    (:func:`tprd.distill.tprd.tprd_class_kd`).
     """
     num_stages, batch, _, nc = s.logits.shape
     s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
@@ -66,8 +68,9 @@ def aligned_prediction_kd(
         positive, cls = aligned_positive_targets(
             match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1), t_idx.flatten(0, 1)
         )
-        class_pp = decoupled_kd(
+        class_pp = tprd_class_kd(
             s_lg.reshape(-1, nc), t_lg.reshape(-1, nc), positive.reshape(-1), cls.reshape(-1), alpha=alpha, beta=beta,
+            form=class_kd,
         ).view(s_idx.shape)
         l1, giou = box_pair_losses(s_bx, t_bx)
     else:
@@ -92,6 +95,7 @@ def matching_kd(
     alpha: float = 1.0,
     beta: float = 1.0,
     key: str = "main",
+    class_kd: str = "decoupled",
 ) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
     """Soft-Hungarian matched prediction KD at every stage (student stage ``l`` <-> teacher stage ``l``).
 
@@ -117,4 +121,4 @@ def matching_kd(
         t_logits, t_boxes = teacher.logits.detach(), teacher.boxes.detach()
     s_idx, t_idx = soft_matched_indices(ctx, student, t_logits, t_boxes, soft_costs)
     norm = float(student.logits.shape[1] * student.logits.shape[2])  # A = B·Ns
-    return aligned_prediction_kd(student, t_logits, t_boxes, s_idx, t_idx, norm, tprd, alpha, beta), stats
+    return aligned_prediction_kd(student, t_logits, t_boxes, s_idx, t_idx, norm, tprd, alpha, beta, class_kd), stats

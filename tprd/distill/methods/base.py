@@ -254,11 +254,18 @@ class DistillMethod(nn.Module):
         alpha: float = 1.0,
         beta: float = 1.0,
         soft_costs: Optional[Sequence[float]] = None,
+        class_kd: str = "decoupled",
     ) -> None:
         """The options every prediction-level method shares: ``refine`` (TPRD on), the B1 matcher of
         the refinement (default focal Hungarian 2 / 5 / 2, spec 2.2), the empty-image parity flag
         (spec 8 #5), the TPRD-CKD weights ``alpha``/``beta`` and, for methods that soft-match, the B3
-        costs ``(class, L1, GIoU)``."""
+        costs ``(class, L1, GIoU)``, and ``class_kd``, the form of the class KD with ``refine``
+        (:data:`tprd.distill.tprd.CLASS_KD_FORMS`; ``"decoupled"`` is the reference's TPRD-CKD)."""
+        from tprd.distill.tprd import CLASS_KD_FORMS
+
+        if class_kd not in CLASS_KD_FORMS:
+            raise ValueError(f"{type(self).__name__}: class_kd must be one of {CLASS_KD_FORMS}, got {class_kd!r}")
+        self.class_kd = class_kd
         self.refine = bool(refine)
         if matcher is None:
             from tprd.modeling.matcher import HungarianMatcher

@@ -96,12 +96,13 @@ class CrossKD(DistillMethod):
         skip_empty_images: bool = False,
         alpha: float = 1.0,
         beta: float = 1.0,
+        class_kd: str = "decoupled",
         name: Optional[str] = None,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         if type(student) is not type(teacher):
@@ -127,6 +128,7 @@ class CrossKD(DistillMethod):
         terms, stats = matching_kd(
             ctx, crossed, ctx.teacher_out.main, matcher=self.matcher, refine=self.refine,
             soft_costs=self.soft_costs, skip_empty_images=self.skip_empty_images, alpha=self.alpha, beta=self.beta,
+            class_kd=self.class_kd,
         )
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)

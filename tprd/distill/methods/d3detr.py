@@ -113,13 +113,14 @@ class D3ETR(DistillMethod):
         skip_empty_images: bool = False,
         alpha: float = 1.0,
         beta: float = 1.0,
+        class_kd: str = "decoupled",
         name: Optional[str] = None,
     ):
         if weights is None:
             base = {"class": 1.0, "l1": 5.0, "giou": 2.0, "self_attn": 10000.0, "cross_attn": 1000.0}
             weights = {**base, **{f"fixed_{k}": v for k, v in base.items()}}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
         self._embed_dim: Optional[int] = None
         if not any(self.weights[p + t] != 0 for p in ("", "fixed_") for t in ATTN_TERMS):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute
@@ -175,7 +176,7 @@ class D3ETR(DistillMethod):
         out = {}
         if any(self.weights[prefix + k] != 0 for k in PRED_TERMS):
             pred = aligned_prediction_kd(s, t_logits, t_boxes, s_idx, t_idx, float(batch * ns), tprd,
-                                         self.alpha, self.beta)
+                                         self.alpha, self.beta, self.class_kd)
             out.update({prefix + k: v for k, v in pred.items()})
         t_self, t_cross = teacher_maps
         with ctx.section("attention_maps"):  # cutting, splatting and the two attention distances

@@ -140,13 +140,14 @@ class DETRDistill(DistillMethod):
         skip_empty_images: bool = False,
         alpha: float = 1.0,
         beta: float = 1.0,
+        class_kd: str = "decoupled",
         name: Optional[str] = None,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "target_aware": 2.0,
                        "prior_class": 1.0, "prior_l1": 5.0, "prior_giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
         self.topk = int(topk)
         self._embed_dim: Optional[int] = None
         self._focal = (0.25, 2.0)
@@ -176,7 +177,8 @@ class DETRDistill(DistillMethod):
     def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
         """Term 1 (:func:`~.aligned_kd.matching_kd`, shared with D³ETR, CrossKD and ``tprd_kd``)."""
         terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
-                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta)
+                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta,
+                                   class_kd=self.class_kd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms

@@ -43,9 +43,9 @@ from tprd.distill.losses import kd_detr_weighted_losses
 from tprd.distill.tprd import (
     aligned_positive_targets,
     build_match_index,
-    decoupled_kd,
     pad_ground_truth,
     refine_teacher_predictions,
+    tprd_class_kd,
 )
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
@@ -177,6 +177,7 @@ class KDDETR(DistillMethod):
         seed: int = 0,
         alpha: float = 1.0,
         beta: float = 1.0,
+        class_kd: str = "decoupled",
         name: Optional[str] = None,
     ):
         if weights is None:
@@ -188,7 +189,7 @@ class KDDETR(DistillMethod):
             raise ValueError(f"query_kind must be one of {QUERY_KINDS}, got {query_kind!r}")
         self.general_points = int(general_points)
         self.temperature = float(temperature)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, class_kd=class_kd)
         self.raw_general_refs = bool(raw_general_refs)
         self.shared_general_refs = bool(shared_general_refs)
         self.query_kind = query_kind
@@ -296,9 +297,9 @@ class KDDETR(DistillMethod):
             positive, cls = aligned_positive_targets(
                 match_index.flatten(0, 1), labels_pad.repeat(num_stages, 1)
             )
-            ckd = decoupled_kd(
+            ckd = tprd_class_kd(
                 spec.logits.reshape(-1, num_classes), logits.reshape(-1, num_classes),
-                positive.reshape(-1), cls.reshape(-1), alpha=self.alpha, beta=self.beta,
+                positive.reshape(-1), cls.reshape(-1), alpha=self.alpha, beta=self.beta, form=self.class_kd,
             ).view(num_stages, batch, nq)
             terms = self._b5(spec, logits, boxes, class_loss=ckd)
             self.last_stats = tprd_stats(f"tprd_{self.name}_specific", stats)

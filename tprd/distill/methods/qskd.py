@@ -50,7 +50,7 @@ from tprd.distill.attention import group_slice
 from tprd.distill.losses import box_pair_losses, soft_bce_pair_losses
 from tprd.distill.soft_matcher import soft_match_cost
 from tprd.distill.splat import splat_deformable_attention
-from tprd.distill.tprd import build_match_index, decoupled_kd, pad_ground_truth
+from tprd.distill.tprd import build_match_index, pad_ground_truth, tprd_class_kd
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from tprd.modeling.outputs import StagePredictions
 
@@ -233,12 +233,13 @@ class QSKD(DistillMethod):
         skip_empty_images: bool = False,
         alpha: float = 1.0,
         beta: float = 1.0,
+        class_kd: str = "decoupled",
         name: Optional[str] = None,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "feature": 100.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
         self.giou_threshold = float(giou_threshold)
         self.reference_stage_order = bool(reference_stage_order)
 
@@ -266,7 +267,8 @@ class QSKD(DistillMethod):
             gt = t_match_index[l, b, qt]  # the positive pairs are exactly the teacher queries in M_l
             positive = gt >= 0
             cls = torch.where(positive, labels_pad[b, gt.clamp(min=0)], torch.zeros_like(gt))
-            class_pp = decoupled_kd(s_lg, t_lg, positive, cls, alpha=self.alpha, beta=self.beta)
+            class_pp = tprd_class_kd(s_lg, t_lg, positive, cls, alpha=self.alpha, beta=self.beta,
+                                     form=self.class_kd)
             l1, giou = box_pair_losses(s_bx, t_bx)
         else:
             per = soft_bce_pair_losses(s_lg, t_lg, s_bx, t_bx, reduction="none")

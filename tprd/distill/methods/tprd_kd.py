@@ -64,19 +64,21 @@ class TPRDKD(DistillMethod):
         skip_empty_images: bool = False,
         alpha: float = 1.0,
         beta: float = 1.0,
+        class_kd: str = "decoupled",
         name: Optional[str] = None,
     ):
         if weights is None:
             weights = {"class": 3.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         check_same_stages(student, teacher, "tprd_kd")
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
-                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta)
+                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta,
+                                   class_kd=self.class_kd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms

@@ -32,6 +32,7 @@ model.methods = {
         general_points=300,
         temperature=10.0,
         refine=False,
+        class_kd="decoupled",  # class KD with refine: decoupled (TPRD-CKD), sigmoid, decoupled+bce
         seed=0,
     ),
 }
