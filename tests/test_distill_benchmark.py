@@ -100,7 +100,8 @@ def test_tiny_plan_killed_resumed_then_skipped(tmp_path, datasets):
     assert isinstance(data["teacher"]["bbox/AP"], float)
     assert sorted((r["method"], r["seed"]) for r in data["runs"]) == [("KD_DETR_TPRD", 1), ("none", 1)]
     for r in data["runs"]:
-        assert set(r) == {"method", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir"}
+        assert set(r) == {"method", "arm", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir"}
+        assert r["arm"] == r["method"]  # --methods: arms named after their method
         assert all(isinstance(r[k], float) for k in ("bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter"))
         assert 0.0 <= r["bbox/AP"] <= 100.0 and r["sec_per_iter"] > 0
         assert Path(r["output_dir"]).is_dir()
@@ -154,11 +155,89 @@ def test_results_table_gain_and_spread(tmp_path):
     teacher = {"bbox/AP": 30.0, "bbox/AP50": 50.0, "bbox/AP75": 30.0, "sec_per_iter": 1.0}
     runs = [{"method": m, "seed": s, "bbox/AP": ap, "bbox/AP50": 2 * ap, "bbox/AP75": ap, "sec_per_iter": 0.5}
             for m, s, ap in [("none", 1, 10.0), ("none", 2, 12.0), ("X", 1, 13.0), ("X", 2, 15.0)]]
-    bench.write_results_md(tmp_path / "r.md", teacher, runs, ["none", "X"], ["# t"])
+    bench.write_results_md(tmp_path / "r.md", teacher, runs, bench.parse_arms("none,X", None), ["# t"])
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "r.md").read_text().splitlines()
             if line.startswith("| ") and "method" not in line}
     # mean ± sample std: (10, 12) -> 11 ± sqrt(2); (13, 15) -> 14 ± sqrt(2); gain 14 - 11 = +3
     assert "11.00 ± 1.41" in rows["none"] and "14.00 ± 1.41" in rows["X"] and "+3.00" in rows["X"]
+
+
+def test_paired_statistics_per_seed(tmp_path):
+    teacher = {"bbox/AP": 30.0, "bbox/AP50": 50.0, "bbox/AP75": 30.0, "sec_per_iter": 1.0}
+    ap = {("none", 1): 10.0, ("none", 2): 12.0, ("none", 3): 11.0,
+          ("X", 1): 13.0, ("X", 2): 11.0, ("X", 3): 14.0,
+          ("X_TPRD", 1): 14.0, ("X_TPRD", 2): 12.0, ("X_TPRD", 3): 14.0,
+          ("X_TPRD_sig", 1): 15.0, ("X_TPRD_sig", 2): 15.0}  # seed 3 not finished
+    runs = [{"method": arm.split("_sig")[0], "arm": arm, "seed": seed, "bbox/AP": v, "bbox/AP50": v,
+             "bbox/AP75": v, "sec_per_iter": 0.5} for (arm, seed), v in ap.items()]
+    arms = bench.parse_arms("none,X,X_TPRD", [["X_TPRD_sig=X_TPRD", "a.b=1"]])
+    # every arm vs none; X_TPRD vs X; the ablation arm vs the arm of its method (there is no X_sig arm)
+    assert bench.paired_comparisons(arms) == [
+        ("X", "none"), ("X_TPRD", "none"), ("X_TPRD", "X"), ("X_TPRD_sig", "none"), ("X_TPRD_sig", "X_TPRD")]
+    # X - none per seed: +3, -1, +3 -> mean 5/3, sample std sqrt(((4/3)^2 + (8/3)^2 + (4/3)^2) / 2) = 2.309
+    st = bench.paired_stats(runs, "X", "none")
+    assert st["seeds"] == [1, 2, 3] and st["diffs"] == [3.0, -1.0, 3.0] and st["wins"] == 2
+    assert abs(st["mean"] - 5 / 3) < 1e-9 and abs(st["std"] - 2.3094) < 1e-4
+    # X_TPRD - X: +1, +1, 0 -> two wins, one tie
+    st = bench.paired_stats(runs, "X_TPRD", "X")
+    assert st["wins"] == 2 and st["ties"] == 1
+    # only the seeds both arms have
+    assert bench.paired_stats(runs, "X_TPRD_sig", "X_TPRD")["seeds"] == [1, 2]
+    bench.write_results_md(tmp_path / "r.md", teacher, runs, arms, ["# t"])
+    text = (tmp_path / "r.md").read_text()
+    assert "| X − none | +1.67 ± 2.31 | 2 of 3 | +3.00 (s1), -1.00 (s2), +3.00 (s3) |" in text
+    assert "| X_TPRD − X | +0.67 ± 0.58 | 2 of 3, 1 tied |" in text
+    assert "| X_TPRD_sig − X_TPRD | +2.00 ± 1.41 | 2 of 2 |" in text
+    assert "- `X_TPRD_sig`: `a.b=1`" in text
+
+
+def test_arms_parse_and_reach_only_their_runs(tmp_path):
+    with pytest.raises(ValueError, match="NAME=METHOD"):
+        bench.parse_arms("none", [["DETRDistill"]])
+    with pytest.raises(ValueError, match="unique"):
+        bench.parse_arms("none,KD_DETR", [["KD_DETR=KD_DETR_TPRD"]])
+    with pytest.raises(ValueError, match="key=value"):
+        bench.parse_arms("none", [["a=KD_DETR", "oops"]])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path), "--arm", "bad/name=KD_DETR"])
+    args = bench.parse_args(["--out", str(tmp_path), "--methods", "KD_DETR", "train.log_period=5",
+                             "--arm", "kd0=KD_DETR", "model.methods.kd_detr.weights.class=0.0"])
+    assert args.overrides == ["train.log_period=5"]
+    plan = bench.build_plan(args, bench.BUDGETS["quick"])
+    by_name = {r.name: r for r in [plan["teacher"], *plan["runs"]]}
+    assert sorted(by_name) == ["KD_DETR_seed1", "kd0_seed1", "none_seed1", "teacher"]
+    arm_override = "model.methods.kd_detr.weights.class=0.0"
+    assert by_name["kd0_seed1"].overrides[-1] == arm_override and by_name["kd0_seed1"].method == "KD_DETR"
+    for name in ("teacher", "none_seed1", "KD_DETR_seed1"):
+        assert arm_override not in by_name[name].overrides
+        assert "train.log_period=5" in by_name[name].overrides  # plan-wide overrides reach every run
+    # the arm's run uses the same generated method config, its own output folder
+    assert by_name["kd0_seed1"].config == by_name["KD_DETR_seed1"].config
+    assert by_name["kd0_seed1"].output_dir.name == "kd0_seed1"
+
+
+def test_paper_budget_plan(tmp_path, monkeypatch):
+    backbone = tmp_path / "r18.pth"
+    monkeypatch.setattr(bench, "paper_backbone", lambda train, val: backbone)
+    args = bench.parse_args(["--out", str(tmp_path / "b"), "--detector", "dino", "--budget", "paper",
+                             "--methods", "DETRDistill_TPRD"])
+    plan = bench.build_plan(args, bench.BUDGETS["paper"])
+    teacher, none, dd = plan["teacher"], *plan["runs"][:2]
+    assert plan["datasets"] == ("synthetic_paper_train", "synthetic_paper_val")
+    assert f"train.init_checkpoint={backbone}" in teacher.overrides and f"train.init_checkpoint={backbone}" in none.overrides
+    assert not any(o.startswith("train.init_checkpoint=") and str(backbone) in o for o in dd.overrides)
+    for prefix, run in (("model.", none), ("model.student.", dd), ("model.teacher.", dd), ("model.", teacher)):
+        assert f"{prefix}num_classes=24" in run.overrides
+        assert f"{prefix}transformer.decoder.num_layers=6" in run.overrides
+        assert f"{prefix}num_queries=40" in run.overrides
+    assert "model.teacher.transformer.encoder.num_layers=3" in dd.overrides
+    # pretrained backbones: frozen BN and the configs' backbone lr factor stay
+    assert not any("backbone.norm=BN" in o or "lr_factor_func" in o for o in none.overrides + dd.overrides)
+    # the generated config builds the 24-class, 6-stage model
+    from tprd.engine.main import load_config
+
+    cfg = load_config(str(dd.config), [o for o in dd.overrides if not o.startswith("train.init_checkpoint")])
+    assert cfg.model.student.num_classes == 24 and cfg.model.teacher.transformer.decoder.num_layers == 6
 
 
 def test_visualize_tprd_random_teacher(tmp_path, datasets):

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -64,10 +64,16 @@ TEACHER_BACKBONE_FROM_STUDENT = True
 #: environment variable that sets the deformable-attention backend of every model of a run
 ENV_BACKEND = "TPRD_MSDA_BACKEND"
 
-#: train / validation dataset names and the data config (its evaluator) per ``--dataset``.
+#: train / validation dataset names and the data config (its evaluator) per regime and ``--dataset``.
 DATASETS = {
-    "coco": ("synthetic_bench_train", "synthetic_bench_val", "common/data/synthetic_detr.py"),
-    "voc": ("synthetic_bench_voc_trainval", "synthetic_bench_voc_test", "common/data/synthetic_voc_detr.py"),
+    "scratch": {
+        "coco": ("synthetic_bench_train", "synthetic_bench_val", "common/data/synthetic_detr.py"),
+        "voc": ("synthetic_bench_voc_trainval", "synthetic_bench_voc_test", "common/data/synthetic_voc_detr.py"),
+    },
+    "paper": {
+        "coco": ("synthetic_paper_train", "synthetic_paper_val", "common/data/synthetic_detr.py"),
+        "voc": ("synthetic_paper_voc_trainval", "synthetic_paper_voc_test", "common/data/synthetic_voc_detr.py"),
+    },
 }
 
 
@@ -81,29 +87,91 @@ class Budget:
     num_evals: int  # evaluations per run (AP curve points), the last one after the final iteration
     seeds: str
     lr: float = 4e-4
+    #: "scratch": the five-class shapes, backbones from scratch, the synthetic configs' 2 decoder
+    #: stages; "paper": the regime of :data:`PAPER` (24 classes, pretrained backbones, 6 stages)
+    regime: str = "scratch"
 
 
 BUDGETS = {
     # see benchmarks/distill_synthetic.md for the measurements behind these numbers
     "quick": Budget(student_iter=150, teacher_iter=600, batch=4, num_evals=2, seeds="1"),
     "full": Budget(student_iter=500, teacher_iter=2000, batch=4, num_evals=4, seeds="1,2,3"),
+    "paper": Budget(student_iter=800, teacher_iter=2400, batch=4, num_evals=4, seeds="1,2,3", lr=2e-4,
+                    regime="paper"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRegime:
+    """The ``paper`` budget's setting, closer to the one the TPRD paper reports on (COCO): many
+    classes in cluttered scenes (``synthetic_paper_*``: 24 classes, 2-10 objects and grey
+    distractors per image), backbones that start pretrained (ResNet-18 classification-pretrained
+    once on the same image domain, :mod:`tprd.engine.pretrain`, cached like ImageNet weights),
+    frozen batch norm and stem, backbone lr x0.1 as in the COCO configs, and 6 decoder stages, so
+    that TPRD can borrow from five earlier stages."""
+
+    num_classes: int = 24
+    num_queries: int = 40
+    dn_number: int = 10
+    decoder_layers: int = 6
+    encoder_layers: int = 2
+    pretrain_iters: int = 1000
+
+
+PAPER = PaperRegime()
 
 
 # --------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
+class Arm:
+    """One arm of the plan: a method (``none`` or a cfg_distill folder) and overrides of its own."""
+
+    name: str
+    method: str
+    overrides: List[str] = dataclasses.field(default_factory=list)
+
+
+def parse_arms(methods: str, arm_specs: Optional[Sequence[Sequence[str]]]) -> List[Arm]:
+    """``--methods a,b`` (arms named after their method) then each ``--arm NAME=METHOD k=v ...``;
+    ``none`` always comes first. Names must be unique and usable as folder names."""
+    arms = [Arm(m, m) for m in methods.split(",") if m]
+    for spec in arm_specs or []:
+        head, *overrides = spec
+        name, sep, method = head.partition("=")
+        if not sep or not name or not method:
+            raise ValueError(f"--arm {' '.join(spec)}: expected NAME=METHOD [key=value ...]")
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"--arm {name}: overrides must be key=value, got {bad}")
+        arms.append(Arm(name, method, list(overrides)))
+    if not any(a.name == "none" for a in arms):
+        arms.insert(0, Arm("none", "none"))
+    names = [a.name for a in arms]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"arm names must be unique; repeated: {dup}")
+    for a in arms:
+        if not all(c.isalnum() or c in "_-." for c in a.name):
+            raise ValueError(f"arm name {a.name!r}: use letters, digits, '_', '-' and '.' only")
+        if a.name == "none" and (a.method != "none" or a.overrides):
+            raise ValueError("the arm 'none' is the student alone; give other arms other names")
+    return arms
+
+
+@dataclasses.dataclass
 class Run:
     """One training run of the plan: a config, its overrides and its output folder."""
 
-    name: str  # "teacher" or "<method>_seed<seed>"
+    name: str  # "teacher" or "<arm>_seed<seed>"
     method: str  # "teacher", "none" or a cfg_distill folder name
     seed: int
     config: Path
     overrides: List[str]
     max_iter: int
     output_dir: Path
+    arm: str = ""  # the arm's name ("teacher" for the teacher)
 
     def command(self, detector: str) -> List[str]:
         entry = REPO / "projects" / detector / "train_net.py"
@@ -159,8 +227,10 @@ def write_config(out: Path, name: str, source: Path, member: Optional[str], data
     return path
 
 
-def model_overrides(prefix: str, teacher: bool, student_cfg: Any) -> List[str]:
-    """Model changes of the benchmark: backbones trained from scratch (trainable BatchNorm).
+def model_overrides(prefix: str, teacher: bool, student_cfg: Any, regime: str = "scratch") -> List[str]:
+    """Model changes of the benchmark. ``scratch``: backbones trained from scratch (trainable
+    BatchNorm). ``paper``: :data:`PAPER`'s classes, queries and stages; pretrained backbones keep
+    the configs' frozen batch norm and stem.
 
     The teacher (same width, queries and decoder stages as the student, so every method's query
     groups and per-stage losses line up) is made a larger model that learns fast from scratch:
@@ -168,10 +238,19 @@ def model_overrides(prefix: str, teacher: bool, student_cfg: Any) -> List[str]:
     deeper, a twice wider FFN, iterative box refinement where the detector has the switch
     (Deformable DETR; DINO and DAB-DETR always refine) and no dropout. Measured in
     benchmarks/distill_synthetic.md ("Choosing the teacher")."""
-    out = [f"{prefix}backbone.norm=BN", f"{prefix}backbone.freeze_at=0"]
+    if regime == "paper":
+        out = [f"{prefix}num_classes={PAPER.num_classes}",
+               f"{prefix}transformer.encoder.num_layers={PAPER.encoder_layers}",
+               f"{prefix}transformer.decoder.num_layers={PAPER.decoder_layers}"]
+        for key, value in (("num_queries", PAPER.num_queries), ("select_box_nums_for_evaluation", PAPER.num_queries),
+                           ("dn_number", PAPER.dn_number)):
+            if _select(student_cfg, key) is not None:
+                out.append(f"{prefix}{key}={value}")
+    else:
+        out = [f"{prefix}backbone.norm=BN", f"{prefix}backbone.freeze_at=0"]
     if not teacher:
         return out
-    enc = int(student_cfg.transformer.encoder.num_layers) + 1
+    enc = (PAPER.encoder_layers if regime == "paper" else int(student_cfg.transformer.encoder.num_layers)) + 1
     ffn = 2 * int(student_cfg.transformer.encoder.feedforward_dim)
     out += [
         f"{prefix}transformer.encoder.num_layers={enc}",
@@ -191,6 +270,14 @@ def model_overrides(prefix: str, teacher: bool, student_cfg: Any) -> List[str]:
             if _select(student_cfg, f"transformer.{part}.{key}") is not None:
                 out.append(f"{prefix}transformer.{part}.{key}=0.0")
     return out
+
+
+def _regime_line(budget: Budget) -> str:
+    if budget.regime != "paper":
+        return ""
+    return (f"Regime paper: {PAPER.num_classes} classes, {PAPER.num_queries} queries, {PAPER.decoder_layers} decoder "
+            f"stages, student encoder {PAPER.encoder_layers} layers, both backbones from the cached "
+            f"classification-pretrained ResNet-18 ({PAPER.pretrain_iters} iterations). ")
 
 
 def _teacher_name() -> str:
@@ -213,8 +300,9 @@ def _as_override(value: Any) -> str:
 
 
 def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: str) -> List[str]:
-    """The same training loop for every run: iterations, batch, lr (one lr for every parameter:
-    nothing is pretrained), lr x0.1 for the last 20%, 5% warmup, evaluations, checkpoints."""
+    """The same training loop for every run: iterations, batch, lr (scratch: one lr for every
+    parameter, nothing is pretrained; paper: the configs' backbone x0.1), lr x0.1 for the last 20%,
+    5% warmup, evaluations, checkpoints."""
     eval_period = max(1, max_iter // max(1, budget.num_evals))
     return [
         f"train.max_iter={max_iter}",
@@ -227,7 +315,7 @@ def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: s
         f"dataloader.train.dataset.names={train_set}",
         f"dataloader.test.dataset.names={val_set}",
         f"optimizer.lr={budget.lr}",
-        "optimizer.params.lr_factor_func=None",
+        *(["optimizer.params.lr_factor_func=None"] if budget.regime == "scratch" else []),
         f"lr_multiplier.scheduler.milestones=[{max(1, int(max_iter * 0.8))},{max_iter}]",
         "lr_multiplier.warmup_length=0.05",
         "lr_multiplier.warmup_factor=0.1",
@@ -240,12 +328,10 @@ def build_plan(args: argparse.Namespace, budget: Budget) -> Dict[str, Any]:
 
     out = args.out
     detector = args.detector
-    train_set, val_set, data_config = DATASETS[args.dataset]
-    methods = [m for m in args.methods.split(",") if m]
-    if "none" not in methods:
-        methods = ["none"] + methods
-    distill_methods = [m for m in methods if m != "none"]
-    sources = {m: method_config(detector, m) for m in distill_methods}
+    regime = budget.regime
+    train_set, val_set, data_config = DATASETS[regime][args.dataset]
+    arms = parse_arms(args.methods, args.arm)
+    sources = {a.method: method_config(detector, a.method) for a in arms if a.method != "none"}
     base = REPO / "projects" / detector / "cfg_distill" / "base" / f"{detector}_r50_distill_r18_synthetic.py"
     seeds = [int(s) for s in (args.seeds or budget.seeds).split(",") if s.strip()]
     user = list(args.overrides)
@@ -253,36 +339,48 @@ def build_plan(args: argparse.Namespace, budget: Budget) -> Dict[str, Any]:
     student_arch = load_config(str(base)).model.student
     teacher_cfg = write_config(out, "teacher", base, "teacher", data_config, "the teacher trained alone")
     student_cfg = write_config(out, "none", base, "student", data_config, "the student trained alone")
+    # paper regime: both backbones start from the cached classification-pretrained ResNet-18
+    backbone = paper_backbone(train_set, val_set) if regime == "paper" else None
+    backbone_init = [f"train.init_checkpoint={backbone}"] if backbone is not None else []
     teacher = Run(
         "teacher", "teacher", 0, teacher_cfg,
-        model_overrides("model.", True, student_arch)
+        model_overrides("model.", True, student_arch, regime)
         + schedule_overrides(budget, budget.teacher_iter, train_set, val_set)
-        + ["train.seed=0", f"train.output_dir={out / 'teacher'}"] + user,
-        budget.teacher_iter, out / "teacher",
+        + ["train.seed=0", f"train.output_dir={out / 'teacher'}"] + backbone_init + user,
+        budget.teacher_iter, out / "teacher", arm="teacher",
     )
-    student_model = model_overrides("model.", False, student_arch)
-    distill_model = model_overrides("model.student.", False, student_arch) + model_overrides(
-        "model.teacher.", True, student_arch
+    student_model = model_overrides("model.", False, student_arch, regime)
+    distill_model = model_overrides("model.student.", False, student_arch, regime) + model_overrides(
+        "model.teacher.", True, student_arch, regime
     )
     runs: List[Run] = []
     inits = {seed: out / "init" / f"teacher_student_seed{seed}.pth" for seed in seeds}
     for seed in seeds:
-        for method in methods:
-            name = f"{method}_seed{seed}"
+        for arm in arms:
+            name = f"{arm.name}_seed{seed}"
             run_dir = out / "runs" / name
             common = schedule_overrides(budget, budget.student_iter, train_set, val_set) + [
                 f"train.seed={seed}", f"train.output_dir={run_dir}"
             ]
-            if method == "none":
-                runs.append(Run(name, method, seed, student_cfg, student_model + common + user, budget.student_iter, run_dir))
+            if arm.method == "none":
+                ov = student_model + common + backbone_init + user
+                runs.append(Run(name, "none", seed, student_cfg, ov, budget.student_iter, run_dir, arm=arm.name))
             else:
-                cfg = write_config(out, method, sources[method], None, data_config, f"{method} distillation")
-                ov = distill_model + common + [f"train.init_checkpoint={inits[seed]}"] + user
-                runs.append(Run(name, method, seed, cfg, ov, budget.student_iter, run_dir))
+                cfg = write_config(out, arm.method, sources[arm.method], None, data_config, f"{arm.method} distillation")
+                ov = distill_model + common + [f"train.init_checkpoint={inits[seed]}"] + user + arm.overrides
+                runs.append(Run(name, arm.method, seed, cfg, ov, budget.student_iter, run_dir, arm=arm.name))
     return {"teacher": teacher, "runs": runs, "inits": inits, "student_cfg": student_cfg,
-            "student_overrides": student_model, "seeds": seeds, "methods": methods,
+            "student_overrides": student_model, "seeds": seeds, "arms": arms, "backbone": backbone,
             "datasets": (_last_value(user, "dataloader.train.dataset.names", train_set),
                          _last_value(user, "dataloader.test.dataset.names", val_set))}
+
+
+def paper_backbone(train_set: str, val_set: str) -> Path:
+    """The cached pretrained ResNet-18 of the paper regime (trained on first use, about
+    ``PAPER.pretrain_iters`` iterations; see :mod:`tprd.engine.pretrain`)."""
+    from tprd.engine.pretrain import PretrainSettings, pretrained_backbone
+
+    return pretrained_backbone(PretrainSettings(dataset=train_set, depth=18, iters=PAPER.pretrain_iters), val_set)
 
 
 def _last_value(overrides: Sequence[str], key: str, default: str) -> str:
@@ -354,8 +452,8 @@ def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"run {run.name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    result = {"method": run.method, "seed": run.seed, **summarise(run), "output_dir": str(run.output_dir),
-              "command": cmd[1:]}
+    result = {"method": run.method, "arm": run.arm or run.method, "seed": run.seed, **summarise(run),
+              "output_dir": str(run.output_dir), "command": cmd[1:]}
     _write_json(run.output_dir / RESULT_FILE, result)
     return result
 
@@ -363,6 +461,7 @@ def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]
 def load_result(run: Run, detector: str) -> Dict[str, Any]:
     """The stored result of a finished run; an error when it was made with another command."""
     result = json.loads((run.output_dir / RESULT_FILE).read_text())
+    result.setdefault("arm", run.arm or run.method)  # results written before arms existed
     if result.get("command") != run.command(detector)[1:]:
         raise RuntimeError(
             f"{run.output_dir / RESULT_FILE} was written by a different plan (another command line); "
@@ -371,10 +470,19 @@ def load_result(run: Run, detector: str) -> Dict[str, Any]:
     return result
 
 
-def build_init(init: Path, teacher_dir: Path, student_cfg: Path, student_overrides: List[str], seed: int) -> None:
+def build_init(init: Path, teacher_dir: Path, student_cfg: Path, student_overrides: List[str], seed: int,
+               backbone: Optional[Path] = None) -> None:
     """The distillation init file of one seed, with merge_weight.py's code: the trained teacher,
-    and the backbone that ``train.seed=seed`` draws for the student (the ``none`` run's start)."""
+    and the student backbone -- the pretrained file ``backbone`` where given (paper regime), else
+    the backbone that ``train.seed=seed`` draws for the student (the ``none`` run's start)."""
     if init.is_file():
+        return
+    if backbone is not None:
+        from tprd.checkpoint.merge import load_state_dict_file, merge_weights, save_atomic
+
+        merged, report = merge_weights(load_state_dict_file(backbone), load_state_dict_file(teacher_dir / "model_final.pth"))
+        save_atomic(merged, init)
+        (init.with_suffix(".txt")).write_text(report.summary() + "\n")
         return
     from tprd.checkpoint.merge import load_state_dict_file, merge_weights, save_atomic
     from tprd.config import instantiate
@@ -405,32 +513,84 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, Any]], methods: List[str],
+def _arm_of(run: Dict[str, Any]) -> str:
+    return run.get("arm") or run["method"]
+
+
+def paired_comparisons(arms: Sequence[Any]) -> List[Tuple[str, str]]:
+    """The ``(arm, reference arm)`` pairs the paired table reports: every arm against ``none``;
+    ``X_TPRD...`` against ``X...`` (the name without ``_TPRD``) when that arm exists; and an arm
+    whose name differs from its method's (an ablation arm) against the arm named after its method."""
+    names = [a.name for a in arms]
+    pairs: List[Tuple[str, str]] = []
+    for a in arms:
+        if a.name == "none":
+            continue
+        pairs.append((a.name, "none"))
+        plain = a.name.replace("_TPRD", "", 1)
+        if plain != a.name and plain in names:
+            pairs.append((a.name, plain))
+        if a.method != a.name and a.method in names and (a.name, a.method) not in pairs:
+            pairs.append((a.name, a.method))
+    return pairs
+
+
+def paired_stats(runs: List[Dict[str, Any]], arm: str, ref: str, metric: str = "bbox/AP") -> Optional[Dict[str, Any]]:
+    """Per-seed differences ``arm − ref`` over the seeds both have (same seed = same data order and
+    initial student): mean, sample std, wins (strictly higher), ties and the per-seed values."""
+    a = {r["seed"]: r[metric] for r in runs if _arm_of(r) == arm}
+    b = {r["seed"]: r[metric] for r in runs if _arm_of(r) == ref}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[k] - b[k] for k in seeds]
+    return {"seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else float("nan"),
+            "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
+
+
+def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, Any]], arms: Sequence[Any],
                      header: List[str]) -> None:
-    by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
-    base = statistics.mean(r["bbox/AP"] for r in by_method["none"]) if by_method.get("none") else None
+    by_arm = {a.name: [r for r in runs if _arm_of(r) == a.name] for a in arms}
+    base = statistics.mean(r["bbox/AP"] for r in by_arm["none"]) if by_arm.get("none") else None
     lines = header + [
         "",
         f"Teacher (trained alone, seed 0): AP {teacher['bbox/AP']:.2f}, AP50 {teacher['bbox/AP50']:.2f}, "
         f"AP75 {teacher['bbox/AP75']:.2f} ({teacher['sec_per_iter']:.3f} s/iter)",
         "",
-        "| method | AP | AP50 | AP75 | AP per seed | gain over none (AP) | s/iter |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | method | AP | AP50 | AP75 | AP per seed | gain over none (AP) | s/iter |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for m in methods:
-        rs = sorted(by_method[m], key=lambda r: r["seed"])
+    for a in arms:
+        rs = sorted(by_arm[a.name], key=lambda r: r["seed"])
         if not rs:
             continue
         ap = [r["bbox/AP"] for r in rs]
-        gain = "—" if m == "none" or base is None else f"{statistics.mean(ap) - base:+.2f}"
+        gain = "—" if a.name == "none" or base is None else f"{statistics.mean(ap) - base:+.2f}"
         per_seed = ", ".join(f"{r['bbox/AP']:.2f} (s{r['seed']})" for r in rs)
         spi = statistics.median(r["sec_per_iter"] for r in rs)
         lines.append(
-            f"| {m} | {_mean_std(ap)} | {_mean_std([r['bbox/AP50'] for r in rs])} | "
+            f"| {a.name} | {a.method} | {_mean_std(ap)} | {_mean_std([r['bbox/AP50'] for r in rs])} | "
             f"{_mean_std([r['bbox/AP75'] for r in rs])} | {per_seed} | {gain} | {spi:.3f} |"
         )
     lines += ["", "Mean ± sample standard deviation over seeds; s/iter is the median logged training step time "
               "(wall clock: it moves with the load of a shared machine)."]
+    overridden = [a for a in arms if a.overrides]
+    if overridden:
+        lines += ["", "Arm overrides (on top of the method's config and the plan's settings):", ""]
+        lines += [f"- `{a.name}`: `{' '.join(a.overrides)}`" for a in overridden]
+    rows = []
+    for arm, ref in paired_comparisons(arms):
+        st = paired_stats(runs, arm, ref)
+        if st is None:
+            continue
+        spread = "" if math.isnan(st["std"]) else f" ± {st['std']:.2f}"
+        per_seed = ", ".join(f"{d:+.2f} (s{k})" for k, d in zip(st["seeds"], st["diffs"]))
+        ties = f", {st['ties']} tied" if st["ties"] else ""
+        rows.append(f"| {arm} − {ref} | {st['mean']:+.2f}{spread} | {st['wins']} of {len(st['seeds'])}{ties} | {per_seed} |")
+    if rows:
+        lines += ["", "Paired differences in AP, per seed (same seed = same data order and initial student):", "",
+                  "| comparison | mean difference ± std | wins | per seed |", "|---|---|---|---|", *rows]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -442,23 +602,24 @@ def _loss_of(rec: Dict[str, Any]) -> Optional[float]:
 
 
 def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
-                teacher: Dict[str, Any], methods: List[str]) -> List[Path]:
+                teacher: Dict[str, Any], arm_names: List[str]) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    cmap = plt.cm.tab20 if len(arm_names) > 10 else plt.cm.tab10
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(arm_names)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for run in plan_runs:
         recs = read_metrics(run.output_dir / "metrics.json")
         its = [r["iteration"] + 1 for r in recs if "total_loss" in r]
-        axes[0].plot(its, [r["total_loss"] for r in recs if "total_loss" in r], color=colors[run.method],
+        axes[0].plot(its, [r["total_loss"] for r in recs if "total_loss" in r], color=colors[run.arm or run.method],
                      alpha=0.8, lw=1, label=run.name)
         det = [(r["iteration"] + 1, _loss_of(r)) for r in recs if _loss_of(r) is not None]
-        axes[1].plot([d[0] for d in det], [d[1] for d in det], color=colors[run.method], alpha=0.8, lw=1)
+        axes[1].plot([d[0] for d in det], [d[1] for d in det], color=colors[run.arm or run.method], alpha=0.8, lw=1)
         ev = [(r["iteration"] + 1, r["bbox/AP"]) for r in recs if "bbox/AP" in r]
-        axes[2].plot([e[0] for e in ev], [e[1] for e in ev], "o-", color=colors[run.method], ms=3)
+        axes[2].plot([e[0] for e in ev], [e[1] for e in ev], "o-", color=colors[run.arm or run.method], ms=3)
     axes[2].axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label="teacher")
     axes[0].set(title="total training loss (incl. distillation terms)", xlabel="iteration", yscale="log")
     axes[1].set(title="student detection loss (sum of loss_*)", xlabel="iteration", yscale="log")
@@ -470,17 +631,17 @@ def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
     fig.savefig(curves, dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(1.4 * len(methods) + 2, 4))
-    for i, m in enumerate(methods):
-        aps = [r["bbox/AP"] for r in results if r["method"] == m]
+    fig, ax = plt.subplots(figsize=(1.4 * len(arm_names) + 2, 4))
+    for i, m in enumerate(arm_names):
+        aps = [r["bbox/AP"] for r in results if _arm_of(r) == m]
         if not aps:
             continue
         ax.scatter([i] * len(aps), aps, color=colors[m], s=18, zorder=3)
         std = statistics.stdev(aps) if len(aps) > 1 else 0.0
         ax.errorbar([i], [statistics.mean(aps)], yerr=[std], fmt="_", color="k", ms=20, capsize=6, zorder=4)
     ax.axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label=f"teacher {teacher['bbox/AP']:.1f}")
-    ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
-    ax.set(ylabel="bbox AP", title="AP per method (dots: seeds; bar: mean ± std)")
+    ax.set_xticks(range(len(arm_names)), arm_names, rotation=20, fontsize=8)
+    ax.set(ylabel="bbox AP", title="AP per arm (dots: seeds; bar: mean ± std)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     per_method = out / "ap_per_method.png"
@@ -497,7 +658,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder of the plan (runs, results, plots)")
     p.add_argument("--detector", choices=DETECTORS, default="deformable_detr")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: 'none' (student alone) and cfg_distill folder names")
+                   help="comma-separated: 'none' (student alone) and cfg_distill folder names; each is an arm "
+                        "named after its method ('' for none but the --arm ones)")
+    p.add_argument("--arm", action="append", nargs="+", metavar="NAME=METHOD [key=value",
+                   help="an arm of the plan: a method with overrides for its runs only, e.g. --arm "
+                        "DD_ckd0=DETRDistill model.methods.detrdistill.weights.class=0.0 (repeatable; put the "
+                        "plan-wide key=value overrides before the first --arm)")
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the budget's)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="coco",
@@ -514,6 +680,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
+    try:
+        parse_arms(args.methods, args.arm)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.msda_backend:
         from tprd.layers.ms_deform_attn import check_msda_backend
 
@@ -572,7 +742,8 @@ def main(argv=None) -> Dict[str, Any]:
         teacher = one(teacher_run)
         for seed, init in plan["inits"].items():
             if any(r.seed == seed and r.method != "none" and not r.done for r in runs):
-                build_init(init, teacher_run.output_dir, plan["student_cfg"], plan["student_overrides"], seed)
+                build_init(init, teacher_run.output_dir, plan["student_cfg"], plan["student_overrides"], seed,
+                           plan["backbone"])
         for i, run in enumerate(runs):
             results.append(one(run))
             # the table so far after every run: a benchmark stopped midway still leaves its results
@@ -591,23 +762,26 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
     report = {
         "msda_backend": backend,
         "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed")},
-        "runs": [{k: r[k] for k in ("method", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
+        "runs": [{k: r[k] for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
     }
+    overridden = {a.name: a.overrides for a in plan["arms"] if a.overrides}
+    if overridden:
+        report["arm_overrides"] = overridden
     _write_json(args.out / "results.json", report)
     state = "" if complete else f" **Partial: {len(results)} of {len(plan['runs'])} runs finished so far.**"
     header = [
         f"# Distillation benchmark: {args.detector}, budget {args.budget}, dataset {args.dataset}",
         "",
-        f"Student R18 {budget.student_iter} iterations, teacher {_teacher_name()} {budget.teacher_iter} "
+        f"{_regime_line(budget)}Student R18 {budget.student_iter} iterations, teacher {_teacher_name()} {budget.teacher_iter} "
         f"iterations, batch "
         f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
         f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
         f"(finished runs are not rerun). Deformable-attention backend: {backend}.{state}",
     ]
-    write_results_md(args.out / "results.md", report["teacher"], report["runs"], plan["methods"], header)
-    done = {(r["method"], r["seed"]) for r in results}
-    write_plots(args.out, [r for r in plan["runs"] if (r.method, r.seed) in done], report["runs"],
-                report["teacher"], plan["methods"])
+    write_results_md(args.out / "results.md", report["teacher"], report["runs"], plan["arms"], header)
+    done = {(r["arm"], r["seed"]) for r in results}
+    write_plots(args.out, [r for r in plan["runs"] if (r.arm, r.seed) in done], report["runs"],
+                report["teacher"], [a.name for a in plan["arms"]])
     return report
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "prepare_dataset",
     "resolve_dataset_names",
     "SYNTHETIC_BENCH_PARAMS",
+    "SYNTHETIC_PAPER_PARAMS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ VOC_CLASSES: Tuple[str, ...] = (
 #: Generation parameters of the ``synthetic_bench_*`` datasets (same images and classes as the
 #: small ``synthetic_*`` sets, more of them; see :func:`tprd.data.synthetic.generate_synthetic_dataset`).
 SYNTHETIC_BENCH_PARAMS: Dict[str, Any] = {"num_train": 2000, "num_val": 300, "seed": 1}
+#: Generation parameters of the ``synthetic_paper_*`` datasets: the benchmark's ``paper`` regime
+#: (24 classes, cluttered scenes; :func:`tprd.data.synthetic.render_paper_sample`).
+SYNTHETIC_PAPER_PARAMS: Dict[str, Any] = {"num_train": 4000, "num_val": 500, "seed": 2, "max_objects": 10,
+                                          "style": "paper"}
 
 
 def datasets_root() -> Path:
@@ -422,11 +427,14 @@ def _register_all_builtin() -> None:
     _register_builtin_voc("voc_2012_trainval", lambda: str(datasets_root() / "VOC2012"), "trainval", 2012)
     _register_builtin_voc("voc_2007_test", _voc2007_test_dir, "test", 2007)
 
-    from .synthetic import SYNTHETIC_CATEGORIES, SYNTHETIC_CLASSES
+    from .synthetic import STYLE_CLASSES, style_categories
 
-    syn_meta = _coco_meta_from_categories([(c["id"], c["name"]) for c in SYNTHETIC_CATEGORIES])
-    # synthetic_*: the small pipeline-check set (64/16 images); synthetic_bench_*: the benchmark set.
-    for prefix, folder, params in (("synthetic", "synthetic", {}), ("synthetic_bench", "synthetic_bench", SYNTHETIC_BENCH_PARAMS)):
+    # synthetic_*: the small pipeline-check set (64/16 images); synthetic_bench_*: the benchmark set;
+    # synthetic_paper_*: the benchmark's paper regime (24 classes).
+    for prefix, folder, params in (("synthetic", "synthetic", {}), ("synthetic_bench", "synthetic_bench", SYNTHETIC_BENCH_PARAMS),
+                                   ("synthetic_paper", "synthetic_paper", SYNTHETIC_PAPER_PARAMS)):
+        style = params.get("style", "shapes")
+        syn_meta = _coco_meta_from_categories([(c["id"], c["name"]) for c in style_categories(style)])
         root = lambda folder=folder: str(datasets_root() / folder)  # noqa: E731
         for split in ("train", "val"):
             name = f"{prefix}_{split}"
@@ -441,7 +449,7 @@ def _register_all_builtin() -> None:
             DatasetCatalog.register(name, _voc_loader(name))
             meta = MetadataCatalog.get(name)
             meta.set(split=split, year=2007, evaluator_type="voc", synthetic=True, synthetic_params=dict(params),
-                     **_voc_meta(SYNTHETIC_CLASSES))
+                     **_voc_meta(STYLE_CLASSES[style]))
             meta._dynamic["dirname"] = lambda folder=folder: str(datasets_root() / folder / "VOC")
             meta._dynamic["synthetic_root"] = root
 

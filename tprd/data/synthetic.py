@@ -61,6 +61,10 @@ __all__ = [
     "SYNTHETIC_CATEGORIES",
     "META_FILENAME",
     "render_synthetic_sample",
+    "render_paper_sample",
+    "PAPER_CLASSES",
+    "STYLE_CLASSES",
+    "style_categories",
     "generate_synthetic_dataset",
     "ensure_synthetic_dataset",
     "synthetic_dataset_root",
@@ -72,6 +76,14 @@ SYNTHETIC_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "bar", "ri
 SYNTHETIC_CATEGORIES: Tuple[Dict[str, Any], ...] = tuple(
     {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SYNTHETIC_CLASSES)
 )
+#: The "paper" style (:func:`render_paper_sample`): six shapes in four colour families, every
+#: (colour, shape) pair a class -- 24 classes, so that colour *and* shape must be recognised.
+PAPER_SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "bar", "ring", "cross")
+#: colour family -> hue in degrees (HSV); an object's hue is drawn within +-12 degrees of it.
+PAPER_COLOURS: Dict[str, float] = {"red": 0.0, "yellow": 55.0, "green": 120.0, "blue": 225.0}
+PAPER_CLASSES: Tuple[str, ...] = tuple(f"{c}_{s}" for c in PAPER_COLOURS for s in PAPER_SHAPES)
+#: ``style`` -> class names (contiguous labels in this order; COCO category id = label + 1)
+STYLE_CLASSES: Dict[str, Tuple[str, ...]] = {"shapes": SYNTHETIC_CLASSES, "paper": PAPER_CLASSES}
 META_FILENAME = "synthetic_meta.json"
 FORMAT_VERSION = 1
 JPEG_QUALITY = 95
@@ -105,12 +117,13 @@ def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ np.array([[c, s], [-s, c]], dtype=np.float64)
 
 
-def _shape_mask(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndarray:
-    """Draw one shape of class ``label`` fully inside an ``h x w`` canvas; return a bool mask."""
+def _shape_mask(rng: np.random.Generator, name: str, h: int, w: int, min_frac: float = 0.06,
+                min_px: float = 6.0) -> np.ndarray:
+    """Draw one shape ``name`` fully inside an ``h x w`` canvas; return a bool mask. Its size is
+    log-uniform between ``max(min_px, min_frac * short side)`` and 60% of the short side."""
     short = min(h, w)
-    lo, hi = max(6.0, 0.06 * short), 0.6 * short
+    lo, hi = max(min_px, min_frac * short), 0.6 * short
     size = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))  # log-uniform: many small ones
-    name = SYNTHETIC_CLASSES[label]
     if name == "bar":
         length = max(size, 12.0)
         thick = max(3.0, length / rng.uniform(3.0, 6.0))
@@ -126,6 +139,10 @@ def _shape_mask(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndar
         aspect = rng.uniform(0.7, 1.4)
         half = np.array([size * math.sqrt(aspect), size / math.sqrt(aspect)]) / 2.0
         angle = rng.uniform(-math.pi, math.pi)
+    elif name == "cross":  # a plus sign: two bars of relative thickness t through the centre
+        half = np.array([size, size]) / 2.0
+        thick = rng.uniform(0.28, 0.45)
+        angle = rng.uniform(-0.35, 0.35)
     else:  # circle / ring: ellipses, mildly elongated
         aspect = rng.uniform(0.75, 1.33)
         half = np.array([size * math.sqrt(aspect), size / math.sqrt(aspect)]) / 2.0
@@ -140,6 +157,10 @@ def _shape_mask(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndar
         apex = rng.uniform(-0.6, 0.6)
         pts = np.array([[apex, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=np.float64) * half
         pts = _rotate(pts, angle)
+    elif name == "cross":
+        t = thick
+        unit = [[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]]
+        pts = _rotate(np.array(unit, dtype=np.float64) * half, angle)
     else:
         pts = np.array([[-1, -1], [1, 1]], dtype=np.float64) * half
     ext_lo, ext_hi = pts.min(axis=0), pts.max(axis=0)
@@ -202,7 +223,7 @@ def render_synthetic_sample(
     for _ in range(n_target):
         for _attempt in range(20):
             label = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
-            mask = _shape_mask(rng, label, h, w)
+            mask = _shape_mask(rng, SYNTHETIC_CLASSES[label], h, w)
             if mask.sum() < 12:
                 continue
             # Accept only moderate occlusion: each earlier object keeps >= 65% of its visible
@@ -235,6 +256,86 @@ def render_synthetic_sample(
     return image, boxes, np.asarray(labels, dtype=np.int64)
 
 
+def _hsv_colour(hue_deg: float, sat: float, val: float) -> np.ndarray:
+    """RGB in 0..255 of an HSV colour (hue in degrees)."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue_deg / 60.0) % 6.0
+    return 255.0 * val * (1.0 - sat * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+
+
+def _family_colour(rng: np.random.Generator, family: str, bg_mean: np.ndarray) -> np.ndarray:
+    """A colour of ``family`` (hue within +-12 degrees, saturated) that stands out from the local
+    background: the most distant of up to 8 draws."""
+    best, best_dist = None, -1.0
+    for _ in range(8):
+        hue = PAPER_COLOURS[family] + rng.uniform(-12.0, 12.0)
+        colour = _hsv_colour(hue, rng.uniform(0.65, 1.0), rng.uniform(0.62, 1.0))
+        dist = float(np.abs(colour - bg_mean).sum())
+        if dist > best_dist:
+            best, best_dist = colour, dist
+        if dist >= 150.0:
+            break
+    assert best is not None
+    return best
+
+
+def render_paper_sample(
+    rng: np.random.Generator, image_size: Sequence[int] = (128, 160), max_objects: int = 10
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one image of the ``paper`` style: cluttered scenes of 24 classes.
+
+    Like :func:`render_synthetic_sample` (same return values; labels index :data:`PAPER_CLASSES`),
+    but with 2..``max_objects`` objects whose class is a (colour family, shape) pair, on a less
+    saturated background with distractor lines and 0..4 unannotated achromatic (grey) shapes
+    underneath, which a detector must learn to ignore. Objects are at least 8 px (7% of the short
+    side) so that colour and shape stay recognisable; occlusion is moderate as in the shapes style.
+    """
+    h, w = int(image_size[0]), int(image_size[1])
+    img = _background(rng, h, w)
+    grey = img.mean(axis=2, keepdims=True)
+    img = 0.5 * img + 0.5 * grey  # halve the background's saturation: colour belongs to objects
+    for _ in range(int(rng.integers(0, 5))):  # distractors: grey shapes, drawn first
+        mask = _shape_mask(rng, PAPER_SHAPES[int(rng.integers(0, len(PAPER_SHAPES)))], h, w, 0.07, 8.0)
+        level = float(rng.uniform(0.0, 255.0))
+        img[mask] = level
+    n_target = int(rng.integers(2, max(2, max_objects) + 1))
+    visible: List[np.ndarray] = []
+    labels: List[int] = []
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    colours = list(PAPER_COLOURS)
+    for _ in range(n_target):
+        for _attempt in range(20):
+            label = int(rng.integers(0, len(PAPER_CLASSES)))
+            family, shape = colours[label // len(PAPER_SHAPES)], PAPER_SHAPES[label % len(PAPER_SHAPES)]
+            mask = _shape_mask(rng, shape, h, w, 0.07, 8.0)
+            if mask.sum() < 16:
+                continue
+            ok = all(
+                int((m & ~mask).sum()) >= max(16, 0.65 * int(m.sum())) for m in visible
+            )
+            if not ok:
+                continue
+            colour = _family_colour(rng, family, img[mask].mean(axis=0))
+            theta = rng.uniform(0.0, 2.0 * math.pi)
+            ramp = (math.cos(theta) * xx + math.sin(theta) * yy) / max(h, w)
+            shade = 1.0 + rng.uniform(0.0, 0.25) * (ramp - ramp[mask].mean())
+            img[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0.0, 255.0)
+            visible = [m & ~mask for m in visible]
+            visible.append(mask)
+            labels.append(label)
+            break
+    img = img + rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    boxes = np.zeros((len(visible), 4), dtype=np.float32)
+    for i, m in enumerate(visible):
+        rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+        boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return image, boxes, np.asarray(labels, dtype=np.int64)
+
+
+#: ``style`` -> name of its renderer in this module (looked up at call time)
+_RENDERERS = {"shapes": "render_synthetic_sample", "paper": "render_paper_sample"}
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -246,7 +347,8 @@ def _jpeg_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _voc_xml(file_name: str, h: int, w: int, boxes: np.ndarray, labels: np.ndarray) -> bytes:
+def _voc_xml(file_name: str, h: int, w: int, boxes: np.ndarray, labels: np.ndarray,
+             classes: Sequence[str] = SYNTHETIC_CLASSES) -> bytes:
     ann = ET.Element("annotation")
     ET.SubElement(ann, "folder").text = "VOC"
     ET.SubElement(ann, "filename").text = file_name
@@ -259,7 +361,7 @@ def _voc_xml(file_name: str, h: int, w: int, boxes: np.ndarray, labels: np.ndarr
     ET.SubElement(ann, "segmented").text = "0"
     for box, label in zip(boxes, labels):
         obj = ET.SubElement(ann, "object")
-        ET.SubElement(obj, "name").text = SYNTHETIC_CLASSES[int(label)]
+        ET.SubElement(obj, "name").text = classes[int(label)]
         ET.SubElement(obj, "pose").text = "Unspecified"
         ET.SubElement(obj, "truncated").text = "0"
         ET.SubElement(obj, "difficult").text = "0"
@@ -272,6 +374,11 @@ def _voc_xml(file_name: str, h: int, w: int, boxes: np.ndarray, labels: np.ndarr
     return ET.tostring(ann, encoding="utf-8") + b"\n"
 
 
+def style_categories(style: str = "shapes") -> List[Dict[str, Any]]:
+    """COCO ``categories`` of a style: ids ``1..C`` in the order of its classes."""
+    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(STYLE_CLASSES[style])]
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -279,15 +386,17 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _params(num_train: int, num_val: int, seed: int, image_size: Sequence[int], max_objects: int) -> Dict[str, Any]:
-    return {
+def _params(num_train: int, num_val: int, seed: int, image_size: Sequence[int], max_objects: int,
+            style: str = "shapes") -> Dict[str, Any]:
+    extra = {} if style == "shapes" else {"style": style}  # the shapes style's meta predates styles
+    return {**extra,
         "format_version": FORMAT_VERSION,
         "seed": int(seed),
         "num_train": int(num_train),
         "num_val": int(num_val),
         "image_size": [int(image_size[0]), int(image_size[1])],
         "max_objects": int(max_objects),
-        "classes": list(SYNTHETIC_CLASSES),
+        "classes": list(STYLE_CLASSES[style]),
         "jpeg_quality": JPEG_QUALITY,
     }
 
@@ -312,11 +421,13 @@ def _generate_split(out: Path, params: Dict[str, Any], split: str, voc_set: str,
                     next_ann_id: int, counts: Dict[str, int], bar: Any) -> Tuple[int, int]:
     """Write the images, COCO json and VOC files of one split; returns the next image / box ids."""
     h, w = params["image_size"]
+    style = params.get("style", "shapes")
+    classes, render = STYLE_CLASSES[style], globals()[_RENDERERS[style]]
     voc = out / "VOC"
     images, annotations, ids = [], [], []
     for i in range(params[f"num_{split}"]):
         rng = np.random.default_rng((params["seed"], _SPLIT_CODES[split], i))
-        image, boxes, labels = render_synthetic_sample(rng, (h, w), params["max_objects"])
+        image, boxes, labels = render(rng, (h, w), params["max_objects"])
         image_id = next_image_id
         next_image_id += 1
         stem = f"{image_id:06d}"
@@ -324,7 +435,7 @@ def _generate_split(out: Path, params: Dict[str, Any], split: str, voc_set: str,
         data = _jpeg_bytes(image)
         (out / split / file_name).write_bytes(data)
         (voc / "JPEGImages" / file_name).write_bytes(data)
-        (voc / "Annotations" / (stem + ".xml")).write_bytes(_voc_xml(file_name, h, w, boxes, labels))
+        (voc / "Annotations" / (stem + ".xml")).write_bytes(_voc_xml(file_name, h, w, boxes, labels, classes))
         ids.append(stem)
         bar.update(1)
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
@@ -334,7 +445,7 @@ def _generate_split(out: Path, params: Dict[str, Any], split: str, voc_set: str,
                 {
                     "id": next_ann_id,
                     "image_id": image_id,
-                    "category_id": SYNTHETIC_CATEGORIES[label]["id"],
+                    "category_id": label + 1,
                     "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
                     "area": float(bw * bh),
                     "iscrowd": 0,
@@ -346,7 +457,7 @@ def _generate_split(out: Path, params: Dict[str, Any], split: str, voc_set: str,
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [dict(c) for c in SYNTHETIC_CATEGORIES],
+        "categories": style_categories(style),
     }
     _write_json(out / "annotations" / f"instances_{split}.json", coco)
     (voc / "ImageSets" / "Main" / f"{voc_set}.txt").write_text("".join(s + "\n" for s in ids))
@@ -391,14 +502,17 @@ def _summary(root: Path, meta: Dict[str, Any], generated: bool) -> Dict[str, Any
             for split in ("train", "val")
         },
         "voc": {"root": str(voc), "train_split": "trainval", "val_split": "test"},
-        "classes": list(SYNTHETIC_CLASSES),
+        "classes": list(meta["classes"]),
         "num_images": {"train": meta["num_train"], "val": meta["num_val"]},
         "num_annotations": dict(meta["num_annotations"]),
         "meta": meta,
     }
 
 
-def _check_args(num_train: int, num_val: int, seed: int, image_size: Sequence[int], max_objects: int) -> None:
+def _check_args(num_train: int, num_val: int, seed: int, image_size: Sequence[int], max_objects: int,
+                style: str = "shapes") -> None:
+    if style not in STYLE_CLASSES:
+        raise ValueError(f"style must be one of {sorted(STYLE_CLASSES)}, got {style!r}")
     if int(num_train) < 0 or int(num_val) < 0:
         raise ValueError("num_train and num_val must be >= 0")
     if int(seed) < 0:
@@ -429,6 +543,7 @@ def generate_synthetic_dataset(
     image_size: Sequence[int] = (128, 160),
     max_objects: int = 5,
     overwrite: bool = False,
+    style: str = "shapes",
 ) -> Dict[str, Any]:
     """Generate the synthetic dataset under ``root`` (see the module docstring for the layout).
 
@@ -444,10 +559,13 @@ def generate_synthetic_dataset(
     Returns a summary dict: ``root``, ``generated``, ``coco`` (per split ``json_file`` and
     ``image_root``), ``voc`` (``root``, ``train_split``, ``val_split``), ``classes``,
     ``num_images``, ``num_annotations`` (per split) and ``meta``.
+
+    ``style`` chooses the images and classes: ``"shapes"`` (:func:`render_synthetic_sample`, five
+    classes) or ``"paper"`` (:func:`render_paper_sample`, 24 classes in cluttered scenes).
     """
-    _check_args(num_train, num_val, seed, image_size, max_objects)
+    _check_args(num_train, num_val, seed, image_size, max_objects, style)
     root = Path(root)
-    params = _params(num_train, num_val, seed, image_size, max_objects)
+    params = _params(num_train, num_val, seed, image_size, max_objects, style)
     meta = load_synthetic_meta(root)
     if meta is not None and not overwrite and all(meta.get(k) == v for k, v in params.items()):
         return _summary(root, meta, generated=False)
@@ -509,11 +627,11 @@ def ensure_synthetic_dataset(root: Optional[_PathLike] = None, **kwargs: Any) ->
         meta = load_synthetic_meta(root)
         if meta is not None:
             wanted = {k: v for k, v in kwargs.items() if k != "overwrite"}
-            unknown = set(wanted) - {"num_train", "num_val", "seed", "image_size", "max_objects"}
+            unknown = set(wanted) - {"num_train", "num_val", "seed", "image_size", "max_objects", "style"}
             if unknown:
                 raise TypeError(f"unexpected arguments: {sorted(unknown)}")
             if "image_size" in wanted:
                 wanted["image_size"] = [int(s) for s in wanted["image_size"]]
-            if all(meta.get(k) == v for k, v in wanted.items()):
+            if all(meta.get(k, "shapes" if k == "style" else None) == v for k, v in wanted.items()):
                 return _summary(root, meta, generated=False)
     return generate_synthetic_dataset(root, **kwargs)
