@@ -292,3 +292,30 @@ def test_distillation_student_starts_as_the_student_alone(tmp_path):
     assert all(torch.equal(alone[k], distilled[k]) for k in alone)
     # ... and the teacher is the larger model
     assert "model.teacher.transformer.encoder.num_layers=2" in kd.overrides
+
+
+def test_store_continues_a_plan_elsewhere_and_jobs_run_side_by_side(tmp_path, datasets):
+    # a plan run with two jobs into a store; then the same plan with a fresh --out (another machine)
+    # takes every run from the store: nothing is trained again, the report is the same
+    store = tmp_path / "repo" / "paper_x"
+    first = bench.main(["--out", str(tmp_path / "a"), "--store", str(store), "--jobs", "2", *TINY,
+                        "--arm", "kd_w0=KD_DETR_TPRD", "model.methods.kd_detr.weights.specific_class=0.0"])
+    assert {(r["arm"], r["method"]) for r in first["runs"]} == {
+        ("none", "none"), ("KD_DETR_TPRD", "KD_DETR_TPRD"), ("kd_w0", "KD_DETR_TPRD")}
+    stored = json.loads((store / "runs" / "kd_w0_seed1" / bench.RESULT_FILE).read_text())
+    assert all(str(tmp_path / "a") not in c for c in stored["command"])  # machine paths replaced
+    assert "$OUT/runs/kd_w0_seed1" in " ".join(stored["command"])
+    assert (store / "runs" / "kd_w0_seed1" / "metrics.json").is_file()
+    summary = json.loads(store.with_suffix(".json").read_text())
+    assert sorted(r["arm"] for r in summary["runs"]) == ["KD_DETR_TPRD", "kd_w0", "none"]
+    assert summary["teacher"]["bbox/AP"] == first["teacher"]["bbox/AP"]
+
+    second = bench.main(["--out", str(tmp_path / "b"), "--store", str(store), *TINY,
+                         "--arm", "kd_w0=KD_DETR_TPRD", "model.methods.kd_detr.weights.specific_class=0.0"])
+    assert not (tmp_path / "b" / "teacher" / "model_final.pth").exists()  # no teacher retrained
+    assert not list((tmp_path / "b" / "runs").glob("*/log.txt"))  # no run trained
+    key = lambda r: (r["arm"], r["seed"])  # noqa: E731
+    assert [(key(r), r["bbox/AP"]) for r in second["runs"]] == [(key(r), r["bbox/AP"]) for r in first["runs"]]
+    # a plan whose command differs from the stored one is refused, naming the store
+    with pytest.raises(RuntimeError, match="stored by a different plan"):
+        bench.main(["--out", str(tmp_path / "c"), "--store", str(store), *TINY, "train.log_period=3"])

@@ -37,6 +37,7 @@ How the budgets were chosen is written down in ``benchmarks/distill_synthetic.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +47,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -96,7 +98,7 @@ BUDGETS = {
     # see benchmarks/distill_synthetic.md for the measurements behind these numbers
     "quick": Budget(student_iter=150, teacher_iter=600, batch=4, num_evals=2, seeds="1"),
     "full": Budget(student_iter=500, teacher_iter=2000, batch=4, num_evals=4, seeds="1,2,3"),
-    "paper": Budget(student_iter=800, teacher_iter=2400, batch=4, num_evals=4, seeds="1,2,3", lr=2e-4,
+    "paper": Budget(student_iter=600, teacher_iter=1800, batch=4, num_evals=4, seeds="1,2,3", lr=2e-4,
                     regime="paper"),
 }
 
@@ -555,8 +557,9 @@ def write_results_md(path: Path, teacher: Dict[str, Any], runs: List[Dict[str, A
     base = statistics.mean(r["bbox/AP"] for r in by_arm["none"]) if by_arm.get("none") else None
     lines = header + [
         "",
-        f"Teacher (trained alone, seed 0): AP {teacher['bbox/AP']:.2f}, AP50 {teacher['bbox/AP50']:.2f}, "
-        f"AP75 {teacher['bbox/AP75']:.2f} ({teacher['sec_per_iter']:.3f} s/iter)",
+        (f"Teacher (trained alone, seed 0): AP {teacher['bbox/AP']:.2f}, AP50 {teacher['bbox/AP50']:.2f}, "
+         f"AP75 {teacher['bbox/AP75']:.2f} ({teacher['sec_per_iter']:.3f} s/iter)") if teacher
+        else "Teacher: not part of this call (no distillation arm).",
         "",
         "| arm | method | AP | AP50 | AP75 | AP per seed | gain over none (AP) | s/iter |",
         "|---|---|---|---|---|---|---|---|",
@@ -620,7 +623,8 @@ def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
         axes[1].plot([d[0] for d in det], [d[1] for d in det], color=colors[run.arm or run.method], alpha=0.8, lw=1)
         ev = [(r["iteration"] + 1, r["bbox/AP"]) for r in recs if "bbox/AP" in r]
         axes[2].plot([e[0] for e in ev], [e[1] for e in ev], "o-", color=colors[run.arm or run.method], ms=3)
-    axes[2].axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label="teacher")
+    if teacher:
+        axes[2].axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label="teacher")
     axes[0].set(title="total training loss (incl. distillation terms)", xlabel="iteration", yscale="log")
     axes[1].set(title="student detection loss (sum of loss_*)", xlabel="iteration", yscale="log")
     axes[2].set(title="validation AP", xlabel="iteration", ylabel="bbox AP")
@@ -639,7 +643,8 @@ def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
         ax.scatter([i] * len(aps), aps, color=colors[m], s=18, zorder=3)
         std = statistics.stdev(aps) if len(aps) > 1 else 0.0
         ax.errorbar([i], [statistics.mean(aps)], yerr=[std], fmt="_", color="k", ms=20, capsize=6, zorder=4)
-    ax.axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label=f"teacher {teacher['bbox/AP']:.1f}")
+    if teacher:
+        ax.axhline(teacher["bbox/AP"], color="k", ls="--", lw=1, label=f"teacher {teacher['bbox/AP']:.1f}")
     ax.set_xticks(range(len(arm_names)), arm_names, rotation=20, fontsize=8)
     ax.set(ylabel="bbox AP", title="AP per arm (dots: seeds; bar: mean ± std)")
     ax.legend(fontsize=7)
@@ -677,9 +682,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="deformable-attention backend of every model of every run (sets "
                         "$TPRD_MSDA_BACKEND for the runs), e.g. 'cpp' for the C++ CPU kernel; "
                         "default: the process default ('auto': the pure-PyTorch Function on CPU)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained side by side after the teacher (each a process; use OMP_NUM_THREADS=1 "
+                        "and at most the number of cores)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="keep every finished run's result and metrics here (e.g. in the repository) and take "
+                        "runs found here as done, so that a plan continues on another machine; "
+                        "STORE.json merges every stored run")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
+    if args.store is not None:
+        args.store = args.store.resolve()
     try:
         parse_arms(args.methods, args.arm)
     except ValueError as exc:
@@ -692,6 +706,79 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as exc:
             p.error(f"--msda-backend: {exc}")
     return args
+
+
+class Store:
+    """Finished runs kept in the repository (``--store DIR``), so that a plan continues on a fresh
+    machine: per run its ``benchmark_result.json`` (command with ``$OUT``/``$REPO``/``$BACKBONE``
+    in place of this machine's paths) and ``metrics.json``, under the run's folder relative to
+    ``--out`` (``teacher``, ``runs/<arm>_seed<seed>``). No weights are stored: a plan that still has
+    distillation runs to do retrains the teacher (deterministic on one machine and torch build) and
+    stops if its AP differs from the stored teacher's."""
+
+    def __init__(self, root: Optional[Path], out: Path, backbone: Optional[Path]):
+        self.root, self.out, self.backbone = root, out, backbone
+
+    def _normal(self, command: Sequence[str]) -> List[str]:
+        subs = [(str(self.out), "$OUT"), (str(REPO), "$REPO")]
+        if self.backbone is not None:
+            subs.insert(0, (str(self.backbone), "$BACKBONE"))
+        out = []
+        for c in command:
+            for a, b in subs:
+                c = c.replace(a, b)
+            out.append(c)
+        return out
+
+    def _dir(self, run: Run) -> Path:
+        assert self.root is not None
+        return self.root / run.output_dir.relative_to(self.out)
+
+    def get(self, run: Run, detector: str) -> Optional[Dict[str, Any]]:
+        """The stored result of ``run`` (with this machine's paths), if stored with the same command."""
+        if self.root is None or not (self._dir(run) / RESULT_FILE).is_file():
+            return None
+        stored = json.loads((self._dir(run) / RESULT_FILE).read_text())
+        if stored.get("command") != self._normal(run.command(detector)[1:]):
+            raise RuntimeError(
+                f"{self._dir(run) / RESULT_FILE} was stored by a different plan (another command line); use "
+                f"another --store folder, or delete {self._dir(run)} to rerun it"
+            )
+        return {**stored, "command": run.command(detector)[1:], "output_dir": str(run.output_dir)}
+
+    def restore(self, run: Run, detector: str) -> bool:
+        """Copy a stored result (and its metrics) into the run's folder; False when none is stored."""
+        result = self.get(run, detector)
+        if result is None:
+            return False
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self._dir(run) / "metrics.json"
+        if metrics.is_file() and not (run.output_dir / "metrics.json").is_file():
+            (run.output_dir / "metrics.json").write_text(metrics.read_text())
+        _write_json(run.output_dir / RESULT_FILE, result)
+        return True
+
+    def put(self, run: Run, result: Dict[str, Any]) -> None:
+        if self.root is None:
+            return
+        folder = self._dir(run)
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = {**result, "command": self._normal(result["command"]),
+                  "output_dir": "$OUT/" + str(run.output_dir.relative_to(self.out))}
+        _write_json(folder / RESULT_FILE, stored)
+        if (run.output_dir / "metrics.json").is_file():
+            tmp = folder / "metrics.json.tmp"
+            tmp.write_text((run.output_dir / "metrics.json").read_text())
+            os.replace(tmp, folder / "metrics.json")
+
+    def all_results(self) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+        """The stored teacher and every stored run (all arms ever run into this store)."""
+        if self.root is None:
+            return None, []
+        teacher_file = self.root / "teacher" / RESULT_FILE
+        teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
+        runs = [json.loads(f.read_text()) for f in sorted((self.root / "runs").glob(f"*/{RESULT_FILE}"))]
+        return teacher, runs
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -712,6 +799,7 @@ def main(argv=None) -> Dict[str, Any]:
     teacher_run: Run = plan["teacher"]
     runs: List[Run] = plan["runs"]
     detector = args.detector
+    store = Store(args.store, args.out, plan["backbone"])
 
     # (a) the data, generated once (the runs then find it)
     for name in plan["datasets"]:
@@ -728,31 +816,137 @@ def main(argv=None) -> Dict[str, Any]:
         for run in [teacher_run] + runs:
             f.write(shlex.join(run.command(detector)[1:]) + "\n")
 
-    total = teacher_run.max_iter + sum(r.max_iter for r in runs)
+    # (b) runs finished earlier, kept in the repository
+    for run in runs:
+        if not run.done:
+            store.restore(run, detector)
+    todo = [r for r in runs if not r.done]
+    total = sum(r.max_iter for r in todo)
+    teacher_weights = (teacher_run.output_dir / "model_final.pth").is_file()
+    stored_teacher = store.get(teacher_run, detector)
+    need_teacher = any(r.method != "none" for r in todo) and not (teacher_run.done and teacher_weights)
+    if all(r.method == "none" for r in runs) and stored_teacher is None and not teacher_run.done:
+        need_teacher = False
+    if need_teacher:
+        total += teacher_run.max_iter
     started = time.time()
     results: List[Dict[str, Any]] = []
+    lock = threading.Lock()
     with tqdm(total=total, unit="it", desc="benchmark", dynamic_ncols=True, smoothing=0.05) as bar:
-        def one(run: Run) -> Dict[str, Any]:
-            if run.done:
-                bar.update(run.max_iter)
-                return load_result(run, detector)
-            bar.set_postfix_str(run.name)
-            return execute(run, detector, env, bar)
-
-        teacher = one(teacher_run)
+        only_none = all(r.method == "none" for r in runs)
+        if teacher_run.done:
+            teacher = load_result(teacher_run, detector)
+        elif only_none and stored_teacher is None:  # e.g. `--methods none` beside a plan training the teacher
+            teacher = None
+        elif need_teacher or stored_teacher is None:
+            bar.set_postfix_str(teacher_run.name)
+            with run_lock(teacher_run):
+                if teacher_run.done:  # finished meanwhile by another call on this --out
+                    teacher = load_result(teacher_run, detector)
+                else:
+                    teacher = execute(teacher_run, detector, env, bar)
+                    check_teacher(teacher, stored_teacher)
+                    store.put(teacher_run, teacher)
+        else:  # every distillation run is stored: the stored teacher's result is enough
+            store.restore(teacher_run, detector)
+            teacher = load_result(teacher_run, detector)
         for seed, init in plan["inits"].items():
-            if any(r.seed == seed and r.method != "none" and not r.done for r in runs):
+            if any(r.seed == seed and r.method != "none" for r in todo):
                 build_init(init, teacher_run.output_dir, plan["student_cfg"], plan["student_overrides"], seed,
                            plan["backbone"])
-        for i, run in enumerate(runs):
-            results.append(one(run))
-            # the table so far after every run: a benchmark stopped midway still leaves its results
-            report = write_report(args, budget, plan, teacher, results, time.time() - started,
-                                  complete=i == len(runs) - 1)
-    if not runs:
-        report = write_report(args, budget, plan, teacher, results, time.time() - started, complete=True)
+        finished: Dict[str, Dict[str, Any]] = {r.name: load_result(r, detector) for r in runs if r.done}
+
+        def report_so_far() -> Dict[str, Any]:
+            ordered = [finished[r.name] for r in runs if r.name in finished]
+            rep = write_report(args, budget, plan, teacher, ordered, time.time() - started,
+                               complete=len(ordered) == len(runs))
+            if store.root is not None:
+                write_store_summary(store, args, budget, teacher)
+            return rep
+
+        def one(run: Run) -> None:
+            with run_lock(run):  # another call on the same --out may be training this run
+                result = load_result(run, detector) if run.done else execute(run, detector, env, bar)
+            with lock:
+                store.put(run, result)
+                finished[run.name] = result
+                # the table so far after every run: a benchmark stopped midway still leaves its results
+                report_so_far()
+
+        if args.jobs <= 1 or len(todo) <= 1:
+            for run in todo:
+                bar.set_postfix_str(run.name)
+                one(run)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                for future in [pool.submit(one, run) for run in todo]:
+                    future.result()
+        report = report_so_far()
     print((args.out / "results.md").read_text())
     return report
+
+
+@contextlib.contextmanager
+def run_lock(run: Run, poll: float = 10.0):
+    """Exclusive use of a run's folder across calls sharing one ``--out`` (e.g. ``--methods none``
+    beside the full plan): a lock file with the owner's pid; a lock whose owner is gone is taken over."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = run.output_dir / ".benchmark_lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+                os.kill(owner, 0)
+            except (ValueError, OSError):  # stale: its process is gone
+                lock.unlink(missing_ok=True)
+                continue
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def check_teacher(teacher: Dict[str, Any], stored: Optional[Dict[str, Any]]) -> None:
+    """A retrained teacher must be the stored one: otherwise new runs would distil from another model."""
+    if stored is None:
+        return
+    diffs = {k: (teacher[k], stored[k]) for k in METRICS if abs(float(teacher[k]) - float(stored[k])) > 1e-9}
+    if diffs:
+        raise RuntimeError(
+            "the retrained teacher differs from the stored one ("
+            + ", ".join(f"{k} {a:.4f} vs stored {b:.4f}" for k, (a, b) in diffs.items())
+            + "): the numbers depend on the CPU and the torch build, so this machine cannot continue the stored "
+              "plan; start a new --store (and --out) to run the whole plan here"
+        )
+
+
+def write_store_summary(store: Store, args, budget: Budget, fallback_teacher: Dict[str, Any]) -> Path:
+    """``<store>.json``: the ``results.json`` contract over every run in the store (all arms run into
+    it so far, from any invocation), each with its ``arm``."""
+    teacher, stored = store.all_results()
+    teacher = teacher or fallback_teacher or {}
+    backend = args.msda_backend or os.environ.get(ENV_BACKEND) or "auto"
+    summary = {
+        "detector": args.detector,
+        "budget": args.budget,
+        "dataset": args.dataset,
+        "msda_backend": backend,
+        "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed", "arm")},
+        "runs": [{k: r.get(k) for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")}
+                 for r in stored],
+    }
+    path = store.root.with_suffix(".json")
+    _write_json(path, summary)
+    return path
 
 
 def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, Any],
@@ -761,7 +955,7 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
     backend = args.msda_backend or os.environ.get(ENV_BACKEND) or "auto"
     report = {
         "msda_backend": backend,
-        "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed")},
+        "teacher": {k: v for k, v in (teacher or {}).items() if k not in ("command", "method", "seed", "arm")},
         "runs": [{k: r[k] for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
     }
     overridden = {a.name: a.overrides for a in plan["arms"] if a.overrides}
