@@ -1,4 +1,4 @@
-"""Every fixture under shared/reference/parity (or $TPRD_PARITY_DIR) through the parity tool.
+"""Every fixture under tests/fixtures/reference/parity (or $TPRD_PARITY_DIR) through the parity tool.
 
 A fixture whose detector module cannot be imported yet (DAB-DETR, DINO while they are being
 written) is skipped with that reason; once the module imports, the fixture runs and must match.
