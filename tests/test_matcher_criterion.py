@@ -208,7 +208,7 @@ def test_criterion_keys_order_weights_and_binary_enc():
 @pytest.fixture(scope="module")
 def train_fixture():
     if not TRAIN_FIXTURE.is_dir():
-        pytest.skip(f"training parity fixture not found at {TRAIN_FIXTURE}")
+        pytest.fail(f"training parity fixture not found at {TRAIN_FIXTURE} (set TPRD_REFERENCE_DIR)")
     out = torch.load(TRAIN_FIXTURE / "outputs.pt", weights_only=False)
     losses = json.loads((TRAIN_FIXTURE / "losses.json").read_text())
     return out, losses
