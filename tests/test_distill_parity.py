@@ -222,3 +222,22 @@ def test_unknown_reference_method_keys_are_an_error():
     assert torch.equal(converted["methods.0.adapters.1.weight"], w)
     with pytest.raises(CheckpointMismatchError, match=r"distill_criterion\.generation\.0\.0\.weight"):
         distiller.convert_reference_method_state_dict({"generation.0.0.weight": w})
+
+
+def test_reference_distiller_checkpoint_resumes_through_load_state_dict():
+    """A reference-layout distiller state dict (our student/teacher, MGD's modules under the
+    reference's ``distill_criterion.align/generation`` names) loads strictly, e.g. when resuming."""
+    from test_distiller import tiny_deformable
+
+    from tprd.distill import MGD, Distiller
+
+    source = Distiller(tiny_deformable(seed=1), tiny_deformable(seed=2), [MGD()])
+    target = Distiller(tiny_deformable(seed=3), tiny_deformable(seed=4), [MGD()])
+    renamed = {}
+    for k, v in source.state_dict().items():
+        k = re.sub(r"^methods\.0\.adapters\.", "distill_criterion.align.", k)
+        renamed[re.sub(r"^methods\.0\.generators\.", "distill_criterion.generation.", k)] = v
+    assert any(k.startswith("distill_criterion.generation.") for k in renamed)
+    target.load_state_dict(renamed, strict=True)
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
