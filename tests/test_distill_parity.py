@@ -241,3 +241,20 @@ def test_reference_distiller_checkpoint_resumes_through_load_state_dict():
     target.load_state_dict(renamed, strict=True)
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_key_mapping_and_verdict():
+    from tprd.checkpoint.distill_parity import DistillParityResult, map_loss_key
+
+    ours = {"loss_giou_enc": 0, "distill_kd_detr_general_giou_3": 0, "distill_kd_detr_specific_l1": 0}
+    assert map_loss_key("KD_DETR", "auxilary_loss_giou_3", ours) == "distill_kd_detr_general_giou_3"
+    assert map_loss_key("KD_DETR", "teacher_loss_bbox", ours) == "distill_kd_detr_specific_l1"
+    assert map_loss_key("KD_DETR", "loss_giou_enc", ours) == "loss_giou_enc"
+    assert map_loss_key("KD_DETR", "teacher_loss_bbox_2", ours) is None  # not produced by us
+    assert map_loss_key("KD_DETR", "something_else", ours) is None
+    term = {"ref_key": "a", "key": "a", "ref": 2.0, "ours": 2.0001, "abs_diff": 1e-4}
+    ok = DistillParityResult("x", terms=[term], grad_global_norm={"ref": 1.0, "ours": 1.0})
+    assert ok.passed
+    assert not DistillParityResult("x", terms=[term], unmapped_ref_keys=["b"], grad_global_norm={"ref": 1.0, "ours": 1.0}).passed
+    assert not DistillParityResult("x", terms=[dict(term, abs_diff=1e-3)], grad_global_norm={"ref": 1.0, "ours": 1.0}).passed
+    assert not DistillParityResult("x", terms=[term], grad_global_norm={"ref": 1.0, "ours": 1.01}).passed
