@@ -1,4 +1,9 @@
-"""Shared test fixtures: paths to the shared reference data, small thread counts."""
+"""Shared test fixtures: paths to the reference data, small thread counts.
+
+The reference data (detrex and distillation parity fixtures, official key lists) lives in this
+repository under ``tests/fixtures/reference/`` (see its README); ``TPRD_REFERENCE_DIR`` points the
+tests at another copy, ``TPRD_PARITY_DIR`` at another folder of detector parity fixtures.
+"""
 import os
 from pathlib import Path
 
@@ -6,9 +11,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TPRD_SHARED_DIR", REPO.parent / "shared"))
-PARITY_DIR = Path(os.environ.get("TPRD_PARITY_DIR", SHARED / "reference" / "parity"))
-DETREX_KEYS_DIR = SHARED / "reference" / "detrex_keys"
+REFERENCE_DIR = Path(os.environ.get("TPRD_REFERENCE_DIR", REPO / "tests" / "fixtures" / "reference"))
+PARITY_DIR = Path(os.environ.get("TPRD_PARITY_DIR", REFERENCE_DIR / "parity"))
+DISTILL_PARITY_DIR = REFERENCE_DIR / "distill_parity"
+DETREX_KEYS_DIR = REFERENCE_DIR / "detrex_keys"
+RTDETR_KEYS_DIR = REFERENCE_DIR / "rtdetr_keys"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

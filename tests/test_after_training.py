@@ -130,7 +130,7 @@ def test_detrex_naming_gives_the_official_key_list(name, config, overrides):
 
     keys_file = DETREX_KEYS_DIR / f"{name}.json"
     if not keys_file.is_file():
-        pytest.fail(f"detrex key list not found at {keys_file}; set TPRD_SHARED_DIR")
+        pytest.fail(f"detrex key list not found at {keys_file}; set TPRD_REFERENCE_DIR")
     cfg = LazyConfig.load(str(REPO / config))
     cfg = LazyConfig.apply_overrides(cfg, overrides + (["model.device=cpu"] if "device" in cfg.model else []))
     torch.manual_seed(0)

@@ -72,7 +72,7 @@ def alias_groups(model, keys):
 def test_official_key_list_loads_strictly(name):
     path = DETREX_KEYS_DIR / f"{name}.json"
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        pytest.fail(f"{path} not found (set TPRD_REFERENCE_DIR)")
     rows = json.loads(path.read_text())
     summary = json.loads((DETREX_KEYS_DIR / "_summary.json").read_text())[name]
     config, overrides = KEY_LISTS[name]
@@ -110,7 +110,7 @@ def test_torchvision_resnet_loads_into_backbone(depth):
 def fixture_state():
     d = PARITY_DIR / "deformable_detr"
     if not d.is_dir():
-        pytest.skip(f"parity fixture not found at {d}")
+        pytest.fail(f"parity fixture not found at {d} (set TPRD_REFERENCE_DIR)")
     cfg = json.loads((d / "config.json").read_text())
     rows = json.loads((d / "keys.json").read_text())
     return cfg, fill_state_dict(rows, cfg["alias_groups"])

@@ -98,7 +98,8 @@ def test_crosskd_identical_models_by_hand_and_tprd_stats():
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum((1, 2, 3)) / (z.shape[1] * z.shape[2])
     for l, key in ((z.shape[0] - 1, ""), (0, "_0")):
         assert float(losses[f"distill_crosskd_l1{key}"]) < 1e-5
-        assert float(losses[f"distill_crosskd_giou{key}"]) < 1e-5
+        # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
+        assert float(losses[f"distill_crosskd_giou{key}"]) < 1e-3
         assert abs(float(losses[f"distill_crosskd_class{key}"]) - float(entropy[l])) < 1e-4
     distiller = Distiller(student, teacher, [CrossKD(refine=True)]).eval()
     distiller.forward_train(data)

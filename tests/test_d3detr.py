@@ -68,7 +68,8 @@ def test_identical_models_give_zero_distances(make, refine):
     assert len(d) == 2 * len(D3ETR.terms)  # two stages
     for key, value in d.items():
         if "class" not in key:  # weighted values; the soft-BCE class term is the teacher's entropy
-            assert float(value.abs()) < 1e-4, (key, float(value))
+            # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
+            assert float(value.abs()) < (1e-3 if "giou" in key else 1e-4), (key, float(value))
     # the two groups decode the same queries here, so their class terms agree too
     assert torch.allclose(losses["distill_d3detr_class"], losses["distill_d3detr_fixed_class"], atol=1e-5)
     if refine:

@@ -40,9 +40,10 @@ def test_soft_bce_hand_values():
     s_boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
     t_boxes = torch.tensor([[0.6, 0.5, 0.2, 0.2], [0.6, 0.2, 0.2, 0.2]], dtype=torch.float64)
     cls = [sum(_bce(s, _sig(t)) for s, t in zip(sr, tr)) for sr, tr in zip(s_logits.tolist(), t_logits.tolist())]
-    # pair 0: xyxy [.4,.4,.6,.6] vs [.5,.4,.7,.6]: inter .02, union .06, hull = union -> GIoU 1/3
+    # pair 0: xyxy [.4,.4,.6,.6] vs [.5,.4,.7,.6]: inter .02, union .06, hull = union -> GIoU .02/(.06+1e-6)
     # pair 1: [.1,.1,.3,.3] vs [.5,.1,.7,.3]: disjoint, union .08, hull .6*.2=.12 -> GIoU -(.04)/(.12+1e-6)
-    giou = [1 - 1 / 3, 1 + 0.04 / (0.12 + 1e-6)]
+    # (1e-6: detrex's epsilons on union and hull)
+    giou = [1 - 0.02 / (0.06 + 1e-6), 1 + 0.04 / (0.12 + 1e-6)]
     l1 = [0.1, 0.4]
     per = soft_bce_pair_losses(s_logits, t_logits, s_boxes, t_boxes, reduction="none")
     assert per["class"].tolist() == pytest.approx(cls, rel=1e-12)
@@ -76,8 +77,9 @@ def test_kd_detr_zero_when_equal():
     z = torch.randn(2, 5, 3, generator=g)
     b = torch.cat([0.3 + 0.4 * torch.rand(2, 5, 2, generator=g), 0.1 + 0.2 * torch.rand(2, 5, 2, generator=g)], -1)
     out = kd_detr_weighted_losses(z, z.clone(), b, b.clone())
-    for v in out.values():
-        assert abs(v.item()) < 1e-6
+    assert abs(out["class"].item()) < 1e-6 and abs(out["l1"].item()) < 1e-6
+    # GIoU of a box with itself is area / (area + 1e-6) with detrex's epsilon, not exactly 1
+    assert 0 < out["giou"].item() < 1e-6 / (0.1 * 0.1)
 
 
 def test_kd_detr_weights_normalised_per_image():
@@ -129,7 +131,9 @@ def test_kd_detr_hand_values():
     )
     assert out["class"].item() == pytest.approx(wh[0] * kl[0] + wh[1] * kl[1], rel=1e-6)
     assert out["l1"].item() == pytest.approx(wh[0] * 0.1, rel=1e-6)
-    assert out["giou"].item() == pytest.approx(wh[0] * (1 - 1 / 3), rel=1e-5)
+    # pair 0: inter .02, union .06 = hull; pair 1 identical boxes (area .04); detrex's 1e-6 on the union
+    giou = wh[0] * (1 - 0.02 / (0.06 + 1e-6)) + wh[1] * (1 - 0.04 / (0.04 + 1e-6))
+    assert out["giou"].item() == pytest.approx(giou, rel=1e-6)
     # batch of two identical images: same value (1/B normaliser)
     out2 = kd_detr_weighted_losses(
         torch.tensor([s, s], dtype=torch.float64), torch.tensor([t, t], dtype=torch.float64),
@@ -172,7 +176,7 @@ def _naive_cost(s_logits, s_boxes, t_logits, t_boxes):
             inter = iw * ih
             union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
             hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-            giou = inter / union - (hull - union) / (hull + 1e-6)
+            giou = inter / (union + 1e-6) - (hull - union) / (hull + 1e-6)  # detrex's epsilons
             cost[n, m] = c_soft + 5 * l1 - 2 * giou
     return cost
 

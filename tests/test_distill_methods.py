@@ -81,7 +81,8 @@ def test_kd_detr_b5_is_zero_when_student_equals_teacher(make):
     distill = {k: v for k, v in losses.items() if k.startswith("distill_kd_detr")}
     assert len(distill) == 12
     for k, v in distill.items():
-        assert abs(float(v)) < 1e-5, (k, float(v))
+        # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
+        assert abs(float(v)) < (1e-3 if "giou" in k else 1e-5), (k, float(v))
 
 
 def test_kd_detr_tprd_is_zero_for_identical_one_stage_models():
@@ -90,7 +91,8 @@ def test_kd_detr_tprd_is_zero_for_identical_one_stage_models():
     distiller = Distiller(student, teacher, [KDDETR(general_points=5, refine=True)]).train()
     losses = distiller(batch(empty_last=True))
     for k in ("specific_class", "specific_l1", "specific_giou", "general_class"):
-        assert abs(float(losses[f"distill_kd_detr_{k}"])) < 1e-5, k
+        # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
+        assert abs(float(losses[f"distill_kd_detr_{k}"])) < (1e-3 if "giou" in k else 1e-5), k
     assert float(distiller.last_stats["tprd_kd_detr_specific_positive_refined_frac"]) == 0.0
 
 
@@ -108,7 +110,8 @@ def test_detrdistill_identical_models_by_hand_and_prior_assignment_is_teachers_g
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum((1, 2, 3)) / (2 * 6)
     for l, suffix in ((1, ""), (0, "_0")):
         assert abs(float(losses[f"distill_detrdistill_l1{suffix}"])) < 1e-5
-        assert abs(float(losses[f"distill_detrdistill_giou{suffix}"])) < 1e-5
+        # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
+        assert abs(float(losses[f"distill_detrdistill_giou{suffix}"])) < 1e-3
         assert abs(float(losses[f"distill_detrdistill_class{suffix}"]) - float(entropy[l])) < 1e-4  # weight 1
     # the student's decoding of the teacher's queries = the teacher's predictions, assigned with the
     # teacher's own matching: exactly the teacher's GT loss

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PARITY_DIR
 from tprd.distill import DETRDistill, Distiller, KDDETR
 from tprd.distill.methods.base import DistillMethod, expand_stage_terms
 from tprd.layers.position_embedding import PositionEmbeddingSine
@@ -35,8 +36,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY = SHARED / "reference" / "parity" / "deformable_detr"
+PARITY = PARITY_DIR / "deformable_detr"
 
 
 # ------------------------------------------------------------------------------------------------

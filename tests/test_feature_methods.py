@@ -274,7 +274,8 @@ def test_tprd_kd_zero_class_term_when_student_is_the_refined_teacher():
     assert out["class"].shape == (3,)
     torch.testing.assert_close(out["class"], torch.zeros(3), atol=1e-6, rtol=0)
     torch.testing.assert_close(out["l1"], torch.zeros(3), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out["giou"], torch.zeros(3), atol=1e-6, rtol=0)
+    # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
+    torch.testing.assert_close(out["giou"], torch.zeros(3), atol=1e-4, rtol=0)
     assert set(method.last_stats) >= {"tprd_tprd_kd_positive_refined_frac", "tprd_tprd_kd_negative_refined_frac_0"}
     # refine=False: raw targets, soft-BCE class term (the teacher's own entropy when the student copies
     # it), no TPRD diagnostics

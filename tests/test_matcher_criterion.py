@@ -31,7 +31,8 @@ def _giou(a, b):
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (hull - union) / (hull + 1e-6)
+    # detrex's GIoU: both the union and the hull get 1e-6
+    return inter / (union + 1e-6) - (hull - union) / (hull + 1e-6)
 
 
 def _cost(logit, box, label, gbox):
@@ -207,7 +208,7 @@ def test_criterion_keys_order_weights_and_binary_enc():
 @pytest.fixture(scope="module")
 def train_fixture():
     if not TRAIN_FIXTURE.is_dir():
-        pytest.skip(f"training parity fixture not found at {TRAIN_FIXTURE}")
+        pytest.fail(f"training parity fixture not found at {TRAIN_FIXTURE} (set TPRD_REFERENCE_DIR)")
     out = torch.load(TRAIN_FIXTURE / "outputs.pt", weights_only=False)
     losses = json.loads((TRAIN_FIXTURE / "losses.json").read_text())
     return out, losses

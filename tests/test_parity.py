@@ -1,4 +1,4 @@
-"""Every fixture under shared/reference/parity (or $TPRD_PARITY_DIR) through the parity tool.
+"""Every fixture under tests/fixtures/reference/parity (or $TPRD_PARITY_DIR) through the parity tool.
 
 A fixture whose detector module cannot be imported yet (DAB-DETR, DINO while they are being
 written) is skipped with that reason; once the module imports, the fixture runs and must match.
@@ -15,7 +15,7 @@ FIXTURES = sorted(p for p in PARITY_DIR.iterdir() if (p / "config.json").is_file
 
 def test_parity_fixtures_present():
     if not PARITY_DIR.is_dir():
-        pytest.skip(f"parity fixture folder {PARITY_DIR} is absent (set TPRD_PARITY_DIR)")
+        pytest.fail(f"parity fixture folder {PARITY_DIR} is absent (set TPRD_PARITY_DIR or TPRD_REFERENCE_DIR)")
     assert FIXTURES, f"no fixture folders (with config.json) under {PARITY_DIR}"
 
 
@@ -53,7 +53,7 @@ def test_tool_runs_without_reference_and_dumps(tmp_path, name):
 
     src = PARITY_DIR / name
     if not src.is_dir():
-        pytest.skip(f"{src} not found")
+        pytest.fail(f"{src} not found (set TPRD_PARITY_DIR or TPRD_REFERENCE_DIR)")
     for f in ("config.json", "keys.json", "fill_checksums.json", "input.pt"):
         shutil.copy(src / f, tmp_path / f)
     from conftest import REPO

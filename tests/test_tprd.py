@@ -19,7 +19,8 @@ from tprd.distill.tprd import (
 # Straightforward per-query reference of the 2.3 rules (written independently of the module)
 # ----------------------------------------------------------------------------------------------
 def _iou32(a, g):
-    """IoU of two cxcywh boxes in float32 scalar arithmetic, inter / (area_a + area_g - inter)."""
+    """IoU of two cxcywh boxes in float32 scalar arithmetic, inter / (area_a + area_g - inter + 1e-6)
+    (detrex's epsilon)."""
     f = np.float32
     half = f(0.5)
     ax0, ay0, ax1, ay1 = a[0] - half * a[2], a[1] - half * a[3], a[0] + half * a[2], a[1] + half * a[3]
@@ -28,7 +29,7 @@ def _iou32(a, g):
     ih = max(f(0), min(ay1, gy1) - max(ay0, gy0))
     inter = f(iw * ih)
     union = f(f((ax1 - ax0) * (ay1 - ay0)) + f((gx1 - gx0) * (gy1 - gy0))) - inter
-    return f(inter / union)
+    return f(inter / f(union + f(1e-6)))
 
 
 def _sigmoid(z):

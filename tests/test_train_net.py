@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DETREX_KEYS_DIR as DETREX_KEYS
 from tprd.data.synthetic import generate_synthetic_dataset
 from tprd.engine.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "projects/deformable_detr/train_net.py"
 CONFIG = "projects/deformable_detr/configs/deformable_detr_r18_synthetic.py"
-DETREX_KEYS = Path(os.environ.get("TPRD_SHARED_DIR", REPO.parent / "shared")) / "reference" / "detrex_keys"
 
 # a few tiny images keep every run to seconds; FrozenBN and no box refinement so the model has the
 # key names of detrex's R18 Deformable DETR (reference/detrex_keys/deformable_detr_r18_student.json)
@@ -127,7 +127,7 @@ def test_eval_only_reproduces_predictions(trained, datasets, tmp_path, monkeypat
 def test_eval_only_with_a_detrex_format_checkpoint(trained, datasets, tmp_path, monkeypatch):
     keys_file = DETREX_KEYS / "deformable_detr_r18_student.json"
     if not keys_file.is_file():
-        pytest.fail(f"detrex key list not found at {keys_file}; set TPRD_SHARED_DIR")
+        pytest.fail(f"detrex key list not found at {keys_file}; set TPRD_REFERENCE_DIR")
     from tprd.modeling.deformable_detr import DeformableDETR
 
     out, _ = trained

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check our detector against a detrex parity fixture (shared/reference/PARITY.md).
+"""Check our detector against a detrex parity fixture (tests/fixtures/reference/README.md).
 
     python tools/detrex_parity.py FIXTURE_DIR [--dump OUT.pt] [--threads N]
 

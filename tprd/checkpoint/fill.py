@@ -1,4 +1,4 @@
-"""The deterministic ``crc32-randn-v1`` weight fill of the parity fixtures (shared/reference/PARITY.md).
+"""The deterministic ``crc32-randn-v1`` weight fill of the parity fixtures (tests/fixtures/reference/README.md).
 
 Every floating-point entry of a detrex-named state dict gets a value drawn from a CPU generator
 seeded with the CRC-32 of its key; keys that alias one tensor all receive the value of the

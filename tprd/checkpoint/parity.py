@@ -1,4 +1,4 @@
-"""Run a detrex parity fixture (shared/reference/PARITY.md) through our model and compare.
+"""Run a detrex parity fixture (tests/fixtures/reference/README.md) through our model and compare.
 
 A fixture folder holds ``config.json`` (the reduced detrex config), ``keys.json`` (detrex state
 dict keys), ``fill_checksums.json``, ``input.pt`` and, when the reference was produced,
@@ -40,7 +40,7 @@ __all__ = [
     "MODEL_CLASSES",
 ]
 
-# tolerances of PARITY.md
+# tolerances of the fixtures (tests/fixtures/reference/README.md)
 TOL_PRED = dict(atol=1e-4, rtol=1e-4)
 TOL_PIXEL = dict(atol=1e-3, rtol=0.0)
 TOL_LOSS = dict(atol=1e-4, rtol=1e-4)

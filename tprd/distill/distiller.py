@@ -292,12 +292,15 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def split_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Dict[str, Tensor]]:
-        """Split a flat state dict by prefix: ``student``, ``teacher``, ``methods`` and ``other``
+        """Split a flat state dict by prefix: ``student``, ``teacher``, ``methods``,
+        ``distill_criterion`` (the reference distiller's own method modules) and ``other``
         (un-prefixed duplicates written by the reference's merge script, anything else)."""
-        parts: Dict[str, Dict[str, Tensor]] = {"student": {}, "teacher": {}, "methods": {}, "other": {}}
+        parts: Dict[str, Dict[str, Tensor]] = {
+            "student": {}, "teacher": {}, "methods": {}, "distill_criterion": {}, "other": {}
+        }
         for key, value in state_dict.items():
             head, _, rest = key.partition(".")
-            if head in ("student", "teacher", "methods") and rest:
+            if head in parts and head != "other" and rest:
                 parts[head][rest] = value
             else:
                 parts["other"][key] = value
@@ -331,11 +334,41 @@ class Distiller(nn.Module):
                 sub = model.convert_detrex_state_dict(sub)
             out.update({f"{part}.{k}": v for k, v in sub.items()})
         out.update({f"methods.{k}": v for k, v in parts["methods"].items()})
+        out.update(self.convert_reference_method_state_dict(parts["distill_criterion"]))
         missing_teacher = self._missing(out, "teacher")
         if missing_teacher:
             from tprd.checkpoint import CheckpointMismatchError
 
             raise CheckpointMismatchError(self._teacher_missing_message(missing_teacher))
+        return out
+
+    def convert_reference_method_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """The reference distiller's ``distill_criterion.*`` entries (prefix removed: FGD's context
+        blocks, FitNet's and MGD's adapters, MGD's generation blocks) -> ``methods.<i>.*``, each
+        key renamed by the first method whose
+        :attr:`~tprd.distill.methods.base.DistillMethod.reference_key_rules` knows it.
+
+        Raises ``CheckpointMismatchError`` naming the keys no method of this distiller knows (e.g. an
+        FGD checkpoint loaded into an MGD config)."""
+        out: Dict[str, Tensor] = {}
+        left = dict(state_dict)
+        for i, m in enumerate(self.methods):
+            if not left:
+                break
+            converted, unknown = m.convert_reference_state_dict(left)
+            out.update({f"methods.{i}.{k}": v for k, v in converted.items()})
+            left = {k: left[k] for k in unknown}
+        if left:
+            from tprd.checkpoint import CheckpointMismatchError
+
+            names = [type(m).__name__ for m in self.methods] or ["none"]
+            shown = ", ".join(f"distill_criterion.{k}" for k in list(left)[:8])
+            raise CheckpointMismatchError(
+                f"{len(left)} keys of the reference distiller's own modules are not known to this config's methods "
+                f"({', '.join(names)}): {shown}{' ...' if len(left) > 8 else ''}. Use the config of the method the "
+                "checkpoint was trained with (FGD, FitNet or MGD), or drop these keys to start the method's modules "
+                "fresh"
+            )
         return out
 
     def _is_native(self, state_dict: Mapping[str, Tensor]) -> bool:

@@ -26,6 +26,7 @@ the same naming scheme (``tprd_<method>_<group>_<stat>[_<l>]``); the distiller g
 """
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -203,6 +204,10 @@ class DistillMethod(nn.Module):
     #: ``True`` for a method whose loss back-propagates through the frozen teacher (CrossKD): it runs
     #: that teacher pass itself, with autograd on, inside :meth:`losses`.
     grad_through_teacher: bool = False
+    #: How the reference implementation names this method's own modules in a distiller checkpoint
+    #: (its ``distill_criterion.*`` keys, prefix removed): ``(regex, replacement)`` pairs tried in
+    #: order by :meth:`convert_reference_state_dict`. Empty for methods without trainable modules.
+    reference_key_rules: Tuple[Tuple[str, str], ...] = ()
 
     def __init__(self, weights: Optional[Mapping[str, float]] = None, name: Optional[str] = None):
         super().__init__()
@@ -232,6 +237,21 @@ class DistillMethod(nn.Module):
     # ------------------------------------------------------------------ hooks
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         """Raise a clear error at construction when this teacher/student pair cannot work."""
+
+    def convert_reference_state_dict(self, state_dict: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
+        """The reference's ``distill_criterion.*`` entries (prefix removed) in this method's names:
+        ``(converted, unknown_keys)``, renamed by :attr:`reference_key_rules` (first match wins)."""
+        converted: Dict[str, Tensor] = {}
+        unknown: List[str] = []
+        for key, value in state_dict.items():
+            for pattern, replacement in self.reference_key_rules:
+                new, hits = re.subn(pattern, replacement, key, count=1)
+                if hits:
+                    converted[new] = value
+                    break
+            else:
+                unknown.append(key)
+        return converted, unknown
 
     def teacher_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:
         """Extra query groups the teacher decodes (before the teacher forward)."""

@@ -151,6 +151,13 @@ class FGD(DistillMethod):
     name = "fgd"
     terms = ("fgd",)
     needs = ("neck",)
+    # the reference's FGD loss modules: conv_mask_{s,t} and channel_add_conv_{s,t} per level
+    reference_key_rules = (
+        (r"^feature_loss\.(\d+)\.conv_mask_s\.", r"levels.\1.student_context.conv_mask."),
+        (r"^feature_loss\.(\d+)\.conv_mask_t\.", r"levels.\1.teacher_context.conv_mask."),
+        (r"^feature_loss\.(\d+)\.channel_add_conv_s\.", r"levels.\1.student_context.channel_add."),
+        (r"^feature_loss\.(\d+)\.channel_add_conv_t\.", r"levels.\1.teacher_context.channel_add."),
+    )
 
     def __init__(
         self,

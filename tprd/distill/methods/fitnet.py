@@ -30,6 +30,8 @@ class FitNet(DistillMethod):
     name = "fitnet"
     terms = ("fitnet",)
     needs = ("neck",)
+    # the reference's per-level 1x1 adapters
+    reference_key_rules = ((r"^align\.(\d+)\.", r"adapters.\1."),)
 
     def __init__(self, weights: Optional[Dict[str, float]] = None, num_levels: Optional[int] = None,
                  channels: Optional[int] = None, name: Optional[str] = None):

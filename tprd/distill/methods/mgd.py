@@ -55,6 +55,8 @@ class MGD(DistillMethod):
     name = "mgd"
     terms = ("mgd",)
     needs = ("neck",)
+    # the reference's per-level 1x1 adapters and generation blocks (conv, ReLU, conv)
+    reference_key_rules = ((r"^align\.(\d+)\.", r"adapters.\1."), (r"^generation\.(\d+)\.", r"generators.\1."))
 
     def __init__(self, weights: Optional[Dict[str, float]] = None, mask_ratio: float = 0.5, seed: int = 0,
                  num_levels: Optional[int] = None, channels: Optional[int] = None, name: Optional[str] = None):
