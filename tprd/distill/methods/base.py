@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
 __all__ = [
@@ -230,8 +231,9 @@ class DistillMethod(nn.Module):
         self.last_stats: Dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ hooks
-    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Raise a clear error at construction when this teacher/student pair cannot work."""
+    def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
+        """Raise a clear error at construction when this teacher/student pair cannot work (read the
+        models through their declared interface, :class:`~tprd.modeling.detector.DETRDetector`)."""
 
     def teacher_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:
         """Extra query groups the teacher decodes (before the teacher forward)."""

@@ -38,11 +38,12 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs
 
 from .base import DistillContext, DistillMethod
 from .aligned_kd import matching_kd
-from .kd_detr import detector_embed_dim, tprd_stats
+from .kd_detr import tprd_stats
 
 __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 
@@ -50,24 +51,14 @@ __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 ENCODER_STATE_KEYS = ("memory", "memory_mask", "pos", "memory_pos", "spatial_shapes", "level_start_index", "valid_ratios")
 
 
-def crossed_teacher_outputs(teacher: nn.Module, student_taps: Dict[str, object]) -> DetectorOutputs:
+def crossed_teacher_outputs(teacher: DETRDetector, student_taps: Dict[str, object]) -> DetectorOutputs:
     """The teacher's post-encoder path on the student's encoder state, with gradients enabled
     towards the student memory (teacher parameters must be frozen by the caller)."""
-    if not hasattr(teacher, "decode_memory"):
-        raise TypeError(f"CrossKD needs the teacher's decode_memory(enc) entry point; {type(teacher).__name__} has none")
     if "memory" not in student_taps:
         raise KeyError("CrossKD needs the student's encoder memory (taps['memory'])")
     enc = {k: student_taps[k] for k in ENCODER_STATE_KEYS if k in student_taps}
     with torch.enable_grad():
         return teacher.decode_memory(enc)
-
-
-def _num_levels(model: nn.Module) -> Optional[int]:
-    n = getattr(model, "num_feature_levels", None)
-    if n is not None:
-        return int(n)
-    level_embeds = getattr(getattr(model, "transformer", None), "level_embeds", None)
-    return None if level_embeds is None else int(level_embeds.shape[0])
 
 
 class CrossKD(DistillMethod):
@@ -103,23 +94,21 @@ class CrossKD(DistillMethod):
         super().__init__(weights, name)
         self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
 
-    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        if type(student) is not type(teacher):
+    def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
+        if student.family != teacher.family:
             raise ValueError(
                 f"CrossKD decodes the student's memory with the teacher: one detector family needed, got "
-                f"{type(student).__name__} and {type(teacher).__name__}"
+                f"{student.family} and {teacher.family}"
             )
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(
                 f"CrossKD feeds the student's {ds}-d memory to the teacher's {dt}-d decoder; use the same "
                 "transformer embed_dim in both models"
             )
-        ls, lt = _num_levels(student), _num_levels(teacher)
-        if ls is not None and lt is not None and ls != lt:
+        ls, lt = student.num_feature_levels, teacher.num_feature_levels
+        if ls != lt:
             raise ValueError(f"CrossKD: the student's memory has {ls} feature levels but the teacher's decoder expects {lt}")
-        if not hasattr(teacher, "decode_memory"):
-            raise TypeError(f"CrossKD needs the teacher's decode_memory(enc) entry point; {type(teacher).__name__} has none")
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         with ctx.section("teacher_cross_forward"):

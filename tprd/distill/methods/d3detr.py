@@ -38,7 +38,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
+from .kd_detr import check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3ETR", "self_attention_kd", "cross_attention_kd"]
 
@@ -125,7 +125,7 @@ class D3ETR(DistillMethod):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(f"D3ETR feeds the teacher's queries to the student; widths differ ({dt} vs {ds})")
         self._embed_dim = ds

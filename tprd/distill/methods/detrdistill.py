@@ -38,7 +38,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .aligned_kd import matching_kd
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_stats
+from .kd_detr import check_same_stages, tprd_stats
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -152,14 +152,13 @@ class DETRDistill(DistillMethod):
         self._focal = (0.25, 2.0)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(f"DETRDistill feeds teacher queries to the student and compares neck maps; widths differ ({dt} vs {ds})")
         self._embed_dim = ds
         check_same_stages(student, teacher, "DETRDistill")
-        crit = getattr(student, "criterion", None)
-        if crit is not None:
-            self._focal = (float(getattr(crit, "alpha", 0.25)), float(getattr(crit, "gamma", 2.0)))
+        if student.criterion is not None:
+            self._focal = (float(student.criterion.alpha), float(student.criterion.gamma))
 
     def _uses(self, *terms: str) -> bool:
         return any(self.weights[t] != 0 for t in terms)

@@ -47,60 +47,33 @@ from tprd.distill.tprd import (
     pad_ground_truth,
     refine_teacher_predictions,
 )
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
 from .base import DistillContext, DistillMethod, expand_stage_terms, query_group_from_tap
 
-__all__ = ["KDDETR", "detector_query_kind", "detector_embed_dim", "detector_num_stages"]
+__all__ = ["KDDETR", "general_point_kind"]
 
 QUERY_KINDS = ("position", "anchor", "content_box")
 
 
-def detector_query_kind(model: nn.Module) -> str:
-    """How a detector's queries look: ``"position"`` (Deformable DETR: positional + content vectors,
-    2-d references from its own layer), ``"anchor"`` (DAB-DETR: 4-d anchors, zero content) or
-    ``"content_box"`` (DINO: content vectors + 4-d references). A detector may declare it with a
-    ``query_kind`` attribute; otherwise it is inferred from the class."""
-    kind = getattr(model, "query_kind", None)
-    if kind is not None:
-        if kind not in QUERY_KINDS:
-            raise ValueError(f"{type(model).__name__}.query_kind = {kind!r}; expected one of {QUERY_KINDS}")
-        return kind
-    cls = type(model).__name__.lower()
-    if "dab" in cls:
-        return "anchor"
-    if "dino" in cls:
-        return "content_box"
-    if "deformable" in cls:
-        if getattr(model, "as_two_stage", False):
-            raise ValueError(
-                "KD-DETR general points need the model's own reference-point layer, which two-stage "
-                "Deformable DETR does not have; use a single-stage Deformable DETR"
-            )
-        return "position"
-    raise ValueError(f"cannot tell the query kind of {type(model).__name__}; give it a query_kind attribute")
+def general_point_kind(model: DETRDetector) -> str:
+    """The detector's :attr:`~tprd.modeling.detector.DETRDetector.query_kind`, checked to be one
+    KD-DETR can draw general points for."""
+    kind = model.query_kind
+    if kind == "proposal":
+        raise ValueError(
+            "KD-DETR general points need the model's own reference-point layer, which two-stage "
+            "Deformable DETR does not have; use a single-stage Deformable DETR"
+        )
+    if kind not in QUERY_KINDS:
+        raise ValueError(f"{model.family}.query_kind = {kind!r}; expected one of {QUERY_KINDS}")
+    return kind
 
 
-def detector_embed_dim(model: nn.Module) -> int:
-    for owner in (model, getattr(model, "transformer", None)):
-        dim = getattr(owner, "embed_dim", None)
-        if dim is not None:
-            return int(dim)
-    raise ValueError(f"cannot find the embedding width of {type(model).__name__} (no embed_dim attribute)")
-
-
-def detector_num_stages(model: nn.Module) -> Optional[int]:
-    n = getattr(model, "num_stages", None)
-    if n is not None:
-        return int(n)
-    decoder = getattr(getattr(model, "transformer", None), "decoder", None)
-    n = getattr(decoder, "num_layers", None)
-    return None if n is None else int(n)
-
-
-def check_same_stages(student: nn.Module, teacher: nn.Module, method: str) -> None:
-    ls, lt = detector_num_stages(student), detector_num_stages(teacher)
-    if ls is not None and lt is not None and ls != lt:
+def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str) -> None:
+    ls, lt = student.num_stages, teacher.num_stages
+    if ls != lt:
         raise ValueError(
             f"{method} pairs student stage l with teacher stage l, but the student has {ls} decoder "
             f"layers and the teacher {lt}; give both the same number of decoder layers"
@@ -153,7 +126,8 @@ class KDDETR(DistillMethod):
         raw_general_refs: DINO parity flag: random references not passed through ``σ`` (spec 8 #11).
         shared_general_refs: Deformable DETR: the student uses the teacher's general reference points
             instead of computing its own (spec 8 #12, optional mode).
-        query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: from the models).
+        query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: the models'
+            declared ``query_kind``).
         seed: seed of the general-point generator (the process rank is added, so every GPU draws
             different points; the stream is reproducible for a given seed and rank).
         alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
@@ -198,13 +172,13 @@ class KDDETR(DistillMethod):
         self._embed_dim: Optional[int] = None
 
     # ------------------------------------------------------------------ setup
-    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+    def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
         if self.query_kind is None:
-            ks, kt = detector_query_kind(student), detector_query_kind(teacher)
+            ks, kt = general_point_kind(student), general_point_kind(teacher)
             if ks != kt:
                 raise ValueError(f"KD-DETR needs a student and teacher of one family; got query kinds {ks!r} and {kt!r}")
             self.query_kind = kt
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(
                 f"KD-DETR feeds the teacher's queries to the student, but their widths differ ({dt} vs {ds}); "
