@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .detrex import read_checkpoint
+from .files import atomic_torch_save
 from ..modeling.backbone import ResNet, torchvision_to_detectron2_resnet_keys
 
 StateDict = Dict[str, Tensor]
@@ -113,8 +114,7 @@ def merge_weights(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) 
 
 
 def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to a temporary file in the target folder, then rename over ``path`` (the
-    engine's atomic write: the umask's permissions, no partial file left behind)."""
-    from tprd.engine.checkpoint import atomic_torch_save  # the engine imports this package
-
+    """``torch.save`` to a temporary file in the target folder, then rename over ``path``
+    (:func:`~tprd.checkpoint.files.atomic_torch_save`: the umask's permissions, no partial file
+    left behind)."""
     atomic_torch_save(obj, os.fspath(path))

@@ -191,7 +191,7 @@ class KDDETR(DistillMethod):
 
     def _rng(self) -> torch.Generator:
         if self._generator is None:
-            from tprd.engine import comm
+            from tprd.utils import comm
 
             self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * comm.get_rank())
         return self._generator

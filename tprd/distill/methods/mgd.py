@@ -90,7 +90,7 @@ class MGD(DistillMethod):
 
     def generator_for(self, iteration: int) -> torch.Generator:
         """The mask generator of ``iteration`` on this process."""
-        from tprd.engine import comm
+        from tprd.utils import comm
 
         return torch.Generator().manual_seed(mask_seed(self.seed, iteration, comm.get_rank()))
 
