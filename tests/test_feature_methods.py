@@ -27,7 +27,7 @@ from tprd.distill.tprd import refine_teacher_predictions
 from tprd.modeling.matcher import HungarianMatcher
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, StagePredictions
 
-from test_distiller import batch, tiny_dab, tiny_deformable, tiny_dino
+from test_distiller import batch, run_with_stats, tiny_dab, tiny_deformable, tiny_dino
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -332,8 +332,8 @@ def test_feature_methods_never_run_the_teachers_transformer(family):
     student, teacher = make(seed=1), make(seed=2)
     distiller = Distiller(student, teacher, [FGD(), TPRDKD()]).train()
     calls = _transformer_calls(teacher)
-    losses = distiller(batch())
-    assert calls and "distill_tprd_kd_class_0" in losses and distiller.last_stats
+    losses, stats = run_with_stats(distiller, batch())
+    assert calls and "distill_tprd_kd_class_0" in losses and stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,21 +452,21 @@ def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_pat
 
 
 def test_trainer_hands_the_iteration_to_the_model():
-    """MGD's masks depend on ``Distiller.iteration``: the trainer sets it before every step, also
-    when starting at a later iteration (a resumed run)."""
+    """MGD's masks depend on the iteration the distiller reads from the event storage: the trainer
+    sets it before every step, also when starting at a later iteration (a resumed run)."""
     from torch import nn
 
     from tprd.engine.trainer import SimpleTrainer
+    from tprd.utils.events import get_event_storage
 
     class Recorder(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(1))
-            self.iteration = None
             self.seen = []
 
         def forward(self, data):
-            self.seen.append(self.iteration)
+            self.seen.append(get_event_storage().iter)
             return {"loss": (self.w * data[0]).sum()}
 
     model = Recorder()

@@ -26,9 +26,13 @@ distiller leaves the teacher alone, and every training forward checks it), so ne
 Loss-key scheme (every method, see :mod:`tprd.distill.methods.base`): the student's own GT losses
 keep their names (``loss_class``, ``loss_bbox_0`` ...); distillation terms are
 ``distill_<method>_<term>`` for the final stage and ``distill_<method>_<term>_<l>`` for stages
-``l = 0 .. L-2``, each multiplied by the same configured weight. Non-loss diagnostics (TPRD
-refinement shares per stage) are in :attr:`Distiller.last_stats`, named
-``tprd_<method>_<group>_<stat>[_<l>]``, as detached tensors.
+``l = 0 .. L-2``, each multiplied by the same configured weight.
+
+The trainer and the distiller talk through the event storage (:mod:`tprd.utils.events`), never
+through attributes: the distiller reads the training iteration from it (``None`` outside a
+trainer) and puts the non-loss diagnostics of every iteration -- TPRD refinement shares per stage,
+named ``tprd_<method>_<group>_<stat>[_<l>]`` -- into it as detached tensors
+(:meth:`~tprd.utils.events.EventStorage.put_stats`); outside a storage they are dropped.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from torch import Tensor, nn
 
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup
+from tprd.utils.events import current_event_storage
 
 from .methods.base import FEATURE_NEEDS, DistillContext, DistillMethod, expand_stage_terms
 
@@ -96,8 +101,6 @@ class Distiller(nn.Module):
         self.teacher_train_mode = bool(teacher_train_mode)
         self.profile = bool(profile)
         self.timings: Dict[str, float] = {}
-        self.last_stats: Dict[str, Tensor] = {}
-        self.iteration: Optional[int] = None
 
         self.teacher.requires_grad_(False)
         if check_pixel_stats:
@@ -189,9 +192,11 @@ class Distiller(nn.Module):
         validation losses)."""
         self._check_teacher_frozen()
         timings = {} if self.profile else None
+        storage = current_event_storage()
         images = self.student.preprocess(batched_inputs)
         targets = self.student.prepare_targets(batched_inputs)
-        ctx = DistillContext(images, targets, self.student, self.teacher, timings=timings, iteration=self.iteration)
+        ctx = DistillContext(images, targets, self.student, self.teacher, timings=timings,
+                             iteration=None if storage is None else storage.iter)
 
         teacher_groups = self._collect_groups([m.teacher_query_groups for m in self.methods], ctx)
         with ctx.section("teacher_forward"):
@@ -217,7 +222,8 @@ class Distiller(nn.Module):
                         raise KeyError(f"loss key {key!r} produced twice")
                     losses[key] = value
                 stats.update({k: v.detach() for k, v in m.last_stats.items()})
-        self.last_stats = stats
+        if storage is not None:
+            storage.put_stats(stats)
         if timings is not None:
             self.timings = timings
         return losses

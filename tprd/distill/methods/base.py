@@ -21,8 +21,8 @@ The distiller multiplies each by ``method.weights[term]`` (the same weight at ev
     distill_<method>_<term>_<l>      stage l = 0 .. L-2 (0-based, the reference's ``_0 .. _4``)
 
 Diagnostics that are not losses (e.g. TPRD refinement shares) go to ``method.last_stats`` with
-the same naming scheme (``tprd_<method>_<group>_<stat>[_<l>]``); the distiller gathers them in
-``Distiller.last_stats``, never in the loss dict.
+the same naming scheme (``tprd_<method>_<group>_<stat>[_<l>]``); the distiller hands them to the
+trainer through the event storage (:mod:`tprd.utils.events`), never in the loss dict.
 """
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ class DistillContext:
         student, teacher: the two detectors.
         teacher_out, student_out: :class:`DetectorOutputs` (set by the distiller; ``teacher_out`` is
             ``None`` when no method needs the teacher).
-        iteration: training iteration if the caller set it (``Distiller.iteration``), else ``None``.
+        iteration: the training iteration (the event storage's ``iter`` while a trainer runs), else
+            ``None``.
     """
 
     def __init__(
