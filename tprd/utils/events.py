@@ -98,10 +98,6 @@ class EventStorage:
             raise ValueError(f"Scalar {name!r} was put with a different smoothing_hint before.")
         self._smoothing_hints[name] = smoothing_hint
 
-    def put_scalars(self, *, smoothing_hint: bool = True, **kwargs: Any) -> None:
-        for k, v in kwargs.items():
-            self.put_scalar(k, v, smoothing_hint=smoothing_hint)
-
     def put_stats(self, stats: Mapping[str, torch.Tensor]) -> None:
         """Hand over this iteration's statistics that are not losses, as detached scalar tensors
         (no device sync here). The trainer collects them with :meth:`pop_stats` after the step."""

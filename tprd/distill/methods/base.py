@@ -15,7 +15,7 @@ only ``"neck"`` lets the distiller stop the teacher after its neck.
 Loss terms come back **unweighted**: ``{term: Tensor}`` where a 1-d tensor of length ``L`` holds
 one value per decoder stage (index ``L-1`` = final stage) and a 0-d tensor is a stage-free term.
 The distiller multiplies each by ``method.weights[term]`` (the same weight at every stage, spec
-"loss-weight convention") and names them (see :func:`loss_key`)::
+"loss-weight convention") and names them (see :func:`expand_stage_terms`)::
 
     distill_<method>_<term>          final stage (or a stage-free term)
     distill_<method>_<term>_<l>      stage l = 0 .. L-2 (0-based, the reference's ``_0 .. _4``)
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,13 +36,15 @@ from torch import Tensor, nn
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
+if TYPE_CHECKING:  # common.py builds on this module
+    from .common import TPRDOptions
+
 __all__ = [
     "TEACHER_NEEDS",
     "STUDENT_NEEDS",
     "FEATURE_NEEDS",
     "DistillContext",
     "DistillMethod",
-    "loss_key",
     "stage_suffix",
     "expand_stage_terms",
     "query_group_from_tap",
@@ -63,14 +65,6 @@ FEATURE_NEEDS = frozenset({"backbone", "neck"})
 def stage_suffix(l: int, num_stages: int) -> str:
     """``""`` for the final stage ``L-1``, ``"_l"`` for stage ``l < L-1`` (0-based)."""
     return "" if l == num_stages - 1 else f"_{l}"
-
-
-def loss_key(method: str, term: str, l: Optional[int] = None, num_stages: Optional[int] = None) -> str:
-    """``distill_<method>_<term>[_<l>]`` (no suffix for the final stage or a stage-free term)."""
-    base = f"distill_{method}_{term}"
-    if l is None:
-        return base
-    return base + stage_suffix(l, num_stages)
 
 
 def expand_stage_terms(prefix: str, values: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> Dict[str, Tensor]:
@@ -205,6 +199,9 @@ class DistillMethod(nn.Module):
     #: ``True`` for a method whose loss back-propagates through the frozen teacher (CrossKD): it runs
     #: that teacher pass itself, with autograd on, inside :meth:`losses`.
     grad_through_teacher: bool = False
+    #: A prediction-level method's TPRD switch and options (:class:`~.common.TPRDOptions`);
+    #: ``None`` for a method without a TPRD variant (FGD, FitNet, MGD).
+    tprd: Optional["TPRDOptions"] = None
 
     def __init__(self, weights: Optional[Mapping[str, float]] = None, name: Optional[str] = None):
         super().__init__()
@@ -249,32 +246,10 @@ class DistillMethod(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
-    def set_tprd_options(
-        self,
-        refine: bool,
-        matcher: Optional[nn.Module] = None,
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        soft_costs: Optional[Sequence[float]] = None,
-    ) -> None:
-        """The options every prediction-level method shares: ``refine`` (TPRD on), the B1 matcher of
-        the refinement (default focal Hungarian 2 / 5 / 2, spec 2.2), the empty-image parity flag
-        (spec 8 #5), the TPRD-CKD weights ``alpha``/``beta`` and, for methods that soft-match, the B3
-        costs ``(class, L1, GIoU)``."""
-        self.refine = bool(refine)
-        if matcher is None:
-            from tprd.modeling.matcher import HungarianMatcher
-
-            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-        self.matcher = matcher
-        self.skip_empty_images = bool(skip_empty_images)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        if soft_costs is not None:
-            if len(soft_costs) != 3:
-                raise ValueError(f"soft_costs must be (class, l1, giou), got {soft_costs}")
-            self.soft_costs = tuple(float(c) for c in soft_costs)
+    @property
+    def refine(self) -> bool:
+        """Whether this method distils towards the TPRD-refined teacher."""
+        return self.tprd is not None and self.tprd.refine
 
     def group_name(self, local: str) -> str:
         """Namespaced query-group name ``<method>/<local>`` (unique across methods)."""

@@ -43,7 +43,7 @@ from tprd.modeling.outputs import DetectorOutputs
 
 from .base import DistillContext, DistillMethod
 from .aligned_kd import matching_kd
-from .kd_detr import tprd_stats
+from .common import TPRDOptions, tprd_stats
 
 __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 
@@ -92,7 +92,7 @@ class CrossKD(DistillMethod):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
 
     def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
         if student.family != teacher.family:
@@ -113,13 +113,10 @@ class CrossKD(DistillMethod):
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         with ctx.section("teacher_cross_forward"):
             crossed = crossed_teacher_outputs(ctx.teacher, ctx.student_out.taps).main
-        terms, stats = matching_kd(
-            ctx, crossed, ctx.teacher_out.main, matcher=self.matcher, refine=self.refine,
-            soft_costs=self.soft_costs, skip_empty_images=self.skip_empty_images, alpha=self.alpha, beta=self.beta,
-        )
+        terms, stats = matching_kd(ctx, crossed, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, weights={self.weights}"

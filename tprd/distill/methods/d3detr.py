@@ -38,7 +38,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
-from .kd_detr import check_same_stages, tprd_refine_and_targets, tprd_stats
+from .common import TPRDOptions, check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3ETR", "self_attention_kd", "cross_attention_kd"]
 
@@ -119,7 +119,7 @@ class D3ETR(DistillMethod):
             base = {"class": 1.0, "l1": 5.0, "giou": 2.0, "self_attn": 10000.0, "cross_attn": 1000.0}
             weights = {**base, **{f"fixed_{k}": v for k, v in base.items()}}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
         self._embed_dim: Optional[int] = None
         if not any(self.weights[p + t] != 0 for p in ("", "fixed_") for t in ATTN_TERMS):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute
@@ -146,10 +146,10 @@ class D3ETR(DistillMethod):
     def _targets(self, ctx: DistillContext):
         """Teacher stage targets ``[L,B,Nt,·]`` (refined with TPRD) and the TPRD positives."""
         t = ctx.teacher_out.main
-        if not self.refine:
+        if not self.tprd.refine:
             return t.logits.detach(), t.boxes.detach(), None
         logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-            ctx, t, self.matcher, self.skip_empty_images, key="main"
+            ctx, t, self.tprd, key="main"
         )
         self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return logits, boxes, (match_index, labels_pad)
@@ -171,11 +171,11 @@ class D3ETR(DistillMethod):
             s_idx = torch.arange(ns, device=s.logits.device).expand(num_stages, batch, ns)
             t_idx = s_idx
         else:
-            s_idx, t_idx = soft_matched_indices(ctx, s, t_logits, t_boxes, self.soft_costs)
+            s_idx, t_idx = soft_matched_indices(ctx, s, t_logits, t_boxes, self.tprd.soft_costs)
         out = {}
         if any(self.weights[prefix + k] != 0 for k in PRED_TERMS):
             pred = aligned_prediction_kd(s, t_logits, t_boxes, s_idx, t_idx, float(batch * ns), tprd,
-                                         self.alpha, self.beta)
+                                         self.tprd.alpha, self.tprd.beta)
             out.update({prefix + k: v for k, v in pred.items()})
         t_self, t_cross = teacher_maps
         with ctx.section("attention_maps"):  # cutting, splatting and the two attention distances
@@ -197,4 +197,4 @@ class D3ETR(DistillMethod):
         return out
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, weights={self.weights}"

@@ -38,7 +38,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, query_group_from_tap
 from .aligned_kd import matching_kd
-from .kd_detr import check_same_stages, tprd_stats
+from .common import TPRDOptions, check_same_stages, tprd_stats
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -146,7 +146,7 @@ class DETRDistill(DistillMethod):
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "target_aware": 2.0,
                        "prior_class": 1.0, "prior_l1": 5.0, "prior_giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
         self.topk = int(topk)
         self._embed_dim: Optional[int] = None
         self._focal = (0.25, 2.0)
@@ -174,8 +174,7 @@ class DETRDistill(DistillMethod):
     # ------------------------------------------------------------------ terms
     def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
         """Term 1 (:func:`~.aligned_kd.matching_kd`, shared with D³ETR, CrossKD and ``tprd_kd``)."""
-        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
-                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta)
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
@@ -203,7 +202,7 @@ class DETRDistill(DistillMethod):
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         # M_l of the raw teacher stages: TPRD's positives and the prior-assignment targets, computed once.
         # Terms whose weights are all 0 are skipped (their keys are then absent).
-        matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.matcher, key="main")
+        matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.tprd.matcher, key="main")
         out: Dict[str, Tensor] = {}
         if self._uses("class", "l1", "giou"):
             out.update(self._matching_kd(ctx))
@@ -214,4 +213,4 @@ class DETRDistill(DistillMethod):
         return out
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, topk={self.topk}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, topk={self.topk}, weights={self.weights}"

@@ -40,17 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from tprd.distill.losses import kd_detr_weighted_losses
-from tprd.distill.tprd import (
-    aligned_positive_targets,
-    build_match_index,
-    decoupled_kd,
-    pad_ground_truth,
-    refine_teacher_predictions,
-)
+from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
-from .base import DistillContext, DistillMethod, expand_stage_terms, query_group_from_tap
+from .base import DistillContext, DistillMethod, query_group_from_tap
+from .common import TPRDOptions, check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["KDDETR", "general_point_kind"]
 
@@ -69,47 +64,6 @@ def general_point_kind(model: DETRDetector) -> str:
     if kind not in QUERY_KINDS:
         raise ValueError(f"{model.family}.query_kind = {kind!r}; expected one of {QUERY_KINDS}")
     return kind
-
-
-def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str) -> None:
-    ls, lt = student.num_stages, teacher.num_stages
-    if ls != lt:
-        raise ValueError(
-            f"{method} pairs student stage l with teacher stage l, but the student has {ls} decoder "
-            f"layers and the teacher {lt}; give both the same number of decoder layers"
-        )
-
-
-def tprd_refine_and_targets(
-    ctx: DistillContext,
-    teacher: StagePredictions,
-    matcher: nn.Module,
-    skip_empty_images: bool,
-    key: str,
-):
-    """TPRD on a teacher group: ``M_l`` per stage (cached in ``ctx`` under ``key``), refined logits and
-    boxes ``[L,B,Qt,·]``, the dense matched-GT index ``[L,B,Qt]`` (−1 = negative), padded GT labels
-    ``[B,G]`` and the refinement statistics."""
-    matches = ctx.teacher_gt_matches(teacher, matcher, key)
-    with ctx.section("tprd"):
-        logits, boxes, stats = refine_teacher_predictions(
-            teacher.logits.detach(),
-            teacher.boxes.detach(),
-            matches,
-            ctx.gt_labels,
-            ctx.gt_boxes,
-            skip_empty_images=skip_empty_images,
-            return_stats=True,
-        )
-        labels_pad, _, _ = pad_ground_truth(ctx.gt_labels, ctx.gt_boxes, device=logits.device, dtype=boxes.dtype)
-        match_index = build_match_index(matches, teacher.logits.shape[2], device=logits.device)
-    return logits, boxes, match_index, labels_pad, stats
-
-
-def tprd_stats(prefix: str, stats: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Per-stage refinement shares as ``tprd_<...>_{positive,negative}_refined_frac[_l]``."""
-    keep = {k: stats[k].float() for k in ("positive_refined_frac", "negative_refined_frac")}
-    return expand_stage_terms(prefix, keep)
 
 
 class KDDETR(DistillMethod):
@@ -162,7 +116,7 @@ class KDDETR(DistillMethod):
             raise ValueError(f"query_kind must be one of {QUERY_KINDS}, got {query_kind!r}")
         self.general_points = int(general_points)
         self.temperature = float(temperature)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta)
+        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta)
         self.raw_general_refs = bool(raw_general_refs)
         self.shared_general_refs = bool(shared_general_refs)
         self.query_kind = query_kind
@@ -260,11 +214,11 @@ class KDDETR(DistillMethod):
 
         spec = s_out.groups[self.group_name("specific")]
         teacher = t_out.main
-        if not self.refine:
+        if not self.tprd.refine:
             terms = self._b5(spec, teacher.logits.detach(), teacher.boxes.detach())
         else:
             logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-                ctx, teacher, self.matcher, self.skip_empty_images, key="main"
+                ctx, teacher, self.tprd, key="main"
             )
             num_stages, batch, nq, num_classes = logits.shape
             positive, cls = aligned_positive_targets(
@@ -272,7 +226,7 @@ class KDDETR(DistillMethod):
             )
             ckd = decoupled_kd(
                 spec.logits.reshape(-1, num_classes), logits.reshape(-1, num_classes),
-                positive.reshape(-1), cls.reshape(-1), alpha=self.alpha, beta=self.beta,
+                positive.reshape(-1), cls.reshape(-1), alpha=self.tprd.alpha, beta=self.tprd.beta,
             ).view(num_stages, batch, nq)
             terms = self._b5(spec, logits, boxes, class_loss=ckd)
             self.last_stats = tprd_stats(f"tprd_{self.name}_specific", stats)
@@ -283,5 +237,5 @@ class KDDETR(DistillMethod):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, general_points={self.general_points}, temperature={self.temperature}, "
-            f"refine={self.refine}, query_kind={self.query_kind!r}, weights={self.weights}"
+            f"refine={self.tprd.refine}, query_kind={self.query_kind!r}, weights={self.weights}"
         )

@@ -55,7 +55,7 @@ from tprd.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from tprd.modeling.outputs import StagePredictions
 
 from .base import DistillContext, DistillMethod
-from .kd_detr import check_same_stages, tprd_refine_and_targets, tprd_stats
+from .common import TPRDOptions, check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = [
     "QSKD",
@@ -238,7 +238,7 @@ class QSKD(DistillMethod):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "feature": 100.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
         self.giou_threshold = float(giou_threshold)
         self.reference_stage_order = bool(reference_stage_order)
 
@@ -252,9 +252,9 @@ class QSKD(DistillMethod):
     def _pair_kd(self, ctx: DistillContext, pairs: Mapping[str, Tensor], t_match_index: Tensor) -> Dict[str, Tensor]:
         s, t = ctx.student_out.main, ctx.teacher_out.main
         num_stages, _, _, nc = s.logits.shape
-        if self.refine:
+        if self.tprd.refine:
             t_logits, t_boxes, _, labels_pad, stats = tprd_refine_and_targets(
-                ctx, t, self.matcher, self.skip_empty_images, key="main"
+                ctx, t, self.tprd, key="main"
             )
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         else:
@@ -262,11 +262,11 @@ class QSKD(DistillMethod):
         l, b, qs, qt = pairs["stage"], pairs["image"], pairs["student"], pairs["teacher"]
         s_lg, s_bx = s.logits[l, b, qs], s.boxes[l, b, qs]  # [P,C], [P,4]
         t_lg, t_bx = t_logits[l, b, qt], t_boxes[l, b, qt]
-        if self.refine:
+        if self.tprd.refine:
             gt = t_match_index[l, b, qt]  # the positive pairs are exactly the teacher queries in M_l
             positive = gt >= 0
             cls = torch.where(positive, labels_pad[b, gt.clamp(min=0)], torch.zeros_like(gt))
-            class_pp = decoupled_kd(s_lg, t_lg, positive, cls, alpha=self.alpha, beta=self.beta)
+            class_pp = decoupled_kd(s_lg, t_lg, positive, cls, alpha=self.tprd.alpha, beta=self.tprd.beta)
             l1, giou = box_pair_losses(s_bx, t_bx)
         else:
             per = soft_bce_pair_losses(s_lg, t_lg, s_bx, t_bx, reduction="none")
@@ -310,14 +310,14 @@ class QSKD(DistillMethod):
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         s, t = ctx.student_out.main, ctx.teacher_out.main
-        t_matches = ctx.teacher_gt_matches(t, self.matcher, key="main")
+        t_matches = ctx.teacher_gt_matches(t, self.tprd.matcher, key="main")
         with ctx.section("matching"):
-            s_matches = self.matcher.match_stages(s.logits.detach(), s.boxes.detach(), ctx.targets)
+            s_matches = self.tprd.matcher.match_stages(s.logits.detach(), s.boxes.detach(), ctx.targets)
             s_sel = giou_query_selection(s.boxes.detach(), s_matches, ctx.targets, self.giou_threshold)
             t_sel = giou_query_selection(t.boxes.detach(), t_matches, ctx.targets, self.giou_threshold)
             pairs = pair_selected_queries(
                 StagePredictions(s.logits.detach(), s.boxes.detach()), StagePredictions(t.logits.detach(), t.boxes.detach()),
-                s_sel, t_sel, self.soft_costs,
+                s_sel, t_sel, self.tprd.soft_costs,
             )
         out = self._pair_kd(ctx, pairs, t_sel["match_index"])
         out["feature"] = self._feature(ctx, t_sel)
@@ -325,6 +325,6 @@ class QSKD(DistillMethod):
 
     def extra_repr(self) -> str:
         return (
-            f"name={self.name!r}, refine={self.refine}, giou_threshold={self.giou_threshold}, "
+            f"name={self.name!r}, refine={self.tprd.refine}, giou_threshold={self.giou_threshold}, "
             f"reference_stage_order={self.reference_stage_order}, weights={self.weights}"
         )

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .aligned_kd import matching_kd
 from .base import DistillContext, DistillMethod
-from .kd_detr import check_same_stages, tprd_stats
+from .common import TPRDOptions, check_same_stages, tprd_stats
 
 __all__ = ["TPRDKD"]
 
@@ -69,17 +69,16 @@ class TPRDKD(DistillMethod):
         if weights is None:
             weights = {"class": 3.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         check_same_stages(student, teacher, "tprd_kd")
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
-        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
-                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta)
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, weights={self.weights}"
