@@ -1,4 +1,4 @@
-"""D³ETR (METHODS.md 3.2): attention terms by hand and under a permutation, identical models give
+"""D³ETR (docs/methods.md#d3etr): attention terms by hand and under a permutation, identical models give
 zero distances on all three detectors (DINO's denoising queries excluded), gradients reach the
 student's attention."""
 import copy

@@ -85,7 +85,7 @@ def test_kd_detr_b5_is_zero_when_student_equals_teacher(make):
 
 
 def test_kd_detr_tprd_is_zero_for_identical_one_stage_models():
-    """Stage-1 refinement is the identity and TPRD-CKD(s, s) = 0 (spec 9 #1, #3)."""
+    """Stage-1 refinement is the identity and TPRD-CKD(s, s) = 0 (docs/methods.md#inv-1, #inv-3)."""
     student, teacher = _same_pair(layers=1)
     distiller = Distiller(student, teacher, [KDDETR(general_points=5, refine=True)]).train()
     losses, stats = run_with_stats(distiller, batch(empty_last=True))

@@ -225,7 +225,7 @@ def test_six_stage_loss_keys_and_weight_expansion():
             for suffix in [""] + [f"_{l}" for l in range(5)]:
                 v = stats1[f"tprd_{m}_{stat}{suffix}"]
                 assert v.dim() == 0 and 0.0 <= float(v) <= 1.0
-    # stage 1 refinement is the identity (spec 9 #1)
+    # stage 1 refinement is the identity (docs/methods.md#inv-1)
     assert float(stats1["tprd_kd_detr_specific_positive_refined_frac_0"]) == 0.0
     assert float(stats1["tprd_kd_detr_specific_negative_refined_frac_0"]) == 0.0
 
@@ -404,7 +404,7 @@ def _flatten(node, prefix=""):
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=_cfg_id)
 def test_distill_config_declares_its_method_and_tprd_diff(path):
     """Every method config loads with exactly its method; a ``_TPRD`` config differs from its
-    baseline only in refine=True, the spec 2.6 weights and the output folder."""
+    baseline only in refine=True, the docs/methods.md#tprd-variants weights and the output folder."""
     from omegaconf import OmegaConf
 
     from tprd.config import LazyConfig
@@ -433,7 +433,7 @@ def test_distill_config_declares_its_method_and_tprd_diff(path):
     if key == "d3detr":
         assert changed.pop(prefix + "weights.class") == (1.0, 3.0)
         assert changed.pop(prefix + "weights.fixed_class") == (1.0, 3.0)
-    if key in ("crosskd", "qskd"):  # QSKD: spec 2.6; CrossKD_TPRD (ours): the same choice
+    if key in ("crosskd", "qskd"):  # QSKD: docs/methods.md#tprd-variants; CrossKD_TPRD (ours): the same choice
         assert changed.pop(prefix + "weights.class") == (1.0, 3.0)
     if key == "kd_detr" and family == "dino":
         assert changed.pop(prefix + "weights.specific_class") == (4.0, 2.0)

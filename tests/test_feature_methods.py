@@ -1,7 +1,7 @@
-"""FGD, FitNet, MGD (METHODS.md 3.6-3.8) and TPRD as a method of its own (``tprd_kd``).
+"""FGD, FitNet, MGD (docs/methods.md#fgd, #fitnet, #mgd) and TPRD as a method of its own (``tprd_kd``).
 
 * FGD's mask rule on hand-computed cells (a box covering the whole unpadded image of a padded batch,
-  two overlapping boxes, an image without boxes, a box touching the border) and spec 9.6;
+  two overlapping boxes, an image without boxes, a box touching the border) and docs/methods.md#inv-6;
 * FGD / FitNet / MGD losses against their formulas, written out here on tiny random features;
 * MGD masks reproducible for (seed, iteration), so a resumed run draws the same masks;
 * ``tprd_kd``: zero class term when the student equals the refined teacher; DETRDistill's matching
@@ -203,7 +203,7 @@ def test_fgd_level_loss_matches_its_formula():
         inner = dict(zip(("alpha", "beta", "gamma", "lambda_"), [float(part == p) for p in ("fg", "bg", "mask", "rela")]))
         method = FGD(num_levels=1, channels=4, temperature=temperature, **inner)
         torch.testing.assert_close(method.level_loss(method.levels[0], fs, ft, fg, bg), expected[part])
-    # spec weights and init: mean over levels of 0.001 fg + 0.0005 bg + 0.001 mask + 0.000005 rela
+    # the reference's weights and init (docs/methods.md#fgd): mean over levels of 0.001 fg + 0.0005 bg + 0.001 mask + 0.000005 rela
     method = FGD(num_levels=1, channels=4)
     total = method.losses(_feature_ctx([fs], [ft], boxes, padded=(16, 32)))["fgd"]
     torch.testing.assert_close(total, 0.001 * expected["fg"] + 0.0005 * expected["bg"] + 0.001 * expected["mask"]

@@ -140,7 +140,7 @@ def test_qskd_trains_on_three_families_and_an_empty_batch_keeps_the_graph(family
         assert all(torch.isfinite(losses[k]) for k in keys)
         assert float(losses["distill_qskd_class"]) > 0 and float(losses["distill_qskd_feature"]) > 0
         assert (not refine) or any(k.startswith("tprd_qskd_") for k in stats)
-    # a batch without any GT: no pairs and no selected queries -> zeros that keep the graph (spec 8 #9)
+    # a batch without any GT: no pairs and no selected queries -> zeros that keep the graph (docs/methods.md#diff-9)
     empty = batch(num_classes=3)
     for x in empty:
         x["gt_boxes"], x["gt_classes"] = x["gt_boxes"][:0], x["gt_classes"][:0]

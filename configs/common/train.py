@@ -19,7 +19,7 @@ train = dict(
     device="cuda",
     seed=1,
     cudnn_benchmark=False,
-    # global L2 norm of all gradients clipped to max_norm (METHODS.md 4.4)
+    # global L2 norm of all gradients clipped to max_norm (docs/methods.md#schedules)
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
     # exponential moving average of the weights (tprd/engine/ema.py); evaluations then also report
     # ema/bbox/...; --eval-only uses the average with use_ema_weights_for_eval_only=True

@@ -8,7 +8,7 @@ a file that is not a checkpoint (a text file, an HTML error page saved under a `
 that was cut off) always ends in the same :class:`CheckpointFileError`, naming the file and showing
 its first bytes, instead of a pickle, zip or codec traceback.
 
-Formats (spec 1.4): files ending in ``.pkl`` are pickles read with ``encoding="latin1"``
+Formats (docs/methods.md#initial-weights): files ending in ``.pkl`` are pickles read with ``encoding="latin1"``
 (detectron2 / Detectron model zoo files, numpy arrays); anything else is read with ``torch.load``
 (zip format, or the legacy pickle format). A file that fails its suffix's format is tried in the
 other one, so a torch file named ``.pkl`` or a plain pickle named ``.pth`` still loads. Nothing is

@@ -7,7 +7,7 @@ original ``merge_weight.py`` load too:
   file (``conv1``, ``layer1`` ...), a detectron2-named backbone (``stem``, ``res2`` ..., with or
   without ``backbone.``) or keys already under ``student.`` are accepted;
 * every teacher key under ``teacher.`` (detrex naming, as in the official checkpoints);
-* the teacher's level embeddings copied to ``student.<key>`` (spec 1.4 (d): the student's level
+* the teacher's level embeddings copied to ``student.<key>`` (docs/methods.md#initial-weights: the student's level
   embedding starts from the teacher's).
 
 Unlike the reference, the un-prefixed student keys are not duplicated and every key is reported.

@@ -1,6 +1,6 @@
 """Distiller: a frozen teacher, a student and distillation methods, as one trainable model.
 
-One training iteration (METHODS.md 1.3, clean behaviour of section 8)::
+One training iteration (docs/methods.md#one-iteration)::
 
     images  = student.preprocess(batch)            # one normalised, padded tensor + mask for both
     targets = student.prepare_targets(batch)
@@ -15,7 +15,7 @@ In eval mode the distiller returns exactly ``student(batched_inputs)``; the teac
 
 The teacher is frozen (``requires_grad=False``) and stays in eval mode whatever ``train()`` is
 called with (dropout off), unless ``teacher_train_mode=True`` (the reference's behaviour: the
-teacher follows the wrapper's mode; spec section 8 #1). Its own forward always runs under
+teacher follows the wrapper's mode; docs/methods.md#diff-1). Its own forward always runs under
 ``torch.no_grad()``. One gradient path through the teacher exists: a method with
 ``grad_through_teacher`` (CrossKD) runs the teacher's post-encoder path on the student's memory
 with autograd on, so the gradient reaches the student through the frozen teacher. Teacher

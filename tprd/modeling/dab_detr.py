@@ -24,7 +24,7 @@ Things worth knowing:
   inverse sigmoid) and then tries to freeze them with ``weight.data[:, :2].requires_grad = False``,
   which does nothing (it sets the flag on a temporary view). We reproduce the *effective*
   behaviour: the flag only selects that initialisation and the whole anchor table stays trainable
-  (METHODS.md section 8, #22).
+  (docs/methods.md#diff-22).
 * Padding masks: the encoder masks padded memory tokens. detrex never passes the padding mask to
   the decoder's cross-attention (its ``DabDetrTransformer`` calls the decoder without it), so
   checkpoints were trained attending to padded tokens; ``mask_decoder_memory=False`` (default)

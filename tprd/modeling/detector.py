@@ -236,7 +236,7 @@ def attention_taps(maps: Optional[Sequence[Dict[str, Tensor]]], spatial_shapes: 
 def multihead_attention_weights(attn: nn.MultiheadAttention, query: Tensor, key: Tensor,
                                 attn_mask: Optional[Tensor] = None) -> Tensor:
     """Per-head softmax weights ``[B,M,Q,K]`` of a batch-first :class:`nn.MultiheadAttention`
-    (packed in-projection) *before* its dropout (spec 8 #19; ``need_weights`` would give them
+    (packed in-projection) *before* its dropout (docs/methods.md#diff-19; ``need_weights`` would give them
     after dropout). ``attn_mask [Q,K]``: bool (True = blocked) or additive float."""
     heads, dim = attn.num_heads, attn.embed_dim
     w_q, w_k, _ = attn.in_proj_weight.chunk(3)

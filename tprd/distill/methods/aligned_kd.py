@@ -1,5 +1,5 @@
 """Prediction distillation of aligned student/teacher query pairs (B3 + B4, and the TPRD variant of
-METHODS.md 2.4/2.5), shared by DETRDistill, D³ETR, CrossKD and the stand-alone ``tprd_kd`` method.
+docs/methods.md#tprd-ckd, #tprd-alignment), shared by DETRDistill, D³ETR, CrossKD and the stand-alone ``tprd_kd`` method.
 
 * :func:`soft_matched_indices`: the soft Hungarian matcher B3 at every stage -> pair indices.
 * :func:`aligned_prediction_kd`: B4 soft-BCE / L1 / ``1 − GIoU`` over given pairs, or TPRD-CKD with
@@ -54,7 +54,7 @@ def aligned_prediction_kd(
     matcher's pairs or the identity). Baseline (``tprd=None``): B4 soft-BCE / L1 / ``1 − GIoU``.
     ``tprd = (match_index [L,B,Nt], labels_pad [B,G])`` (from :func:`tprd_refine_and_targets`,
     with ``t_logits``/``t_boxes`` the refined targets): the class term is TPRD-CKD, a pair being
-    positive iff its teacher query is in ``M_l`` (spec 2.4, 2.5).
+    positive iff its teacher query is in ``M_l`` (docs/methods.md#tprd-ckd, #tprd-alignment).
     """
     num_stages, batch, _, nc = s.logits.shape
     s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))

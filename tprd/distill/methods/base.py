@@ -14,8 +14,8 @@ only ``"neck"`` lets the distiller stop the teacher after its neck.
 
 Loss terms come back **unweighted**: ``{term: Tensor}`` where a 1-d tensor of length ``L`` holds
 one value per decoder stage (index ``L-1`` = final stage) and a 0-d tensor is a stage-free term.
-The distiller multiplies each by ``method.weights[term]`` (the same weight at every stage, spec
-"loss-weight convention") and names them (see :func:`expand_stage_terms`)::
+The distiller multiplies each by ``method.weights[term]`` (the same weight at every stage,
+docs/methods.md#conventions) and names them (see :func:`expand_stage_terms`)::
 
     distill_<method>_<term>          final stage (or a stage-free term)
     distill_<method>_<term>_<l>      stage l = 0 .. L-2 (0-based, the reference's ``_0 .. _4``)

@@ -1,4 +1,4 @@
-"""CrossKD: the student's encoder memory decoded by the teacher (METHODS.md 3.5; TPRD variant ours).
+"""CrossKD: the student's encoder memory decoded by the teacher (docs/methods.md#crosskd; TPRD variant ours).
 
 What crosses: the student's encoder state -- memory ``[B,S,D]`` with its padding mask ``[B,S]``,
 spatial shapes, level start indices and valid ratios (DAB-DETR: its single-level memory, memory
@@ -26,7 +26,7 @@ reference), then B4 soft-BCE / L1 / ``1 − GIoU`` summed over pairs and divided
 are the TPRD-refined teacher stage-``l`` predictions (B1 matching ``M_l`` of the raw teacher stage
 ``l``); the soft matcher pairs the crossed predictions with the refined ones; the class term is
 TPRD-CKD with positives mapped through the alignment (a pair is positive iff its teacher query is in
-``M_l``, spec 2.5) and normalised ``Σ/(B·Q)`` as DETRDistill_TPRD; the boxes go towards the refined
+``M_l``, docs/methods.md#tprd-alignment) and normalised ``Σ/(B·Q)`` as DETRDistill_TPRD; the boxes go towards the refined
 boxes. Weights class **3.0**, L1 5.0, GIoU 2.0 -- the class weight D³ETR_TPRD and QSKD_TPRD use
 for the same soft-BCE -> TPRD-CKD switch with an unchanged ``Σ/(B·N)`` / pair normaliser (DETRDistill
 uses 4.0); chosen, not tuned.

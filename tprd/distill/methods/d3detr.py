@@ -1,10 +1,10 @@
-"""D³ETR: MixMatcher distillation of predictions and decoder attention (METHODS.md 3.2; TPRD 2.6).
+"""D³ETR: MixMatcher distillation of predictions and decoder attention (docs/methods.md#d3etr; TPRD #tprd-variants).
 
 The student decodes its own queries and, as a separate group over the same memory, the teacher's
 initial queries (the *fixed* group; DINO: the teacher's content embedding + its image-dependent
 reference boxes; DAB-DETR: its anchors). Both models return their decoder attention taps
 (:mod:`tprd.distill.attention`): per layer the per-head self-attention softmax weights *before
-dropout* (spec 8 #19) and the cross-attention aggregated per head over the group's queries
+dropout* (docs/methods.md#diff-19) and the cross-attention aggregated per head over the group's queries
 (deformable layers splatted with B6, DAB-DETR's dense attention summed). Denoising queries enter
 no term: every map is cut to its group.
 
@@ -88,8 +88,8 @@ class D3ETR(DistillMethod):
     """D³ETR with optional TPRD.
 
     Args:
-        weights: ``class l1 giou self_attn cross_attn`` and the same with ``fixed_``. Default (spec
-            4.2): 1 / 5 / 2 / 10000 / 1000 for both groups (D3DETR_TPRD: both class weights 3.0).
+        weights: ``class l1 giou self_attn cross_attn`` and the same with ``fixed_``. Default
+            (docs/methods.md#weights): 1 / 5 / 2 / 10000 / 1000 for both groups (D3DETR_TPRD: both class weights 3.0).
         refine: TPRD on the prediction terms of both groups.
         matcher: B1 teacher–GT matcher for TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).

@@ -1,4 +1,4 @@
-"""DETRDistill (METHODS.md 3.1; TPRD variant 2.6).
+"""DETRDistill (docs/methods.md#detrdistill; TPRD variant #tprd-variants).
 
 Three terms at every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 

@@ -1,20 +1,20 @@
-"""KD-DETR: consistent distillation points (METHODS.md 3.3, 5.1, 5.2; TPRD variant 2.6).
+"""KD-DETR: consistent distillation points (docs/methods.md#kd-detr; TPRD variant #tprd-variants).
 
 Two extra query groups are decoded by both models, so student and teacher predictions of the same
 point are index-aligned (query ``q`` of the student group <-> query ``q`` of the teacher group):
 
 * **general** points, ``general`` in loss keys: a fresh table of ``G`` random queries per
-  iteration, drawn from N(0, 1) with this method's own seeded generator under no-grad (spec 8 #13),
+  iteration, drawn from N(0, 1) with this method's own seeded generator under no-grad (docs/methods.md#diff-13),
   decoded by the teacher and by the student. What a point is depends on the detector family
   (``query_kind``):
 
   - ``"position"`` (Deformable DETR): ``[G, 2D]`` split into positional and content halves (detrex
     order: positional first); each model computes the 2-d reference points with **its own**
-    reference-point layer (the reference's behaviour, spec 8 #12). ``shared_general_refs=True``
+    reference-point layer (the reference's behaviour, docs/methods.md#diff-12). ``shared_general_refs=True``
     instead hands the teacher's references to the student.
   - ``"anchor"`` (DAB-DETR): ``[G, 4]`` un-sigmoided anchors (the decoder sees ``σ``), zero content.
   - ``"content_box"`` (DINO): ``[G, D]`` content and ``[G, 4]`` references; the references get ``σ``
-    (clean, spec 8 #11) unless ``raw_general_refs=True`` (the reference passes the raw N(0,1) values).
+    (clean, docs/methods.md#diff-11) unless ``raw_general_refs=True`` (the reference passes the raw N(0,1) values).
 
 * **specific** points, ``specific`` in loss keys: the teacher's own initial queries/references
   (``teacher_out.taps["queries"]``), decoded by the student; their targets are the teacher's main
@@ -76,10 +76,10 @@ class KDDETR(DistillMethod):
         temperature: ``T`` of the class KL (10).
         refine: TPRD on the specific group.
         matcher: B1 matcher for TPRD (default focal Hungarian 2 / 5 / 2).
-        skip_empty_images: TPRD parity flag (spec 8 #5).
-        raw_general_refs: DINO parity flag: random references not passed through ``σ`` (spec 8 #11).
+        skip_empty_images: TPRD parity flag (docs/methods.md#diff-5).
+        raw_general_refs: DINO parity flag: random references not passed through ``σ`` (docs/methods.md#diff-11).
         shared_general_refs: Deformable DETR: the student uses the teacher's general reference points
-            instead of computing its own (spec 8 #12, optional mode).
+            instead of computing its own (docs/methods.md#diff-12, optional mode).
         query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: the models'
             declared ``query_kind``).
         seed: seed of the general-point generator (the process rank is added, so every GPU draws

@@ -1,4 +1,4 @@
-"""QSKD: query selection for DETR distillation (METHODS.md 3.4; TPRD variant 2.6).
+"""QSKD: query selection for DETR distillation (docs/methods.md#qskd; TPRD variant #tprd-variants).
 
 Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 
@@ -13,7 +13,7 @@ Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 3. **Prediction distillation** (``class``, ``l1``, ``giou``): B4 soft-BCE (summed over classes),
    L1 (summed over the 4 coordinates) and ``1 − GIoU`` over all pairs of the batch, each **averaged
    over the number of pairs** of the stage. A stage without pairs gives a zero that keeps the graph
-   (spec 8 #9).
+   (docs/methods.md#diff-9).
 4. **Attention-guided memory distillation** (``feature``): per image the mask
    ``M = mean_{i ∈ selected} (1 + g_i)·A_i`` over the teacher's per-query cross-attention maps
    ``A_i`` (length ``S``, B6 summed over heads, levels and points; DAB-DETR: its dense attention
@@ -22,17 +22,17 @@ Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
    weights, ``Σ_i w_i A_i`` is computed as one splat of the weights scaled by ``w_i``
    (:func:`weighted_query_attention`): no ``[B,Q,S]`` map is formed.
 
-   Stage ``l``'s selection weights the maps of decoder layer ``l`` (clean, spec 8 #8).
+   Stage ``l``'s selection weights the maps of decoder layer ``l`` (clean, docs/methods.md#diff-8).
    ``reference_stage_order=True`` restores the reference's zip of the selection list
    ``[final, stage 1, …, stage L−1]`` with the maps ``[layer 1, …, layer L]``: layer 1 gets the
    final stage's selection and layer ``k+1`` stage ``k``'s; the term of layer ``L`` is the one
    logged without suffix.
 
 Selection and pairing are computed on the **raw** outputs of both models. ``refine=True``
-(QSKD_TPRD, spec 2.6): the targets at the paired teacher queries are the TPRD-refined stage-``l``
+(QSKD_TPRD, docs/methods.md#tprd-variants): the targets at the paired teacher queries are the TPRD-refined stage-``l``
 predictions (B1 matching ``M_l`` of the raw teacher, shared with the selection), the class term is
 TPRD-CKD averaged over the pairs with positives = the positive pairs (their teacher queries are
-exactly ``M_l``, spec 2.5), the boxes go towards the refined boxes; the memory term stays raw.
+exactly ``M_l``, docs/methods.md#tprd-alignment), the boxes go towards the refined boxes; the memory term stays raw.
 
 Only the per-image Hungarian assignments loop in Python (scipy); selection, positive pairing,
 losses and masks are batched over stages, images and queries.
@@ -214,7 +214,7 @@ class QSKD(DistillMethod):
         matcher: B1 matcher of the selection (both models) and of TPRD (focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the hard-negative soft matching (1, 5, 2).
         giou_threshold: hard negatives need a largest GIoU with a GT strictly above it (0).
-        reference_stage_order: the reference's stage/layer misalignment of the memory term (spec 8 #8).
+        reference_stage_order: the reference's stage/layer misalignment of the memory term (docs/methods.md#diff-8).
         skip_empty_images, alpha, beta: TPRD parity flag and TPRD-CKD weights.
     """
 

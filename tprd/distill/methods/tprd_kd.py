@@ -1,5 +1,5 @@
 """TPRD as a method of its own (``tprd_kd``): matched prediction distillation towards the
-TPRD-refined teacher (METHODS.md 2.3-2.5, B3, B4).
+TPRD-refined teacher (docs/methods.md#tprd-kd).
 
 At every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 
@@ -8,8 +8,8 @@ At every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
    ``refine=False``: the raw teacher stage-``l`` predictions are the targets.
 2. The soft matcher B3 pairs the student's main-group queries with the (refined) teacher queries: a
    full permutation ``π`` for equal query counts, ``min(Ns, Nt)`` pairs otherwise.
-3. ``class``: TPRD-CKD (spec 2.4) with positives mapped through the alignment (pair ``n`` is positive
-   iff ``π(n) ∈ M_l``, with the class of the GT matched to ``π(n)``, spec 2.5); with
+3. ``class``: TPRD-CKD (docs/methods.md#tprd-ckd) with positives mapped through the alignment (pair ``n`` is positive
+   iff ``π(n) ∈ M_l``, with the class of the GT matched to ``π(n)``, docs/methods.md#tprd-alignment); with
    ``refine=False`` the soft-BCE class term of B4. ``l1``, ``giou``: ``Σ_4 |b_s − b_t|`` and
    ``1 − GIoU`` towards the (refined) teacher boxes.
 4. Every term is summed over the pairs and divided by ``B·Ns``.
@@ -18,7 +18,7 @@ This is exactly DETRDistill_TPRD's matching-KD part, so both use :func:`~.aligne
 (one copy).
 As a method it composes with any other (``FGD_TPRD`` = ``fgd`` + ``tprd_kd``) or runs alone
 (the ``TPRD`` configs, the pure-TPRD ablation); ``refine=False`` measures what the refinement
-itself adds. Neither composition exists in the reference (spec 2.6: no TPRD variant of FGD,
+itself adds. Neither composition exists in the reference (docs/methods.md#tprd-variants: no TPRD variant of FGD,
 FitNet, MGD).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TPRDKD(DistillMethod):
         refine: TPRD-refined targets + TPRD-CKD (default) or raw targets + soft-BCE (B4).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
-        skip_empty_images: TPRD parity flag (spec 8 #5).
+        skip_empty_images: TPRD parity flag (docs/methods.md#diff-5).
         alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
 
     Per-stage refinement shares go to :attr:`last_stats` as

@@ -1,4 +1,4 @@
-"""D³ETR, DAB-DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.2).
+"""D³ETR, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#d3etr).
 
 MixMatcher per decoder stage: adaptive group (soft-Hungarian matched student/teacher queries) and
 fixed group (the student decodes the teacher's queries), each with prediction KD (class 1.0 / L1 5.0

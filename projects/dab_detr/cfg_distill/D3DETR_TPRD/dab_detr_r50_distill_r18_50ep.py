@@ -1,7 +1,7 @@
 """D³ETR + TPRD, DAB-DETR R50 -> R18, COCO.
 
 The baseline ``../D3DETR/dab_detr_r50_distill_r18_50ep.py`` with refine=True and the class weights of both
-groups 1.0 -> 3.0 (METHODS.md 2.6).
+groups 1.0 -> 3.0 (docs/methods.md#tprd-variants).
 
 Per stage the teacher's predictions are refined with TPRD (one B1 matching per stage), the
 adaptive matcher runs against the refined targets, both groups' class terms become TPRD-CKD

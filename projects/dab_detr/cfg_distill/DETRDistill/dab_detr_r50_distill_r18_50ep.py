@@ -1,4 +1,4 @@
-"""DETRDistill, DAB-DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.1).
+"""DETRDistill, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#detrdistill).
 
 Per decoder stage: soft-Hungarian matched prediction KD, target-aware neck-feature distillation and
 query prior assignment, with the reference's weights (class 1.0 / L1 5.0 / GIoU 2.0, target-aware

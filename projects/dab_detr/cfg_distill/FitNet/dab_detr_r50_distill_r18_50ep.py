@@ -1,8 +1,8 @@
-"""FitNet, DAB-DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.7).
+"""FitNet, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fitnet).
 
 FitNet: per neck level a 1x1 adapter on the student map and the MSE to the teacher
-map, divided again by the batch size (spec 8 #15); weight 10.
-DAB-DETR has one neck level, its input projection of res5; the teacher runs only to it (spec 8 #14).
+map, divided again by the batch size (docs/methods.md#diff-15); weight 10.
+DAB-DETR has one neck level, its input projection of res5; the teacher runs only to it (docs/methods.md#diff-14).
 Not in the reference (its feature methods are Deformable DETR only).
 All settings in ``configs/common/feature_kd.py``.
 """

@@ -5,7 +5,7 @@ The baseline ``../FitNet/dab_detr_r50_distill_r18_50ep.py`` plus the stand-alone
 TPRD-refined teacher predictions and distilled with TPRD-CKD (class 3.0), L1 (5.0) and GIoU (2.0),
 all / (B*N). The teacher now runs its whole transformer (tprd_kd needs its per-stage predictions).
 Refinement shares are logged as ``tprd_tprd_kd_*``. Ours: the reference has no TPRD variant of
-FitNet (METHODS.md 2.6).
+FitNet (docs/methods.md#tprd-variants).
 """
 from tprd.config import get_config
 

@@ -1,7 +1,7 @@
 """KD-DETR + TPRD, DAB-DETR R50 -> R18, synthetic.
 
 The baseline ``../KD_DETR/dab_detr_r50_distill_r18_synthetic.py`` with
-refine=True only (no weight change in METHODS.md 2.6).
+refine=True only (no weight change in docs/methods.md#tprd-variants).
 
 How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
 the COCO config of this folder.

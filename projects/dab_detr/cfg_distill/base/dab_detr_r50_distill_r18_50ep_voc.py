@@ -1,7 +1,7 @@
 """DAB-DETR R50 -> R18 distillation on Pascal VOC 07+12, 50 epochs.
 
 Not in the reference (its VOC runs are Deformable DETR only); the same VOC setting as the Deformable
-DETR configs (METHODS.md 4.3): 20 classes everywhere, 51750 iterations at total batch 16, lr 1e-4
+DETR configs (docs/methods.md#schedules): 20 classes everywhere, 51750 iterations at total batch 16, lr 1e-4
 with x0.1 at iteration 41400, evaluation and checkpoints every 1035 iterations. The teacher must be
 a 20-class DAB-DETR R50 trained on VOC.
 """

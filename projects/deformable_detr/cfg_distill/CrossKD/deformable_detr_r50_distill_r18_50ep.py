@@ -1,4 +1,4 @@
-"""CrossKD, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.5).
+"""CrossKD, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#crosskd).
 
 The student's encoder memory goes through the frozen teacher's queries, decoder and heads (with
 gradients into the student's encoder, neck and backbone); per decoder stage the crossed predictions

@@ -1,4 +1,4 @@
-"""KD-DETR, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.3).
+"""KD-DETR, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#kd-detr).
 
 Two extra query groups decoded by both models, index-aligned: 300 random general points per
 iteration and the teacher's own queries (specific points); B5 losses (T = 10) at every stage.

@@ -1,4 +1,4 @@
-"""Deformable DETR R50 -> R18 distillation on Pascal VOC 07+12, 50 epochs (METHODS.md 4.3).
+"""Deformable DETR R50 -> R18 distillation on Pascal VOC 07+12, 50 epochs (docs/methods.md#schedules).
 
 20 classes in student, teacher and both criteria; VOC data (flip + short side 600, max 1000; test
 on VOC2007 test, 11-point AP); 51750 iterations at total batch 16 (50 x 1035), lr 1e-4 with x0.1

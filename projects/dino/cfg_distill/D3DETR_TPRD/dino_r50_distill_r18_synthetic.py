@@ -1,7 +1,7 @@
 """D³ETR + TPRD, DINO (4-scale) R50 -> R18, synthetic.
 
 The baseline ``../D3DETR/dino_r50_distill_r18_synthetic.py`` with refine=True and the class weights of both
-groups 1.0 -> 3.0 (METHODS.md 2.6).
+groups 1.0 -> 3.0 (docs/methods.md#tprd-variants).
 
 How TPRD changes the method: see ``dino_r50_distill_r18_4scale_12ep.py``,
 the COCO config of this folder.

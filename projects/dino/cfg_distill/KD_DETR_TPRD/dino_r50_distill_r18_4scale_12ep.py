@@ -2,7 +2,7 @@
 
 The baseline ``../KD_DETR/dino_r50_distill_r18_4scale_12ep.py`` with
 refine=True, specific class weight 4.0 -> 2.0,
-general points 900 -> 300 (METHODS.md 2.6).
+general points 900 -> 300 (docs/methods.md#tprd-variants).
 
 The specific (teacher-query) group is distilled towards the TPRD-refined teacher predictions of each
 stage with TPRD-CKD as class term and point weights from the refined logits; the general group is

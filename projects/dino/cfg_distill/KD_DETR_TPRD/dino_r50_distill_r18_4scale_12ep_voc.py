@@ -2,7 +2,7 @@
 
 The baseline ``../KD_DETR/dino_r50_distill_r18_4scale_12ep_voc.py`` with
 refine=True, specific class weight 4.0 -> 2.0,
-general points 900 -> 300 (METHODS.md 2.6).
+general points 900 -> 300 (docs/methods.md#tprd-variants).
 
 How TPRD changes the method: see ``dino_r50_distill_r18_4scale_12ep.py``,
 the COCO config of this folder.

@@ -1,4 +1,4 @@
-"""QSKD, DINO (4-scale) R50 -> R18, COCO, 12 epochs (METHODS.md 3.4).
+"""QSKD, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#qskd).
 
 Per decoder stage: GIoU-based group query selection, positive pairs by shared GT and hard-negative
 pairs by soft matching, pair-averaged prediction distillation (class 1.0 / L1 5.0 / GIoU 2.0) and

@@ -1,7 +1,7 @@
 """QSKD + TPRD, DINO (4-scale) R50 -> R18, VOC.
 
 The baseline ``../QSKD/dino_r50_distill_r18_4scale_12ep_voc.py`` with
-refine=True and the pair-KD class weight 1.0 -> 3.0 (METHODS.md 2.6).
+refine=True and the pair-KD class weight 1.0 -> 3.0 (docs/methods.md#tprd-variants).
 
 How TPRD changes the method: see ``dino_r50_distill_r18_4scale_12ep.py``,
 the COCO config of this folder.
