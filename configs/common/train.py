@@ -1,7 +1,9 @@
 # Training defaults shared by every config (detrex layout). Any field can be overridden on the
 # command line, e.g. `train.max_iter=1000 train.output_dir=./output/run1 train.device=cpu`.
 train = dict(
-    output_dir="./output",
+    # empty: ./output/<detector>/<folder>/<config name>, from the config file's path
+    # (tprd.engine.main.default_output_dir)
+    output_dir="",
     # weights loaded into the model before training unless --resume finds a checkpoint in
     # output_dir (a partial load is reported; README "detrex workflow"); --eval-only loads strictly.
     # A detrex checkpoint of a plain detector is converted on load

@@ -21,6 +21,4 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's CrossKD weights and matchers, the same for the three detectors
 model.methods = {"crosskd": get_config("common/crosskd.py").crosskd}
-
-train.output_dir = "./output/dab_detr/CrossKD/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

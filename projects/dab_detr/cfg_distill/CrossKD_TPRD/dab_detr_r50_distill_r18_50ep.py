@@ -14,5 +14,3 @@ from ..CrossKD.dab_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.crosskd.refine = True
 model.methods.crosskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dab_detr/CrossKD_TPRD/dab_detr_r50_distill_r18_50ep"

@@ -21,6 +21,4 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's D3ETR weights, the same for the three detectors
 model.methods = {"d3detr": get_config("common/d3detr.py").d3detr}
-
-train.output_dir = "./output/dab_detr/D3DETR/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

@@ -14,5 +14,3 @@ from ..D3DETR.dab_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 model.methods.d3detr.refine = True
 model.methods.d3detr.weights["class"] = 3.0
 model.methods.d3detr.weights["fixed_class"] = 3.0
-
-train.output_dir = "./output/dab_detr/D3DETR_TPRD/dab_detr_r50_distill_r18_50ep"

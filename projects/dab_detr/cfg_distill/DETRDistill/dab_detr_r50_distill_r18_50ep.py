@@ -19,6 +19,4 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's DETRDistill weights and matcher, the same for the three detectors
 model.methods = {"detrdistill": get_config("common/detrdistill.py").detrdistill}
-
-train.output_dir = "./output/dab_detr/DETRDistill/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

@@ -10,5 +10,3 @@ from ..DETRDistill.dab_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/dab_detr/DETRDistill_TPRD/dab_detr_r50_distill_r18_50ep_voc"

@@ -10,5 +10,3 @@ from ..DETRDistill.dab_detr_r50_distill_r18_synthetic import *  # noqa: F401,F40
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/dab_detr/DETRDistill_TPRD/dab_detr_r50_distill_r18_synthetic"

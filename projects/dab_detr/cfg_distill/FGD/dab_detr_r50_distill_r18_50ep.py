@@ -18,5 +18,3 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"fgd": get_config("common/feature_kd.py").fgd}
-
-train.output_dir = "./output/dab_detr/FGD/dab_detr_r50_distill_r18_50ep"

@@ -17,5 +17,3 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"fitnet": get_config("common/feature_kd.py").fitnet}
-
-train.output_dir = "./output/dab_detr/FitNet/dab_detr_r50_distill_r18_50ep"

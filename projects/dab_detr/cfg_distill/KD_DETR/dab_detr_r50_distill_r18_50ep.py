@@ -35,6 +35,4 @@ model.methods = {
         seed=0,
     ),
 }
-
-train.output_dir = "./output/dab_detr/KD_DETR/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

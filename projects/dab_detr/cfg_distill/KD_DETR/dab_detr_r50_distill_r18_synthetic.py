@@ -15,5 +15,3 @@ from .dab_detr_r50_distill_r18_50ep import model as method_config
 model.methods = method_config.methods
 del method_config
 model.methods.kd_detr.general_points = 16  # a CPU-sized table
-
-train.output_dir = "./output/dab_detr/KD_DETR/dab_detr_r50_distill_r18_synthetic"

@@ -10,5 +10,3 @@ unchanged. Per-stage refinement shares are logged as ``tprd_kd_detr_specific_*``
 from ..KD_DETR.dab_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
-
-train.output_dir = "./output/dab_detr/KD_DETR_TPRD/dab_detr_r50_distill_r18_50ep"

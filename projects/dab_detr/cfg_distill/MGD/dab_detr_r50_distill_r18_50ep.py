@@ -18,5 +18,3 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"mgd": get_config("common/feature_kd.py").mgd}
-
-train.output_dir = "./output/dab_detr/MGD/dab_detr_r50_distill_r18_50ep"

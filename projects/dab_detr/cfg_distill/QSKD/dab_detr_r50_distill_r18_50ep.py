@@ -20,6 +20,4 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's QSKD weights and matchers, the same for the three detectors
 model.methods = {"qskd": get_config("common/qskd.py").qskd}
-
-train.output_dir = "./output/dab_detr/QSKD/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

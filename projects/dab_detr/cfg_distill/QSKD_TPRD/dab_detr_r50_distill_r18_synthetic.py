@@ -10,5 +10,3 @@ from ..QSKD.dab_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dab_detr/QSKD_TPRD/dab_detr_r50_distill_r18_synthetic"

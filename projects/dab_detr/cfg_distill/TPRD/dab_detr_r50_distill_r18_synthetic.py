@@ -14,5 +14,3 @@ from .dab_detr_r50_distill_r18_50ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/dab_detr/TPRD/dab_detr_r50_distill_r18_synthetic"

@@ -33,7 +33,6 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_50ep
 train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.init_checkpoint = "./init/dab_detr_r50_distill_r18.pth"
-train.output_dir = "./output/dab_detr_r50_distill_r18_50ep"
 train.max_iter = 375000
 
 optimizer.lr = 1e-4

@@ -17,6 +17,4 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's CrossKD weights and matchers, the same for the three detectors
 model.methods = {"crosskd": get_config("common/crosskd.py").crosskd}
-
-train.output_dir = "./output/deformable_detr/CrossKD/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 30000

@@ -13,5 +13,3 @@ from ..CrossKD.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F401,
 
 model.methods.crosskd.refine = True
 model.methods.crosskd.weights["class"] = 3.0
-
-train.output_dir = "./output/deformable_detr/CrossKD_TPRD/deformable_detr_r50_distill_r18_synthetic"

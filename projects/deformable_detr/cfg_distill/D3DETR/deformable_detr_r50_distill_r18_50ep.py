@@ -17,6 +17,4 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's D3ETR weights, the same for the three detectors
 model.methods = {"d3detr": get_config("common/d3detr.py").d3detr}
-
-train.output_dir = "./output/deformable_detr/D3DETR/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 30000

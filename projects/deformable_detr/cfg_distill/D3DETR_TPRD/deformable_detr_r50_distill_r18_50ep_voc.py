@@ -11,5 +11,3 @@ from ..D3DETR.deformable_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F4
 model.methods.d3detr.refine = True
 model.methods.d3detr.weights["class"] = 3.0
 model.methods.d3detr.weights["fixed_class"] = 3.0
-
-train.output_dir = "./output/deformable_detr/D3DETR_TPRD/deformable_detr_r50_distill_r18_50ep_voc"

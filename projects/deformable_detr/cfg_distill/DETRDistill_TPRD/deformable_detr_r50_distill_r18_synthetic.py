@@ -10,5 +10,3 @@ from ..DETRDistill.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/deformable_detr/DETRDistill_TPRD/deformable_detr_r50_distill_r18_synthetic"

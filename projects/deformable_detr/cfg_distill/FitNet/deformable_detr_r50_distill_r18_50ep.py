@@ -16,5 +16,3 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"fitnet": get_config("common/feature_kd.py").fitnet}
-
-train.output_dir = "./output/deformable_detr/FitNet/deformable_detr_r50_distill_r18_50ep"

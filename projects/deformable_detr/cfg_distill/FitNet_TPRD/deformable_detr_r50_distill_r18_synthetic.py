@@ -10,5 +10,3 @@ from tprd.config import get_config
 from ..FitNet.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/deformable_detr/FitNet_TPRD/deformable_detr_r50_distill_r18_synthetic"

@@ -36,6 +36,4 @@ model.methods = {
         seed=0,
     ),
 }
-
-train.output_dir = "./output/deformable_detr/KD_DETR/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

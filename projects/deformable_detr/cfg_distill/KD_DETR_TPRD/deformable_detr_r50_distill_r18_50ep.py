@@ -10,5 +10,3 @@ unchanged. Per-stage refinement shares are logged as ``tprd_kd_detr_specific_*``
 from ..KD_DETR.deformable_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
-
-train.output_dir = "./output/deformable_detr/KD_DETR_TPRD/deformable_detr_r50_distill_r18_50ep"

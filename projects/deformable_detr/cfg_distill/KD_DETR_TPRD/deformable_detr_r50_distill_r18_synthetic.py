@@ -9,5 +9,3 @@ the COCO config of this folder.
 from ..KD_DETR.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
-
-train.output_dir = "./output/deformable_detr/KD_DETR_TPRD/deformable_detr_r50_distill_r18_synthetic"

@@ -17,5 +17,3 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"mgd": get_config("common/feature_kd.py").mgd}
-
-train.output_dir = "./output/deformable_detr/MGD/deformable_detr_r50_distill_r18_50ep"

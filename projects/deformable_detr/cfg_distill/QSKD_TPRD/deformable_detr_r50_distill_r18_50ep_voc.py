@@ -10,5 +10,3 @@ from ..QSKD.deformable_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/deformable_detr/QSKD_TPRD/deformable_detr_r50_distill_r18_50ep_voc"

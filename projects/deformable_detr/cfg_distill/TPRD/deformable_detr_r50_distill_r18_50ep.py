@@ -18,5 +18,3 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"tprd_kd": get_config("common/tprd_kd.py").tprd_kd}
-
-train.output_dir = "./output/deformable_detr/TPRD/deformable_detr_r50_distill_r18_50ep"

@@ -20,7 +20,6 @@ dataloader = get_config("common/data/voc_detr.py").dataloader
 lr_multiplier = get_config("common/voc_schedule.py").lr_multiplier_50ep
 
 train.init_checkpoint = "./init/deformable_detr_r50_distill_r18_voc.pth"
-train.output_dir = "./output/deformable_detr_r50_distill_r18_50ep_voc"
 train.max_iter = 51750
 train.eval_period = 1035
 train.checkpointer = dict(period=1035, max_to_keep=5)

@@ -21,6 +21,4 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 
 # the reference's CrossKD weights and matchers, the same for the three detectors
 model.methods = {"crosskd": get_config("common/crosskd.py").crosskd}
-
-train.output_dir = "./output/dino/CrossKD/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

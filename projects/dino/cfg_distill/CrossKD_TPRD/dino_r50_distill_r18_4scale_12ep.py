@@ -14,5 +14,3 @@ from ..CrossKD.dino_r50_distill_r18_4scale_12ep import *  # noqa: F401,F403
 
 model.methods.crosskd.refine = True
 model.methods.crosskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dino/CrossKD_TPRD/dino_r50_distill_r18_4scale_12ep"

@@ -21,6 +21,4 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 
 # the reference's D3ETR weights, the same for the three detectors
 model.methods = {"d3detr": get_config("common/d3detr.py").d3detr}
-
-train.output_dir = "./output/dino/D3DETR/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

@@ -11,5 +11,3 @@ from ..D3DETR.dino_r50_distill_r18_synthetic import *  # noqa: F401,F403
 model.methods.d3detr.refine = True
 model.methods.d3detr.weights["class"] = 3.0
 model.methods.d3detr.weights["fixed_class"] = 3.0
-
-train.output_dir = "./output/dino/D3DETR_TPRD/dino_r50_distill_r18_synthetic"

@@ -19,6 +19,4 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 
 # the reference's DETRDistill weights and matcher, the same for the three detectors
 model.methods = {"detrdistill": get_config("common/detrdistill.py").detrdistill}
-
-train.output_dir = "./output/dino/DETRDistill/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

@@ -10,5 +10,3 @@ from ..DETRDistill.dino_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/dino/DETRDistill_TPRD/dino_r50_distill_r18_synthetic"

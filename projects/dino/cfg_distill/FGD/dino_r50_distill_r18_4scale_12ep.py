@@ -18,5 +18,3 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 )
 
 model.methods = {"fgd": get_config("common/feature_kd.py").fgd}
-
-train.output_dir = "./output/dino/FGD/dino_r50_distill_r18_4scale_12ep"

@@ -10,5 +10,3 @@ from tprd.config import get_config
 from ..FGD.dino_r50_distill_r18_4scale_12ep_voc import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/dino/FGD_TPRD/dino_r50_distill_r18_4scale_12ep_voc"

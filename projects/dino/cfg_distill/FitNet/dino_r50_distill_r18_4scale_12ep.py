@@ -17,5 +17,3 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 )
 
 model.methods = {"fitnet": get_config("common/feature_kd.py").fitnet}
-
-train.output_dir = "./output/dino/FitNet/dino_r50_distill_r18_4scale_12ep"

@@ -14,5 +14,3 @@ from .dino_r50_distill_r18_4scale_12ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/dino/FitNet/dino_r50_distill_r18_4scale_12ep_voc"

@@ -37,6 +37,4 @@ model.methods = {
         seed=0,
     ),
 }
-
-train.output_dir = "./output/dino/KD_DETR/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

@@ -15,5 +15,3 @@ from .dino_r50_distill_r18_4scale_12ep import model as method_config
 model.methods = method_config.methods
 del method_config
 model.methods.kd_detr.general_points = 16  # a CPU-sized table
-
-train.output_dir = "./output/dino/KD_DETR/dino_r50_distill_r18_synthetic"

@@ -11,5 +11,3 @@ from ..KD_DETR.dino_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
 model.methods.kd_detr.weights["specific_class"] = 2.0
-
-train.output_dir = "./output/dino/KD_DETR_TPRD/dino_r50_distill_r18_synthetic"

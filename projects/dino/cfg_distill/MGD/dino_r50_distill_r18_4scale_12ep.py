@@ -18,5 +18,3 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 )
 
 model.methods = {"mgd": get_config("common/feature_kd.py").mgd}
-
-train.output_dir = "./output/dino/MGD/dino_r50_distill_r18_4scale_12ep"

@@ -12,5 +12,3 @@ from tprd.config import get_config
 from ..MGD.dino_r50_distill_r18_4scale_12ep import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/dino/MGD_TPRD/dino_r50_distill_r18_4scale_12ep"

@@ -20,6 +20,4 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 
 # the reference's QSKD weights and matchers, the same for the three detectors
 model.methods = {"qskd": get_config("common/qskd.py").qskd}
-
-train.output_dir = "./output/dino/QSKD/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

@@ -10,5 +10,3 @@ from ..QSKD.dino_r50_distill_r18_4scale_12ep_voc import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dino/QSKD_TPRD/dino_r50_distill_r18_4scale_12ep_voc"

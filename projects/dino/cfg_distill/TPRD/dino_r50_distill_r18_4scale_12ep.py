@@ -18,5 +18,3 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 )
 
 model.methods = {"tprd_kd": get_config("common/tprd_kd.py").tprd_kd}
-
-train.output_dir = "./output/dino/TPRD/dino_r50_distill_r18_4scale_12ep"

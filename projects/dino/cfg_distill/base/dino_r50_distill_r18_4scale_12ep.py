@@ -35,7 +35,6 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_12ep
 train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.init_checkpoint = "./init/dino_r50_distill_r18.pth"
-train.output_dir = "./output/dino_r50_distill_r18_4scale_12ep"
 train.max_iter = 90000
 train.checkpointer.max_to_keep = 1
 

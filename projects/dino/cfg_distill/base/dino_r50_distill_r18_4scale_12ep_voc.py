@@ -30,7 +30,6 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train.init_checkpoint = "./init/dino_r50_distill_r18_voc.pth"
-train.output_dir = "./output/dino_r50_distill_r18_4scale_12ep_voc"
 train.max_iter = 12 * ITERS_PER_EPOCH
 train.eval_period = ITERS_PER_EPOCH
 train.checkpointer = dict(period=ITERS_PER_EPOCH, max_to_keep=1)
