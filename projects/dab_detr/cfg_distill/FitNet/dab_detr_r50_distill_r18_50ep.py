@@ -1,11 +1,4 @@
-"""FitNet, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fitnet).
-
-FitNet: per neck level a 1x1 adapter on the student map and the MSE to the teacher
-map, divided again by the batch size (docs/methods.md#diff-15); weight 10.
-DAB-DETR has one neck level, its input projection of res5; the teacher runs only to it (docs/methods.md#diff-14).
-Not in the reference (its feature methods are Deformable DETR only).
-All settings in ``configs/common/feature_kd.py``.
-"""
+"""FitNet, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fitnet)."""
 from tprd.config import get_config
 
 from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401

@@ -1,13 +1,4 @@
-"""KD-DETR, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#kd-detr, #kd-detr-dab).
-
-Two extra query groups decoded by both models, index-aligned: 300 random general points per
-iteration and the teacher's own queries (specific points); B5 losses (T = 10) at every stage.
-general points: [G, 4] N(0,1) anchors read as un-sigmoided boxes (the decoder sees sigma), zero
-content; specific points: the teacher's learned anchor table with zero content (docs/methods.md#kd-detr-dab).
-
-Weights: general class 1.0 / L1 5.0 / GIoU 2.0; specific class 1.0 / L1 5.0 / GIoU 2.0
-(each at all decoder stages). Reference folder: ``projects/dab_detr/cfg_distill/KD-DETR/``.
-"""
+"""KD-DETR, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#kd-detr, #kd-detr-dab)."""
 from tprd.config import LazyCall as L
 from tprd.distill import KDDETR
 

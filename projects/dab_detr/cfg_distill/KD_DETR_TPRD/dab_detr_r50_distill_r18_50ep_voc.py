@@ -1,11 +1,4 @@
-"""KD-DETR + TPRD, DAB-DETR R50 -> R18, VOC.
-
-The baseline ``../KD_DETR/dab_detr_r50_distill_r18_50ep_voc.py`` with
-refine=True only (no weight change in docs/methods.md#tprd-variants).
-
-How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""KD-DETR + TPRD, DAB-DETR R50 -> R18, VOC (docs/methods.md#kd-detr, #tprd-variants)."""
 from ..KD_DETR.dab_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True

@@ -1,10 +1,4 @@
-"""CrossKD, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#crosskd).
-
-The student's encoder memory goes through the frozen teacher's queries, decoder and heads (with
-gradients into the student's encoder, neck and backbone); per decoder stage the crossed predictions
-are soft-Hungarian matched to the teacher's own and distilled (class 1.0 / L1 5.0 / GIoU 2.0, all in
-``configs/common/crosskd.py``).
-"""
+"""CrossKD, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#crosskd)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401

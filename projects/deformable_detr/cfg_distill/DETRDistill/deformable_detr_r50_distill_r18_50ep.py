@@ -1,9 +1,4 @@
-"""DETRDistill, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#detrdistill).
-
-Per decoder stage: soft-Hungarian matched prediction KD, target-aware neck-feature distillation and
-query prior assignment, with the reference's weights (class 1.0 / L1 5.0 / GIoU 2.0, target-aware
-2.0; all in ``configs/common/detrdistill.py``).
-"""
+"""DETRDistill, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#detrdistill)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401

@@ -1,11 +1,4 @@
-"""FGD, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fgd).
-
-FGD: per neck level spatial/channel attention, foreground/background masks from the GT
-boxes, attention imitation and global relation (trainable context blocks for both sides);
-weight 0.05 with inner alpha 0.001, beta 0.0005, gamma 0.001, lambda 0.000005, T 0.5.
-The 4 neck levels (strides 8-64) are imitated; the teacher runs only to its neck (docs/methods.md#diff-14).
-All settings in ``configs/common/feature_kd.py``.
-"""
+"""FGD, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fgd)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401

@@ -1,8 +1,4 @@
-"""TPRD alone, Deformable DETR R50 -> R18, synthetic.
-
-The method of ``deformable_detr_r50_distill_r18_50ep.py`` on the
-``base/deformable_detr_r50_distill_r18_synthetic.py`` setting.
-"""
+"""TPRD alone, Deformable DETR R50 -> R18, synthetic (docs/methods.md#tprd-kd)."""
 from ..base.deformable_detr_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,

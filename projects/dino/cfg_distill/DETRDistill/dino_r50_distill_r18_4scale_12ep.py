@@ -1,12 +1,4 @@
-"""DETRDistill, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#detrdistill).
-
-Per decoder stage: soft-Hungarian matched prediction KD, target-aware neck-feature distillation and
-query prior assignment, with the reference's weights (class 1.0 / L1 5.0 / GIoU 2.0, target-aware
-2.0; all in ``configs/common/detrdistill.py``).
-
-The reference has DETRDistill for Deformable DETR only; this config uses the same weights with
-the DINO (4-scale) hooks (4 neck levels, post-norm decoder states).
-"""
+"""DETRDistill, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#detrdistill)."""
 from tprd.config import get_config
 
 from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401

@@ -1,8 +1,4 @@
-"""KD-DETR, DINO (4-scale) R50 -> R18, synthetic.
-
-The method of ``dino_r50_distill_r18_4scale_12ep.py`` on the
-``base/dino_r50_distill_r18_synthetic.py`` setting.
-"""
+"""KD-DETR, DINO (4-scale) R50 -> R18, synthetic (docs/methods.md#kd-detr)."""
 from ..base.dino_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,
