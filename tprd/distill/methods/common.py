@@ -38,8 +38,8 @@ class TPRDOptions:
         skip_empty_images: leave an image without GT out of the refinement, as the reference does
             (docs/methods.md, #differences-from-the-reference).
         alpha, beta: TPRD-CKD weights of its target-class and non-target-class parts.
-        soft_costs: ``(class, L1, GIoU)`` costs of the soft student-teacher matcher, for methods
-            that soft-match (``None`` for the others).
+        soft_costs: ``(class, L1, GIoU)`` costs of the soft student-teacher matcher (used by the
+            methods that soft-match).
     """
 
     refine: bool = False
@@ -47,7 +47,7 @@ class TPRDOptions:
     skip_empty_images: bool = False
     alpha: float = 1.0
     beta: float = 1.0
-    soft_costs: Optional[Tuple[float, float, float]] = None
+    soft_costs: Tuple[float, float, float] = (1.0, 5.0, 2.0)
 
     def __post_init__(self) -> None:
         self.refine = bool(self.refine)
@@ -58,10 +58,9 @@ class TPRDOptions:
         self.skip_empty_images = bool(self.skip_empty_images)
         self.alpha = float(self.alpha)
         self.beta = float(self.beta)
-        if self.soft_costs is not None:
-            if len(self.soft_costs) != 3:
-                raise ValueError(f"soft_costs must be (class, l1, giou), got {self.soft_costs}")
-            self.soft_costs = tuple(float(c) for c in self.soft_costs)
+        if len(self.soft_costs) != 3:
+            raise ValueError(f"soft_costs must be (class, l1, giou), got {self.soft_costs}")
+        self.soft_costs = tuple(float(c) for c in self.soft_costs)
 
 
 def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str) -> None:

@@ -33,10 +33,10 @@ uses 4.0); chosen, not tuned.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs
@@ -66,6 +66,7 @@ class CrossKD(DistillMethod):
 
     Args:
         weights: ``class``, ``l1``, ``giou`` (default 1 / 5 / 2).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
         refine: TPRD on the targets (CrossKD_TPRD; ours).
         matcher: B1 teacher–GT matcher of TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
@@ -81,18 +82,13 @@ class CrossKD(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(**tprd)
 
     def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
         if student.family != teacher.family:

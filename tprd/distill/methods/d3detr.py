@@ -28,7 +28,7 @@ Student and teacher need the same number of decoder layers, attention heads and 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,7 @@ class D3ETR(DistillMethod):
     Args:
         weights: ``class l1 giou self_attn cross_attn`` and the same with ``fixed_``. Default
             (docs/methods.md#weights): 1 / 5 / 2 / 10000 / 1000 for both groups (D3DETR_TPRD: both class weights 3.0).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
         refine: TPRD on the prediction terms of both groups.
         matcher: B1 teacher–GT matcher for TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
@@ -107,19 +108,14 @@ class D3ETR(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             base = {"class": 1.0, "l1": 5.0, "giou": 2.0, "self_attn": 10000.0, "cross_attn": 1000.0}
             weights = {**base, **{f"fixed_{k}": v for k, v in base.items()}}
         super().__init__(weights, name)
-        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(**tprd)
         self._embed_dim: Optional[int] = None
         if not any(self.weights[p + t] != 0 for p in ("", "fixed_") for t in ATTN_TERMS):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute

@@ -27,7 +27,7 @@ neck maps (same number and sizes of levels in both models) and initial queries.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,7 @@ class DETRDistill(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (matching KD), ``target_aware``, ``prior_class``,
             ``prior_l1``, ``prior_giou``. Default: 1 / 5 / 2, 2, 1 / 5 / 2 (the baseline config).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
         refine: TPRD on the matching-KD term.
         topk: top-k entries per image for the target-aware weights (``max_per_img`` = 100).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).
@@ -133,20 +134,15 @@ class DETRDistill(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
         topk: int = 100,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "target_aware": 2.0,
                        "prior_class": 1.0, "prior_l1": 5.0, "prior_giou": 2.0}
         super().__init__(weights, name)
-        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(**tprd)
         self.topk = int(topk)
         self._embed_dim: Optional[int] = None
         self._focal = (0.25, 2.0)

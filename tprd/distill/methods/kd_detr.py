@@ -34,10 +34,10 @@ teacher's query count in both, so any student/teacher query counts work.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tprd.distill.losses import kd_detr_weighted_losses
 from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
@@ -74,6 +74,7 @@ class KDDETR(DistillMethod):
             Deformable DETR values 2 / 5 / 2 for both groups.
         general_points: ``G``; 0 disables the general group (its terms are then not returned).
         temperature: ``T`` of the class KL (10).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
         refine: TPRD on the specific group.
         matcher: B1 matcher for TPRD (default focal Hungarian 2 / 5 / 2).
         skip_empty_images: TPRD parity flag (docs/methods.md#diff-5).
@@ -96,16 +97,12 @@ class KDDETR(DistillMethod):
         weights: Optional[Dict[str, float]] = None,
         general_points: int = 300,
         temperature: float = 10.0,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        skip_empty_images: bool = False,
         raw_general_refs: bool = False,
         shared_general_refs: bool = False,
         query_kind: Optional[str] = None,
         seed: int = 0,
-        alpha: float = 1.0,
-        beta: float = 1.0,
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {t: {"class": 2.0, "l1": 5.0, "giou": 2.0}[t.split("_")[1]] for t in self.terms}
@@ -116,7 +113,7 @@ class KDDETR(DistillMethod):
             raise ValueError(f"query_kind must be one of {QUERY_KINDS}, got {query_kind!r}")
         self.general_points = int(general_points)
         self.temperature = float(temperature)
-        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta)
+        self.tprd = TPRDOptions(**tprd)
         self.raw_general_refs = bool(raw_general_refs)
         self.shared_general_refs = bool(shared_general_refs)
         self.query_kind = query_kind

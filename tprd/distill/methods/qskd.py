@@ -210,6 +210,7 @@ class QSKD(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (pair KD), ``feature`` (attention-guided memory).
             Default 1 / 5 / 2 / 100.
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
         refine: TPRD on the pair-KD targets (QSKD_TPRD).
         matcher: B1 matcher of the selection (both models) and of TPRD (focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the hard-negative soft matching (1, 5, 2).
@@ -225,20 +226,15 @@ class QSKD(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
         giou_threshold: float = 0.0,
         reference_stage_order: bool = False,
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "feature": 100.0}
         super().__init__(weights, name)
-        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(**tprd)
         self.giou_threshold = float(giou_threshold)
         self.reference_stage_order = bool(reference_stage_order)
 

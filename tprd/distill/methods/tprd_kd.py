@@ -23,7 +23,7 @@ FitNet, MGD).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 from torch import Tensor, nn
 
@@ -40,6 +40,7 @@ class TPRDKD(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (default 3.0 / 5.0 / 2.0, the TPRD class weight of
             D³ETR/QSKD_TPRD with the usual box weights).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
         refine: TPRD-refined targets + TPRD-CKD (default) or raw targets + soft-BCE (B4).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
@@ -58,18 +59,13 @@ class TPRDKD(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = True,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 3.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.tprd = TPRDOptions(refine, matcher, skip_empty_images, alpha, beta, soft_costs)
+        self.tprd = TPRDOptions(**{"refine": True, **tprd})
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         check_same_stages(student, teacher, "tprd_kd")
