@@ -18,8 +18,8 @@ from tprd.distill.soft_matcher import soft_hungarian_match_stages
 from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
 from tprd.modeling.outputs import StagePredictions
 
-from .base import DistillContext
-from .common import TPRDOptions, tprd_refine_and_targets
+from .base import DistillContext, TPRDOptions
+from .common import tprd_refine_and_targets
 
 __all__ = ["soft_matched_indices", "aligned_prediction_kd", "matching_kd"]
 

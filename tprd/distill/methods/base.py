@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +37,6 @@ from torch import Tensor, nn
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
-if TYPE_CHECKING:  # common.py builds on this module
-    from .common import TPRDOptions
 
 __all__ = [
     "TEACHER_NEEDS",
@@ -45,6 +44,7 @@ __all__ = [
     "FEATURE_NEEDS",
     "DistillContext",
     "DistillMethod",
+    "TPRDOptions",
     "stage_suffix",
     "expand_stage_terms",
     "query_group_from_tap",
@@ -175,6 +175,43 @@ def _timed(store: Dict[str, float], name: str, device: torch.device):
         store[name] = store.get(name, 0.0) + time.perf_counter() - start
 
 
+@dataclass
+class TPRDOptions:
+    """The TPRD switch of a prediction-level method and the options that go with it.
+
+    Attributes:
+        refine: distil towards the TPRD-refined teacher (the ``_TPRD`` configs) with TPRD-CKD as
+            the class term; ``False``: the method as published.
+        matcher: the teacher-to-GT matcher ``M_l`` of the refinement; ``None``: focal Hungarian with
+            costs class 2, L1 5, GIoU 2.
+        skip_empty_images: leave an image without GT out of the refinement, as the reference does
+            (docs/methods.md, #differences-from-the-reference).
+        alpha, beta: TPRD-CKD weights of its target-class and non-target-class parts.
+        soft_costs: ``(class, L1, GIoU)`` costs of the soft student-teacher matcher (used by the
+            methods that soft-match).
+    """
+
+    refine: bool = False
+    matcher: Optional[nn.Module] = None
+    skip_empty_images: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    soft_costs: Tuple[float, float, float] = (1.0, 5.0, 2.0)
+
+    def __post_init__(self) -> None:
+        self.refine = bool(self.refine)
+        if self.matcher is None:
+            from tprd.modeling.matcher import HungarianMatcher
+
+            self.matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+        self.skip_empty_images = bool(self.skip_empty_images)
+        self.alpha = float(self.alpha)
+        self.beta = float(self.beta)
+        if len(self.soft_costs) != 3:
+            raise ValueError(f"soft_costs must be (class, l1, giou), got {self.soft_costs}")
+        self.soft_costs = tuple(float(c) for c in self.soft_costs)
+
+
 class DistillMethod(nn.Module):
     """Base class of a distillation method.
 
@@ -199,9 +236,9 @@ class DistillMethod(nn.Module):
     #: ``True`` for a method whose loss back-propagates through the frozen teacher (CrossKD): it runs
     #: that teacher pass itself, with autograd on, inside :meth:`losses`.
     grad_through_teacher: bool = False
-    #: A prediction-level method's TPRD switch and options (:class:`~.common.TPRDOptions`);
+    #: A prediction-level method's TPRD switch and options (:class:`TPRDOptions`);
     #: ``None`` for a method without a TPRD variant (FGD, FitNet, MGD).
-    tprd: Optional["TPRDOptions"] = None
+    tprd: Optional[TPRDOptions] = None
 
     def __init__(self, weights: Optional[Mapping[str, float]] = None, name: Optional[str] = None):
         super().__init__()

@@ -1,8 +1,6 @@
-"""What the prediction-level methods share: their TPRD options, the stage-count check and the
-TPRD targets of a teacher group.
+"""What the prediction-level methods share: the stage-count check and the TPRD targets of a teacher
+group (their TPRD options are :class:`~.base.TPRDOptions`).
 
-* :class:`TPRDOptions`: ``refine`` and the options that go with it, one object per method
-  (``method.tprd``);
 * :func:`check_same_stages`: student stage ``l`` is paired with teacher stage ``l``;
 * :func:`tprd_refine_and_targets`: refined teacher predictions, the dense matched-GT index and the
   padded GT labels of one teacher group (what TPRD-CKD needs);
@@ -12,55 +10,17 @@ See docs/methods.md, "TPRD" (#tprd), for what the refinement does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from tprd.distill.tprd import build_match_index, pad_ground_truth, refine_teacher_predictions
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import StagePredictions
 
-from .base import DistillContext, expand_stage_terms
+from .base import DistillContext, TPRDOptions, expand_stage_terms
 
-__all__ = ["TPRDOptions", "check_same_stages", "tprd_refine_and_targets", "tprd_stats"]
-
-
-@dataclass
-class TPRDOptions:
-    """The TPRD switch of a prediction-level method and the options that go with it.
-
-    Attributes:
-        refine: distil towards the TPRD-refined teacher (the ``_TPRD`` configs) with TPRD-CKD as
-            the class term; ``False``: the method as published.
-        matcher: the teacher-to-GT matcher ``M_l`` of the refinement; ``None``: focal Hungarian with
-            costs class 2, L1 5, GIoU 2.
-        skip_empty_images: leave an image without GT out of the refinement, as the reference does
-            (docs/methods.md, #differences-from-the-reference).
-        alpha, beta: TPRD-CKD weights of its target-class and non-target-class parts.
-        soft_costs: ``(class, L1, GIoU)`` costs of the soft student-teacher matcher (used by the
-            methods that soft-match).
-    """
-
-    refine: bool = False
-    matcher: Optional[nn.Module] = None
-    skip_empty_images: bool = False
-    alpha: float = 1.0
-    beta: float = 1.0
-    soft_costs: Tuple[float, float, float] = (1.0, 5.0, 2.0)
-
-    def __post_init__(self) -> None:
-        self.refine = bool(self.refine)
-        if self.matcher is None:
-            from tprd.modeling.matcher import HungarianMatcher
-
-            self.matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-        self.skip_empty_images = bool(self.skip_empty_images)
-        self.alpha = float(self.alpha)
-        self.beta = float(self.beta)
-        if len(self.soft_costs) != 3:
-            raise ValueError(f"soft_costs must be (class, l1, giou), got {self.soft_costs}")
-        self.soft_costs = tuple(float(c) for c in self.soft_costs)
+__all__ = ["check_same_stages", "tprd_refine_and_targets", "tprd_stats"]
 
 
 def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str) -> None:

@@ -41,9 +41,9 @@ from torch import Tensor
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs
 
-from .base import DistillContext, DistillMethod
+from .base import DistillContext, DistillMethod, TPRDOptions
 from .aligned_kd import matching_kd
-from .common import TPRDOptions, tprd_stats
+from .common import tprd_stats
 
 __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 
@@ -66,7 +66,7 @@ class CrossKD(DistillMethod):
 
     Args:
         weights: ``class``, ``l1``, ``giou`` (default 1 / 5 / 2).
-        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the targets (CrossKD_TPRD; ours).
         matcher: B1 teacher–GT matcher of TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from tprd.distill.attention import cross_attention_maps, self_attention_maps
 from tprd.modeling.outputs import QueryGroup
 
-from .base import DistillContext, DistillMethod, query_group_from_tap
+from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
-from .common import TPRDOptions, check_same_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3ETR", "self_attention_kd", "cross_attention_kd"]
 
@@ -90,7 +90,7 @@ class D3ETR(DistillMethod):
     Args:
         weights: ``class l1 giou self_attn cross_attn`` and the same with ``fixed_``. Default
             (docs/methods.md#weights): 1 / 5 / 2 / 10000 / 1000 for both groups (D3DETR_TPRD: both class weights 3.0).
-        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the prediction terms of both groups.
         matcher: B1 teacher–GT matcher for TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, paired_box_iou
 from tprd.modeling.outputs import QueryGroup
 
-from .base import DistillContext, DistillMethod, query_group_from_tap
+from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import matching_kd
-from .common import TPRDOptions, check_same_stages, tprd_stats
+from .common import check_same_stages, tprd_stats
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -116,7 +116,7 @@ class DETRDistill(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (matching KD), ``target_aware``, ``prior_class``,
             ``prior_l1``, ``prior_giou``. Default: 1 / 5 / 2, 2, 1 / 5 / 2 (the baseline config).
-        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the matching-KD term.
         topk: top-k entries per image for the target-aware weights (``max_per_img`` = 100).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).

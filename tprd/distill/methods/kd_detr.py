@@ -44,8 +44,8 @@ from tprd.distill.tprd import aligned_positive_targets, decoupled_kd
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
-from .base import DistillContext, DistillMethod, query_group_from_tap
-from .common import TPRDOptions, check_same_stages, tprd_refine_and_targets, tprd_stats
+from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
+from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["KDDETR", "general_point_kind"]
 
@@ -74,7 +74,7 @@ class KDDETR(DistillMethod):
             Deformable DETR values 2 / 5 / 2 for both groups.
         general_points: ``G``; 0 disables the general group (its terms are then not returned).
         temperature: ``T`` of the class KL (10).
-        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the specific group.
         matcher: B1 matcher for TPRD (default focal Hungarian 2 / 5 / 2).
         skip_empty_images: TPRD parity flag (docs/methods.md#diff-5).

@@ -54,8 +54,8 @@ from tprd.distill.tprd import build_match_index, decoupled_kd, pad_ground_truth
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from tprd.modeling.outputs import StagePredictions
 
-from .base import DistillContext, DistillMethod
-from .common import TPRDOptions, check_same_stages, tprd_refine_and_targets, tprd_stats
+from .base import DistillContext, DistillMethod, TPRDOptions
+from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = [
     "QSKD",
@@ -210,7 +210,7 @@ class QSKD(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (pair KD), ``feature`` (attention-guided memory).
             Default 1 / 5 / 2 / 100.
-        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the pair-KD targets (QSKD_TPRD).
         matcher: B1 matcher of the selection (both models) and of TPRD (focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the hard-negative soft matching (1, 5, 2).

@@ -28,8 +28,8 @@ from typing import Any, Dict, Optional
 from torch import Tensor, nn
 
 from .aligned_kd import matching_kd
-from .base import DistillContext, DistillMethod
-from .common import TPRDOptions, check_same_stages, tprd_stats
+from .base import DistillContext, DistillMethod, TPRDOptions
+from .common import check_same_stages, tprd_stats
 
 __all__ = ["TPRDKD"]
 
@@ -40,7 +40,7 @@ class TPRDKD(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (default 3.0 / 5.0 / 2.0, the TPRD class weight of
             D³ETR/QSKD_TPRD with the usual box weights).
-        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.common.TPRDOptions`):
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD-refined targets + TPRD-CKD (default) or raw targets + soft-BCE (B4).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
