@@ -185,7 +185,7 @@ class TPRDOptions:
         matcher: the teacher-to-GT matcher ``M_l`` of the refinement; ``None``: focal Hungarian with
             costs class 2, L1 5, GIoU 2.
         skip_empty_images: leave an image without GT out of the refinement, as the reference does
-            (docs/methods.md, #differences-from-the-reference).
+            (docs/methods.md#diff-5).
         alpha, beta: TPRD-CKD weights of its target-class and non-target-class parts.
         soft_costs: ``(class, L1, GIoU)`` costs of the soft student-teacher matcher (used by the
             methods that soft-match).
