@@ -6,7 +6,7 @@ group (their TPRD options are :class:`~.base.TPRDOptions`).
   padded GT labels of one teacher group (what TPRD-CKD needs);
 * :func:`tprd_stats`: the refinement shares as named per-stage statistics.
 
-See docs/methods.md, "TPRD" (#tprd), for what the refinement does.
+See docs/methods.md#tprd for what the refinement does.
 """
 from __future__ import annotations
 
