@@ -26,8 +26,8 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
 
 # projects/<detector>/train_net.py of the config's detector
 PROJECT=$(echo "$CONFIG" | sed -E 's#^(.*projects/[^/]+)/.*#\1#')
-# the config's own train.output_dir: ./output/<detector>/<Method>/<config name>
-# (evaluate.sh then writes into <that folder>/eval_model_final/)
+# ./output/<detector>/<Method>/<config name>, the folder train_net.py derives from the config's path
+# when train.output_dir is not set (evaluate.sh then writes into <that folder>/eval_model_final/)
 OUTPUT_DIR=${OUTPUT_DIR:-./output/$(basename "$PROJECT")/$(basename "$(dirname "$CONFIG")")/$(basename "$CONFIG" .py)}
 
 python "$PROJECT/train_net.py" \

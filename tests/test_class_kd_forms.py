@@ -82,7 +82,7 @@ def test_class_kd_option_reaches_the_method_and_changes_only_the_class_term(form
         cfg = load_config(str(cfg_path), [f"model.methods.detrdistill.class_kd={f}"])
         torch.manual_seed(0)
         model = instantiate(cfg.model)
-        assert [m.class_kd for m in model.methods] == [f]
+        assert [m.tprd.class_kd for m in model.methods] == [f]
         model.train()
         torch.manual_seed(0)
         losses[f] = {k: float(v) for k, v in model(batch).items()}

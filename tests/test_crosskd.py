@@ -10,7 +10,7 @@ import torch
 from tprd.distill import CrossKD, Distiller
 from tprd.distill.methods.crosskd import crossed_teacher_outputs
 
-from test_distiller import batch, tiny_dab, tiny_deformable, tiny_dino
+from test_distiller import batch, run_with_stats, tiny_dab, tiny_deformable, tiny_dino
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -102,8 +102,8 @@ def test_crosskd_identical_models_by_hand_and_tprd_stats():
         assert float(losses[f"distill_crosskd_giou{key}"]) < 1e-3
         assert abs(float(losses[f"distill_crosskd_class{key}"]) - float(entropy[l])) < 1e-4
     distiller = Distiller(student, teacher, [CrossKD(refine=True)]).eval()
-    distiller.forward_train(data)
-    assert any(k.startswith("tprd_crosskd_") and k.endswith("refined_frac") for k in distiller.last_stats)
+    _, stats = run_with_stats(distiller, data, distiller.forward_train)
+    assert any(k.startswith("tprd_crosskd_") and k.endswith("refined_frac") for k in stats)
 
 
 def test_requires_grad_never_thaws_the_teacher():

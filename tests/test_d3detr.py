@@ -1,4 +1,4 @@
-"""D³ETR (METHODS.md 3.2): attention terms by hand and under a permutation, identical models give
+"""D³ETR (docs/methods.md#d3etr): attention terms by hand and under a permutation, identical models give
 zero distances on all three detectors (DINO's denoising queries excluded), gradients reach the
 student's attention."""
 import copy
@@ -12,7 +12,7 @@ import torch
 from tprd.distill import D3ETR, Distiller
 from tprd.distill.methods.d3detr import cross_attention_kd, self_attention_kd
 
-from test_distiller import batch, tiny_dab, tiny_deformable, tiny_dino
+from test_distiller import batch, run_with_stats, tiny_dab, tiny_deformable, tiny_dino
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -63,7 +63,7 @@ def test_identical_models_give_zero_distances(make, refine):
     teacher = make(seed=2)
     student = copy.deepcopy(teacher)
     distiller = Distiller(student, teacher, [D3ETR(refine=refine)]).train()
-    losses = distiller(batch())
+    losses, stats = run_with_stats(distiller, batch())
     d = {k: v for k, v in losses.items() if k.startswith("distill_d3detr_")}
     assert len(d) == 2 * len(D3ETR.terms)  # two stages
     for key, value in d.items():
@@ -73,7 +73,7 @@ def test_identical_models_give_zero_distances(make, refine):
     # the two groups decode the same queries here, so their class terms agree too
     assert torch.allclose(losses["distill_d3detr_class"], losses["distill_d3detr_fixed_class"], atol=1e-5)
     if refine:
-        assert any(k.startswith("tprd_d3detr_") for k in distiller.last_stats)
+        assert any(k.startswith("tprd_d3detr_") for k in stats)
 
 
 def test_attention_terms_reach_the_students_attention_only():

@@ -1,4 +1,4 @@
-"""Shared KD losses (METHODS.md 1.5 B4, B5) and the B3 soft Hungarian matcher."""
+"""Shared KD losses (docs/methods.md#b4, #b5) and the B3 soft Hungarian matcher."""
 import itertools
 import math
 

@@ -13,7 +13,7 @@ from tprd.distill.methods.detrdistill import target_aware_loss, target_aware_mas
 from tprd.modeling.matcher import HungarianMatcher
 from tprd.modeling.outputs import QueryGroup
 
-from test_distiller import batch, tiny_dab, tiny_deformable, tiny_dino
+from test_distiller import batch, run_with_stats, tiny_dab, tiny_deformable, tiny_dino
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -86,14 +86,14 @@ def test_kd_detr_b5_is_zero_when_student_equals_teacher(make):
 
 
 def test_kd_detr_tprd_is_zero_for_identical_one_stage_models():
-    """Stage-1 refinement is the identity and TPRD-CKD(s, s) = 0 (spec 9 #1, #3)."""
+    """Stage-1 refinement is the identity and TPRD-CKD(s, s) = 0 (docs/methods.md#inv-1, #inv-3)."""
     student, teacher = _same_pair(layers=1)
     distiller = Distiller(student, teacher, [KDDETR(general_points=5, refine=True)]).train()
-    losses = distiller(batch(empty_last=True))
+    losses, stats = run_with_stats(distiller, batch(empty_last=True))
     for k in ("specific_class", "specific_l1", "specific_giou", "general_class"):
         # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
         assert abs(float(losses[f"distill_kd_detr_{k}"])) < (1e-3 if "giou" in k else 1e-5), k
-    assert float(distiller.last_stats["tprd_kd_detr_specific_positive_refined_frac"]) == 0.0
+    assert float(stats["tprd_kd_detr_specific_positive_refined_frac"]) == 0.0
 
 
 def test_detrdistill_identical_models_by_hand_and_prior_assignment_is_teachers_gt_loss():
@@ -220,13 +220,13 @@ def test_different_query_counts_train_with_finite_losses(make):
     distiller = Distiller(student, teacher, methods).train()
     opt = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-4)
     for it in range(2):
-        losses = distiller(batch(seed=it, empty_last=True))
+        losses, stats = run_with_stats(distiller, batch(seed=it, empty_last=True))
         assert all(torch.isfinite(v) for v in losses.values())
         assert any(k.startswith("distill_detrdistill_class") for k in losses)
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
-    assert 0.0 <= float(distiller.last_stats["tprd_detrdistill_negative_refined_frac"]) <= 1.0
+    assert 0.0 <= float(stats["tprd_detrdistill_negative_refined_frac"]) <= 1.0
 
 
 def test_dino_teacher_runs_without_denoising_and_student_with_it():

@@ -18,7 +18,7 @@ from tprd.distill.methods.qskd import (
 from tprd.modeling.outputs import DetectorOutputs, StagePredictions
 
 from test_crosskd import datasets, synthetic_configs, train_through_entry_point, REPO  # noqa: F401
-from test_distiller import batch, tiny_dab, tiny_deformable, tiny_dino
+from test_distiller import batch, run_with_stats, tiny_dab, tiny_deformable, tiny_dino
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -134,13 +134,13 @@ def test_qskd_trains_on_three_families_and_an_empty_batch_keeps_the_graph(family
     for refine in (False, True):
         method = QSKD(refine=refine)
         distiller = Distiller(make(seed=1), make(seed=2), [method]).train()
-        losses = distiller(batch(num_classes=3))
+        losses, stats = run_with_stats(distiller, batch(num_classes=3))
         keys = [k for k in losses if k.startswith("distill_qskd_")]
         assert {f"distill_qskd_{t}{s}" for t in method.terms for s in ("", "_0")} <= set(keys)
         assert all(torch.isfinite(losses[k]) for k in keys)
         assert float(losses["distill_qskd_class"]) > 0 and float(losses["distill_qskd_feature"]) > 0
-        assert (not refine) or any(k.startswith("tprd_qskd_") for k in distiller.last_stats)
-    # a batch without any GT: no pairs and no selected queries -> zeros that keep the graph (spec 8 #9)
+        assert (not refine) or any(k.startswith("tprd_qskd_") for k in stats)
+    # a batch without any GT: no pairs and no selected queries -> zeros that keep the graph (docs/methods.md#diff-9)
     empty = batch(num_classes=3)
     for x in empty:
         x["gt_boxes"], x["gt_classes"] = x["gt_boxes"][:0], x["gt_classes"][:0]

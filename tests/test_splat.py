@@ -1,5 +1,5 @@
-"""Deformable-attention splatting B6 (METHODS.md 1.5) against a per-sample loop, and the mass
-invariant of spec 9.7."""
+"""Deformable-attention splatting B6 (docs/methods.md#b6) against a per-sample loop, and the mass
+invariant of docs/methods.md#inv-7."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""TPRD refinement (METHODS.md 2.3, 8 #3/#5, 9 items 1-3) and TPRD-CKD (2.4)."""
+"""TPRD refinement (docs/methods.md#tprd-refinement, #diff-3, #diff-5, #inv-1 to #inv-3) and TPRD-CKD (docs/methods.md#tprd-ckd)."""
 import math
 
 import numpy as np

@@ -18,7 +18,7 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
   after the forward.
 * **student step**: the student alone, ``student(batch)`` in train mode + backward.
 * **teacher forward**: ``teacher.forward_outputs`` in eval mode under ``torch.no_grad``.
-* **teacher backbone + neck** (feature-only methods, whose teacher stops at its neck, spec 8 #14):
+* **teacher backbone + neck** (feature-only methods, whose teacher stops at its neck, docs/methods.md#diff-14):
   ``teacher.extract_features`` in eval mode under ``torch.no_grad``; the ratio
   ``iteration / (student step + teacher backbone + neck)`` is then printed as well.
 

@@ -30,7 +30,7 @@ def default_X_scheduler(num_X):
     return default_coco_scheduler(num_X, decay, 0)
 
 
-# METHODS.md 4.3 / 4.4: 50 ep = 375000 it, x0.1 at 300000 (Deformable DETR, DAB-DETR);
+# docs/methods.md#schedules: 50 ep = 375000 it, x0.1 at 300000 (Deformable DETR, DAB-DETR);
 # 12 ep = 90000 it, x0.1 at 82500 (DINO). Set train.max_iter = epochs * 7500 with each.
 lr_multiplier_12ep = default_X_scheduler(12)
 lr_multiplier_24ep = default_X_scheduler(24)

@@ -3,7 +3,8 @@
 
 ``common/data/coco_detr.py`` at total batch 16 with 16 loader workers; ``common/train.py`` with
 evaluation and checkpoints every 5000 iterations (keeping the last 5). Each config adds its
-optimiser, lr, schedule, ``train.max_iter`` and ``train.output_dir``.
+optimiser, lr, schedule and ``train.max_iter`` (``train.output_dir`` follows from the config's
+path unless set).
 """
 from tprd.config import get_config
 

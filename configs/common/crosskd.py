@@ -1,4 +1,4 @@
-"""CrossKD as the reference configures it (METHODS.md 3.5), the same for the three detectors.
+"""CrossKD as the reference configures it (docs/methods.md#crosskd), the same for the three detectors.
 
 The student's encoder memory is decoded by the frozen teacher's post-encoder path (gradients flow
 through the teacher into the student's encoder, neck and backbone); per decoder stage the crossed

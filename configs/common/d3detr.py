@@ -1,4 +1,4 @@
-"""D³ETR as the reference configures it (METHODS.md 3.2, 4.2), the same for the three detectors.
+"""D³ETR as the reference configures it (docs/methods.md#d3etr, #weights), the same for the three detectors.
 
 MixMatcher per decoder stage: the adaptive group (soft matcher B3, costs 1 / 5 / 2, student main
 queries <-> teacher main queries) and the fixed group (the student decodes the teacher's initial

@@ -1,4 +1,4 @@
-"""DETRDistill as the reference configures it (METHODS.md 3.1), the same for the three detectors.
+"""DETRDistill as the reference configures it (docs/methods.md#detrdistill), the same for the three detectors.
 
 Per decoder stage: soft-Hungarian matched prediction KD (class 1.0 / L1 5.0 / GIoU 2.0, / (B*N);
 matcher costs 2 / 5 / 2 with focal alpha 0.25, gamma 2; soft costs 1 / 5 / 2), target-aware

@@ -1,4 +1,4 @@
-# AdamW with per-parameter lr factors (METHODS.md 4.4, clean behaviour #21: every lr comes from the
+# AdamW with per-parameter lr factors (docs/methods.md#schedules, #diff-21: every lr comes from the
 # config). Before instantiating, the trainer sets `optimizer.params.model = model`.
 import torch
 

@@ -1,4 +1,4 @@
-"""QSKD as the reference configures it (METHODS.md 3.4), the same for the three detectors.
+"""QSKD as the reference configures it (docs/methods.md#qskd), the same for the three detectors.
 
 Per decoder stage: GIoU-based group query selection (B1 matching of both models to the GT, costs
 2 / 5 / 2; hard negatives = unmatched queries with max GIoU to a GT > 0), positive pairs by shared

@@ -3,7 +3,8 @@
 Synthetic shapes (``common/data/synthetic_detr.py``) at batch 2; 20 iterations on the CPU, lr x0.1
 after 16, no warmup; no initial weights, no evaluation during training, a log line every 5
 iterations and one checkpoint at the end. The synthetic bases take ``dataloader``, ``train`` and
-``lr_multiplier`` from here, model and optimiser from their COCO base, and set ``train.output_dir``.
+``lr_multiplier`` from here, model and optimiser from their COCO base (``train.output_dir`` follows from the config's
+path).
 """
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 

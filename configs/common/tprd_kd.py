@@ -1,4 +1,4 @@
-"""TPRD as a method of its own (``tprd_kd``; not in the reference, METHODS.md 2.3-2.5).
+"""TPRD as a method of its own (``tprd_kd``; not in the reference, docs/methods.md#tprd-kd).
 
 Per decoder stage: the soft matcher B3 (costs 1 / 5 / 2) pairs the student's queries with the
 TPRD-refined teacher stage (B1 matcher costs 2 / 5 / 2, focal alpha 0.25, gamma 2); class term

@@ -1,7 +1,9 @@
 # Training defaults shared by every config (detrex layout). Any field can be overridden on the
 # command line, e.g. `train.max_iter=1000 train.output_dir=./output/run1 train.device=cpu`.
 train = dict(
-    output_dir="./output",
+    # empty: ./output/<detector>/<folder>/<config name>, from the config file's path
+    # (tprd.engine.main.default_output_dir)
+    output_dir="",
     # weights loaded into the model before training unless --resume finds a checkpoint in
     # output_dir (a partial load is reported; README "detrex workflow"); --eval-only loads strictly.
     # A detrex checkpoint of a plain detector is converted on load
@@ -19,7 +21,7 @@ train = dict(
     device="cuda",
     seed=1,
     cudnn_benchmark=False,
-    # global L2 norm of all gradients clipped to max_norm (METHODS.md 4.4)
+    # global L2 norm of all gradients clipped to max_norm (docs/methods.md#schedules)
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
     # exponential moving average of the weights (tprd/engine/ema.py); evaluations then also report
     # ema/bbox/...; --eval-only uses the average with use_ema_weights_for_eval_only=True

@@ -1,4 +1,4 @@
-# Pascal VOC 07+12 schedule of the Deformable DETR configs (METHODS.md 4.3): 50 epochs of 1035
+# Pascal VOC 07+12 schedule of the Deformable DETR configs (docs/methods.md#schedules): 50 epochs of 1035
 # iterations at total batch 16 (51750 it), lr x0.1 after epoch 40, no warmup. The reference wrote
 # the milestones in 1050-iteration units (42000 / 52500); as a fraction of training that is the same
 # 0.8, so the decay happens at iteration 41400 either way.

@@ -1,4 +1,6 @@
-"""Reading weight files: the one place that opens a ``.pth`` / ``.pkl`` file.
+"""Reading weight files -- the one place that opens a ``.pth`` / ``.pkl`` file -- and writing
+them atomically (:func:`atomic_torch_save`: a temporary file next to the target, flushed, then
+renamed over it, so a killed write never leaves a partial file).
 
 Every reader of weights (``train.init_checkpoint``, ``--resume`` targets, ``merge_weight.py``,
 :func:`tprd.checkpoint.load_detrex_checkpoint`, the tools) goes through :func:`read_weight_file`, so
@@ -6,7 +8,7 @@ a file that is not a checkpoint (a text file, an HTML error page saved under a `
 that was cut off) always ends in the same :class:`CheckpointFileError`, naming the file and showing
 its first bytes, instead of a pickle, zip or codec traceback.
 
-Formats (spec 1.4): files ending in ``.pkl`` are pickles read with ``encoding="latin1"``
+Formats (docs/methods.md#initial-weights): files ending in ``.pkl`` are pickles read with ``encoding="latin1"``
 (detectron2 / Detectron model zoo files, numpy arrays); anything else is read with ``torch.load``
 (zip format, or the legacy pickle format). A file that fails its suffix's format is tried in the
 other one, so a torch file named ``.pkl`` or a plain pickle named ``.pth`` still loads. Nothing is
@@ -14,14 +16,25 @@ unwrapped here: the caller gets the file's top-level mapping as stored.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import secrets
 import zipfile
 from typing import Any, Callable, List, Mapping, Tuple, Union
 
 import torch
 
-__all__ = ["CheckpointFileError", "read_weight_file", "check_weight_file"]
+__all__ = [
+    "CheckpointFileError",
+    "read_weight_file",
+    "check_weight_file",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "remove_leftover_temporary_files",
+]
+
+logger = logging.getLogger("tprd.checkpoint")
 
 PathLike = Union[str, os.PathLike]
 
@@ -131,3 +144,90 @@ def check_weight_file(path: PathLike) -> None:
             )
     elif not head.startswith(b"\x80"):
         read_weight_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+#: Temporary files of interrupted atomic writes: ``.<final name>.<random>.tmp`` next to the file.
+_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
+
+
+def _create_temporary(path: str) -> Tuple[int, str]:
+    """A new, empty hidden file next to ``path``, opened for writing: ``(fd, name)``.
+
+    Created with mode 0o666 minus the umask, like any file Python opens for writing (so a
+    checkpoint is 0644 under umask 022), unlike ``tempfile.mkstemp`` which always gives 0600.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{base}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """Write through ``write_fn(file)`` to a temporary file next to ``path``, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave the partial temporary file behind.
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def remove_leftover_temporary_files(directory: str) -> List[str]:
+    """Delete the temporary files that killed atomic writes left in ``directory``; return them.
+
+    A SIGKILL (or a power cut) during a save cannot run the clean-up of :func:`_atomic_write`,
+    so its ``.<name>.<random>.tmp`` file (up to a whole checkpoint) would stay forever. Call this
+    when no write into ``directory`` is in progress (start of a run, ``--resume``).
+    """
+    if not directory or not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX) and os.path.isfile(path):
+            try:
+                os.remove(path)
+            except OSError as e:
+                logger.warning(f"Could not remove the leftover temporary file {path}: {e}")
+                continue
+            removed.append(path)
+    return removed
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))

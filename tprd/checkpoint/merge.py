@@ -7,7 +7,7 @@ original ``merge_weight.py`` load too:
   file (``conv1``, ``layer1`` ...), a detectron2-named backbone (``stem``, ``res2`` ..., with or
   without ``backbone.``) or keys already under ``student.`` are accepted;
 * every teacher key under ``teacher.`` (detrex naming, as in the official checkpoints);
-* the teacher's level embeddings copied to ``student.<key>`` (spec 1.4 (d): the student's level
+* the teacher's level embeddings copied to ``student.<key>`` (docs/methods.md#initial-weights: the student's level
   embedding starts from the teacher's).
 
 Unlike the reference, the un-prefixed student keys are not duplicated and every key is reported.
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .detrex import read_checkpoint
+from .files import atomic_torch_save
 from ..modeling.backbone import ResNet, torchvision_to_detectron2_resnet_keys
 
 StateDict = Dict[str, Tensor]
@@ -113,8 +114,7 @@ def merge_weights(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) 
 
 
 def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to a temporary file in the target folder, then rename over ``path`` (the
-    engine's atomic write: the umask's permissions, no partial file left behind)."""
-    from tprd.engine.checkpoint import atomic_torch_save  # the engine imports this package
-
+    """``torch.save`` to a temporary file in the target folder, then rename over ``path``
+    (:func:`~tprd.checkpoint.files.atomic_torch_save`: the umask's permissions, no partial file
+    left behind)."""
     atomic_torch_save(obj, os.fspath(path))

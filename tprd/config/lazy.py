@@ -554,12 +554,6 @@ class LazyConfig:
         return _select_keys(cfg, keys, path)
 
     @staticmethod
-    def load_rel(filename: str, keys: Union[None, str, Sequence[str]] = None):
-        """Like :meth:`load`, with ``filename`` relative to the file of the calling code."""
-        caller = inspect.stack()[1].filename
-        return LazyConfig.load(Path(caller).parent / filename, keys)
-
-    @staticmethod
     def _load_yaml(path: Path) -> DictConfig:
         try:
             raw = OmegaConf.load(path)

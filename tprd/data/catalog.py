@@ -322,7 +322,7 @@ def _coco_loader(name: str) -> Callable[[], List[Dict[str, Any]]]:
         from .datasets import load_coco_json
 
         meta = prepare_dataset(name)
-        return load_coco_json(meta.json_file, meta.image_root, dataset_name=name)
+        return load_coco_json(meta.json_file, meta.image_root, metadata=meta)
 
     return load
 

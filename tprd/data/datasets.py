@@ -82,13 +82,14 @@ def read_image(path: _PathLike) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # COCO
 # --------------------------------------------------------------------------------------------
-def load_coco_json(json_file: _PathLike, image_root: _PathLike, dataset_name: Optional[str] = None) -> List[Dict[str, Any]]:
+def load_coco_json(json_file: _PathLike, image_root: _PathLike, metadata: Optional[Any] = None) -> List[Dict[str, Any]]:
     """Records of every image of a COCO instances json (images without annotations included).
 
-    Category ids are mapped to contiguous labels in sorted-id order. When ``dataset_name`` is
-    given and its metadata already has ``thing_dataset_id_to_contiguous_id`` (built-in COCO), the
-    json's categories must agree with it; otherwise the json's categories are stored in the
-    metadata.
+    Category ids are mapped to contiguous labels in sorted-id order. ``metadata``: a dataset's
+    :class:`~tprd.data.catalog.Metadata` (``MetadataCatalog.get(name)``; anything with ``name``,
+    ``get`` and ``set``). When it already has ``thing_dataset_id_to_contiguous_id`` (built-in
+    COCO), the json's categories must agree with it; otherwise the json's categories are stored in
+    it.
     """
     from pycocotools.coco import COCO
 
@@ -103,16 +104,14 @@ def load_coco_json(json_file: _PathLike, image_root: _PathLike, dataset_name: Op
 
     cat_ids = sorted(coco.getCatIds())
     id_map = {cid: i for i, cid in enumerate(cat_ids)}
-    if dataset_name is not None:
-        from .catalog import MetadataCatalog
-
-        meta = MetadataCatalog.get(dataset_name)
+    if metadata is not None:
+        meta = metadata
         known = meta.get("thing_dataset_id_to_contiguous_id")
         if known is not None:
             if set(known) != set(cat_ids):
                 raise ValueError(
                     f"categories of {str(json_file)!r} (ids {cat_ids}) differ from those of dataset "
-                    f"{dataset_name!r} (ids {sorted(known)})"
+                    f"{meta.name!r} (ids {sorted(known)})"
                 )
             id_map = dict(known)
         else:
@@ -297,8 +296,8 @@ class MapDataset(Dataset):
 class CocoDetectionDataset(DatasetFromList):
     """Records of a COCO instances json (optionally without empty images)."""
 
-    def __init__(self, json_file: _PathLike, image_root: _PathLike, filter_empty: bool = False, dataset_name: Optional[str] = None):
-        records = load_coco_json(json_file, image_root, dataset_name=dataset_name)
+    def __init__(self, json_file: _PathLike, image_root: _PathLike, filter_empty: bool = False, metadata: Optional[Any] = None):
+        records = load_coco_json(json_file, image_root, metadata=metadata)
         super().__init__(filter_empty_records(records) if filter_empty else records)
 
 

@@ -1,6 +1,6 @@
 """Distiller: a frozen teacher, a student and distillation methods, as one trainable model.
 
-One training iteration (METHODS.md 1.3, clean behaviour of section 8)::
+One training iteration (docs/methods.md#one-iteration)::
 
     images  = student.preprocess(batch)            # one normalised, padded tensor + mask for both
     targets = student.prepare_targets(batch)
@@ -15,7 +15,7 @@ In eval mode the distiller returns exactly ``student(batched_inputs)``; the teac
 
 The teacher is frozen (``requires_grad=False``) and stays in eval mode whatever ``train()`` is
 called with (dropout off), unless ``teacher_train_mode=True`` (the reference's behaviour: the
-teacher follows the wrapper's mode; spec section 8 #1). Its own forward always runs under
+teacher follows the wrapper's mode; docs/methods.md#diff-1). Its own forward always runs under
 ``torch.no_grad()``. One gradient path through the teacher exists: a method with
 ``grad_through_teacher`` (CrossKD) runs the teacher's post-encoder path on the student's memory
 with autograd on, so the gradient reaches the student through the frozen teacher. Teacher
@@ -26,42 +26,32 @@ distiller leaves the teacher alone, and every training forward checks it), so ne
 Loss-key scheme (every method, see :mod:`tprd.distill.methods.base`): the student's own GT losses
 keep their names (``loss_class``, ``loss_bbox_0`` ...); distillation terms are
 ``distill_<method>_<term>`` for the final stage and ``distill_<method>_<term>_<l>`` for stages
-``l = 0 .. L-2``, each multiplied by the same configured weight. Non-loss diagnostics (TPRD
-refinement shares per stage) are in :attr:`Distiller.last_stats`, named
-``tprd_<method>_<group>_<stat>[_<l>]``, as detached tensors.
+``l = 0 .. L-2``, each multiplied by the same configured weight.
+
+The trainer and the distiller talk through the event storage (:mod:`tprd.utils.events`), never
+through attributes: the distiller reads the training iteration from it (``None`` outside a
+trainer) and puts the non-loss diagnostics of every iteration -- TPRD refinement shares per stage,
+named ``tprd_<method>_<group>_<stat>[_<l>]`` -- into it as detached tensors
+(:meth:`~tprd.utils.events.EventStorage.put_stats`); outside a storage they are dropped.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup
+from tprd.utils.events import current_event_storage
 
 from .methods.base import FEATURE_NEEDS, DistillContext, DistillMethod, expand_stage_terms
 
 __all__ = ["Distiller"]
 
 logger = logging.getLogger("tprd.distill")
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _buffer_or_attr(model: nn.Module, name: str) -> Optional[Tensor]:
-    value = getattr(model, name, None)
-    if value is None:
-        return None
-    return torch.as_tensor(value).detach().float().flatten().cpu()
 
 
 def _is_backbone_key(key: str) -> bool:
@@ -72,8 +62,8 @@ class Distiller(nn.Module):
     """Teacher-student distillation wrapper.
 
     Args:
-        student: the detector being trained (``preprocess``, ``prepare_targets``,
-            ``forward_outputs``, ``criterion``; ``student(batched_inputs)`` in eval).
+        student: the detector being trained, a :class:`~tprd.modeling.detector.DETRDetector`
+            (the distiller uses only its declared interface; ``student(batched_inputs)`` in eval).
         teacher: a detector of the same family (any query count; R50 typically).
         methods: distillation methods (:class:`~tprd.distill.methods.base.DistillMethod`), a list
             or a ``{name: method}`` mapping (the mapping's order is kept; its keys are ignored, the
@@ -88,8 +78,8 @@ class Distiller(nn.Module):
 
     def __init__(
         self,
-        student: nn.Module,
-        teacher: nn.Module,
+        student: DETRDetector,
+        teacher: DETRDetector,
         methods: Union[Sequence[DistillMethod], Mapping[str, DistillMethod]] = (),
         teacher_train_mode: bool = False,
         profile: bool = False,
@@ -111,8 +101,6 @@ class Distiller(nn.Module):
         self.teacher_train_mode = bool(teacher_train_mode)
         self.profile = bool(profile)
         self.timings: Dict[str, float] = {}
-        self.last_stats: Dict[str, Tensor] = {}
-        self.iteration: Optional[int] = None
 
         self.teacher.requires_grad_(False)
         if check_pixel_stats:
@@ -120,23 +108,24 @@ class Distiller(nn.Module):
         self._check_classes()
         for m in self.methods:
             if m.requires_equal_queries:
-                nq_s, nq_t = getattr(student, "num_queries", None), getattr(teacher, "num_queries", None)
-                if nq_s is not None and nq_t is not None and nq_s != nq_t:
+                nq_s, nq_t = student.num_queries, teacher.num_queries
+                if nq_s != nq_t:
                     raise ValueError(
                         f"method {m.name!r} pairs student and teacher queries by index and needs equal query "
                         f"counts, but the student has {nq_s} and the teacher {nq_t}: set the student's "
                         f"num_queries to {nq_t}"
                     )
             m.check_models(student, teacher)
-        self._student_takes_targets = _accepts(student.forward_outputs, "targets")
         self.train(self.training)
 
     # ------------------------------------------------------------------ construction checks
     def _check_pixel_stats(self) -> None:
-        for name in ("pixel_mean", "pixel_std"):
-            s, t = _buffer_or_attr(self.student, name), _buffer_or_attr(self.teacher, name)
-            if s is None or t is None:
-                continue
+        pairs = {
+            "pixel_mean": (self.student.pixel_mean, self.teacher.pixel_mean),
+            "pixel_std": (self.student.pixel_std, self.teacher.pixel_std),
+        }
+        for name, (s, t) in pairs.items():
+            s, t = s.detach().float().flatten().cpu(), t.detach().float().flatten().cpu()
             if s.shape != t.shape or not torch.allclose(s, t):
                 raise ValueError(
                     f"student and teacher {name} differ ({s.tolist()} vs {t.tolist()}): both see the same "
@@ -144,8 +133,8 @@ class Distiller(nn.Module):
                 )
 
     def _check_classes(self) -> None:
-        cs, ct = getattr(self.student, "num_classes", None), getattr(self.teacher, "num_classes", None)
-        if cs is not None and ct is not None and int(cs) != int(ct):
+        cs, ct = self.student.num_classes, self.teacher.num_classes
+        if int(cs) != int(ct):
             raise ValueError(
                 f"student has {cs} classes but the teacher {ct}: distillation needs the same label space "
                 f"(e.g. a VOC student needs a 20-class teacher)"
@@ -174,7 +163,7 @@ class Distiller(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.student.device if hasattr(self.student, "device") else next(self.student.parameters()).device
+        return self.student.device
 
     @property
     def needs(self) -> frozenset:
@@ -203,15 +192,17 @@ class Distiller(nn.Module):
         validation losses)."""
         self._check_teacher_frozen()
         timings = {} if self.profile else None
+        storage = current_event_storage()
         images = self.student.preprocess(batched_inputs)
         targets = self.student.prepare_targets(batched_inputs)
-        ctx = DistillContext(images, targets, self.student, self.teacher, timings=timings, iteration=self.iteration)
+        ctx = DistillContext(images, targets, self.student, self.teacher, timings=timings,
+                             iteration=None if storage is None else storage.iter)
 
-        teacher_groups = self._collect_groups("teacher_query_groups", ctx)
+        teacher_groups = self._collect_groups([m.teacher_query_groups for m in self.methods], ctx)
         with ctx.section("teacher_forward"):
             ctx.teacher_out = self._run_teacher(images, teacher_groups)
 
-        student_groups = self._collect_groups("student_query_groups", ctx)
+        student_groups = self._collect_groups([m.student_query_groups for m in self.methods], ctx)
         with ctx.section("student_forward"):
             ctx.student_out = self._run_student(images, student_groups, targets)
 
@@ -231,15 +222,17 @@ class Distiller(nn.Module):
                         raise KeyError(f"loss key {key!r} produced twice")
                     losses[key] = value
                 stats.update({k: v.detach() for k, v in m.last_stats.items()})
-        self.last_stats = stats
+        if storage is not None:
+            storage.put_stats(stats)
         if timings is not None:
             self.timings = timings
         return losses
 
-    def _collect_groups(self, hook: str, ctx: DistillContext) -> List[QueryGroup]:
+    @staticmethod
+    def _collect_groups(hooks: Sequence[Callable[[DistillContext], List[QueryGroup]]], ctx: DistillContext) -> List[QueryGroup]:
         groups: List[QueryGroup] = []
-        for m in self.methods:
-            groups.extend(getattr(m, hook)(ctx))
+        for hook in hooks:
+            groups.extend(hook(ctx))
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
             raise ValueError(f"query group names must be unique across methods, got {names}")
@@ -251,44 +244,18 @@ class Distiller(nn.Module):
             return None
         with torch.no_grad():
             if not groups and needs <= FEATURE_NEEDS:
-                taps = self._teacher_features(images)
-                if taps is not None:
-                    return DetectorOutputs(main=None, taps=taps)
-            extra = {"return_attention": True} if "attention" in needs else {}
-            return self.teacher.forward_outputs(images, query_groups=list(groups), **extra)
-
-    def _teacher_features(self, images: ImageBatch) -> Optional[Dict[str, Any]]:
-        """Backbone + neck of the teacher only (spec 8 #14), through the detector's
-        ``forward_features(images) -> {"backbone", "neck", "neck_masks"}`` or
-        ``extract_features(images) -> (backbone, neck, neck_masks)``; ``None`` if it has neither."""
-        if hasattr(self.teacher, "forward_features"):
-            feats = self.teacher.forward_features(images)
-            return dict(feats.taps if isinstance(feats, DetectorOutputs) else feats)
-        if hasattr(self.teacher, "extract_features"):
-            backbone, neck, masks = self.teacher.extract_features(images)
-            return {"backbone": backbone, "neck": list(neck), "neck_masks": list(masks)}
-        return None
+                # backbone + neck only: a feature-level method never pays for the teacher's transformer
+                return DetectorOutputs(main=None, taps=dict(self.teacher.forward_features(images)))
+            return self.teacher.forward_outputs(images, query_groups=list(groups), return_attention="attention" in needs)
 
     def _run_student(self, images: ImageBatch, groups: Sequence[QueryGroup], targets) -> DetectorOutputs:
-        extra = {"return_attention": True} if "attention" in self.student_needs else {}
-        if self._student_takes_targets:
-            extra["targets"] = targets
-        return self.student.forward_outputs(images, query_groups=list(groups), **extra)
+        return self.student.forward_outputs(
+            images, query_groups=list(groups), targets=targets, return_attention="attention" in self.student_needs
+        )
 
     def student_gt_losses(self, outputs: DetectorOutputs, targets) -> Dict[str, Tensor]:
-        """The student's weighted GT losses, exactly as its own training forward weights them
-        (``compute_losses`` if the detector has one, else ``criterion`` + ``weight_losses``)."""
-        student = self.student
-        if hasattr(student, "compute_losses"):
-            return dict(student.compute_losses(outputs, targets))
-        criterion = getattr(student, "criterion", None)
-        if criterion is None:
-            raise RuntimeError("the student was built without a criterion; it cannot compute its GT losses")
-        losses = criterion(outputs, targets)
-        if hasattr(criterion, "weight_losses"):
-            return dict(criterion.weight_losses(losses))
-        weights = getattr(criterion, "weight_dict", {})
-        return {k: v * weights[k] if k in weights else v for k, v in losses.items()}
+        """The student's weighted GT losses, exactly as its own training forward weights them."""
+        return dict(self.student.compute_losses(outputs, targets))
 
     # ------------------------------------------------------------------ checkpoints
     def split_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Dict[str, Tensor]]:
@@ -330,7 +297,7 @@ class Distiller(nn.Module):
         for part, model in (("student", self.student), ("teacher", self.teacher)):
             sub = parts[part]
             native = set(sub) <= set(model.state_dict().keys())  # e.g. a distiller checkpoint
-            if sub and not native and hasattr(model, "convert_detrex_state_dict"):
+            if sub and not native:
                 sub = model.convert_detrex_state_dict(sub)
             out.update({f"{part}.{k}": v for k, v in sub.items()})
         out.update({f"methods.{k}": v for k, v in parts["methods"].items()})
@@ -400,7 +367,7 @@ class Distiller(nn.Module):
         return student_missing
 
     def _missing(self, converted: Mapping[str, Tensor], part: str) -> List[str]:
-        own = getattr(self, part).state_dict().keys()
+        own = {"student": self.student, "teacher": self.teacher}[part].state_dict().keys()
         return [k for k in own if f"{part}.{k}" not in converted]
 
     @staticmethod

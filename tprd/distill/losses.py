@@ -1,4 +1,4 @@
-"""Shared prediction-level distillation losses (METHODS.md 1.5 B4, B5) and the KL helper.
+"""Shared prediction-level distillation losses (docs/methods.md#b4, #b5) and the KL helper.
 
 All functions treat the teacher tensors as constants (they are detached here, so callers may pass
 teacher outputs that still carry a graph, e.g. CrossKD). Boxes are normalised ``cxcywh``.
@@ -62,7 +62,7 @@ def kl_div_logits(teacher_logits: Tensor, student_logits: Tensor, temperature: f
 def box_pair_losses(s_boxes: Tensor, t_boxes: Tensor) -> tuple[Tensor, Tensor]:
     """Per-pair ``(Σ_4 |b_s − b_t|, 1 − GIoU(b_s, b_t))`` for aligned cxcywh boxes ``[...,4]``.
 
-    No clamping of the student box (spec B4). Returns two tensors of shape ``[...]``.
+    No clamping of the student box (docs/methods.md#b4). Returns two tensors of shape ``[...]``.
     """
     t_boxes = t_boxes.detach()
     l1 = (s_boxes - t_boxes).abs().sum(-1)

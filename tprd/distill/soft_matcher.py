@@ -1,4 +1,4 @@
-"""B3 soft Hungarian matcher between student and teacher predictions (METHODS.md 1.5 B3, 2.5).
+"""B3 soft Hungarian matcher between student and teacher predictions (docs/methods.md#b3, #tprd-alignment).
 
 Per image, between student query ``n`` and teacher query ``m``::
 
@@ -138,7 +138,7 @@ def inverse_permutation(teacher_idx: Tensor, num_teacher: int) -> Tensor:
 def pair_positive_targets(
     teacher_idx: Tensor, num_teacher: int, match: Match, gt_labels: Tensor
 ) -> Tuple[Tensor, Tensor]:
-    """Positive flag and GT class of every row of one image's pair list (spec 2.5, clean variant).
+    """Positive flag and GT class of every row of one image's pair list (docs/methods.md#tprd-alignment, clean variant).
 
     Args:
         teacher_idx: ``[P]`` teacher query of each pair-list row (e.g. ``π`` from the soft matcher).

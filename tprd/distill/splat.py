@@ -1,4 +1,4 @@
-"""Deformable-attention "flat grid" splatting (METHODS.md 1.5, B6).
+"""Deformable-attention "flat grid" splatting (docs/methods.md#b6).
 
 A deformable cross-attention call samples, for every query ``q`` and head ``m``, ``L x P`` points
 with weights ``a`` (softmax over levels x points per head). Splatting turns those samples into a
@@ -17,7 +17,7 @@ Neighbours outside ``[0, W_l) x [0, H_l)`` are dropped; the token of cell ``(row
 and points (``reduce="head"``, ``[B,M,S]``); QSKD per (image, query) over heads, levels and points
 (``reduce="query"``, ``[B,Q,S]``).
 
-Everything is one ``scatter_add`` over all ``B*Q*M*L*P*4`` contributions (spec 8 #10); the map is
+Everything is one ``scatter_add`` over all ``B*Q*M*L*P*4`` contributions (docs/methods.md#diff-10); the map is
 differentiable with respect to the attention weights and, through the bilinear factors, the
 sampling locations.
 """

@@ -1,17 +1,17 @@
 """TPRD: teacher prediction refinement and the decoupled classification KD paired with it.
 
-METHODS.md section 2. Everything here is a pure function of tensors:
+docs/methods.md#tprd. Everything here is a pure function of tensors:
 
 * :func:`refine_teacher_predictions` (contract) -- refined per-stage teacher logits and boxes
-  (rules of 2.3), vectorised over target stages, source stages, images and queries.
+  (docs/methods.md#tprd-refinement), vectorised over target stages, source stages, images and queries.
 * :func:`refinement_stats` / ``return_stats=True`` -- per-stage share of refined positives and of
   suppressed negatives, for logging.
-* :func:`decoupled_kd` -- TPRD-CKD (2.4), per aligned pair, numerically stable.
+* :func:`decoupled_kd` -- TPRD-CKD (#tprd-ckd), per aligned pair, numerically stable.
 * :func:`build_match_index`, :func:`pad_ground_truth`, :func:`aligned_positive_targets` -- the
   per-(stage, image, query) "matched GT" index tensor and the lookups that turn it into the
-  positive flag / target class of aligned pairs (2.5).
+  positive flag / target class of aligned pairs (#tprd-alignment).
 
-Selection rules of 2.3, for target stage ``l`` and query ``q`` (source stages ``k ≤ l``):
+Selection rules (#tprd-refinement), for target stage ``l`` and query ``q`` (source stages ``k ≤ l``):
 
 * positive (matched to GT ``j`` of class ``c``, box ``g``): ``K+ = {k : IoU(X^k_q, g) > IoU(X^l_q, g)
   and σ(Z^k_q[c]) > σ(Z^l_q[c])}``; ``k*`` = largest IoU, lowest ``k`` on ties; the whole box and only
@@ -144,7 +144,7 @@ def build_match_index(
 def aligned_positive_targets(
     match_index: Tensor, gt_labels_padded: Tensor, teacher_idx: Tensor | None = None
 ) -> Tuple[Tensor, Tensor]:
-    """Positive flag and GT class of aligned pairs (METHODS.md 2.5).
+    """Positive flag and GT class of aligned pairs (docs/methods.md#tprd-alignment).
 
     Args:
         match_index: ``[B, Qt]`` matched-GT index of the teacher queries at one stage (a slice of
@@ -283,7 +283,7 @@ def refine_teacher_predictions(
             the raw stage-``l`` predictions of image ``b`` to its GT (any device).
         gt_labels: per image ``[G_b]`` long class indices.
         gt_boxes: per image ``[G_b, 4]`` normalised cxcywh.
-        skip_empty_images: ``False`` (default, clean behaviour of spec 8 #5): every query of an image
+        skip_empty_images: ``False`` (default, clean behaviour of docs/methods.md#diff-5): every query of an image
             without GT is a negative and gets the negative rule. ``True``: such images are left
             unchanged, as in the reference.
         return_stats: also return :func:`refinement_stats`-style diagnostics.
@@ -336,7 +336,7 @@ def decoupled_kd(
     alpha: float = 1.0,
     beta: float = 1.0,
 ) -> Tensor:
-    """TPRD-CKD per aligned (student row, refined-teacher row) pair, temperature 1 (spec 2.4).
+    """TPRD-CKD per aligned (student row, refined-teacher row) pair, temperature 1 (docs/methods.md#tprd-ckd).
 
     With ``p = softmax(student)``, ``r = softmax(teacher)`` over the ``C`` classes:
 

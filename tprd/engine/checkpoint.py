@@ -20,103 +20,20 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 from fvcore.common.checkpoint import Checkpointer
 from torch.nn.parallel import DistributedDataParallel
 
+from tprd.checkpoint.files import atomic_torch_save, atomic_write_text, remove_leftover_temporary_files
+
 from . import comm
 
 __all__ = ["DetectionCheckpointer", "atomic_torch_save", "atomic_write_text", "remove_leftover_temporary_files"]
 
 logger = logging.getLogger("tprd.checkpoint")
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-#: Temporary files of interrupted atomic writes: ``.<final name>.<random>.tmp`` next to the file.
-_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
-
-
-def _create_temporary(path: str) -> Tuple[int, str]:
-    """A new, empty hidden file next to ``path``, opened for writing: ``(fd, name)``.
-
-    Created with mode 0o666 minus the umask, like any file Python opens for writing (so a
-    checkpoint is 0644 under umask 022), unlike ``tempfile.mkstemp`` which always gives 0600.
-    """
-    directory, base = os.path.split(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(directory, f"{_TMP_PREFIX}{base}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:  # pragma: no cover - 32 random bits collided
-            continue
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Write through ``write_fn(file)`` to a temporary file next to ``path``, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the partial temporary file behind.
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def remove_leftover_temporary_files(directory: str) -> List[str]:
-    """Delete the temporary files that killed atomic writes left in ``directory``; return them.
-
-    A SIGKILL (or a power cut) during a save cannot run the clean-up of :func:`_atomic_write`,
-    so its ``.<name>.<random>.tmp`` file (up to a whole checkpoint) would stay forever. Call this
-    when no write into ``directory`` is in progress (start of a run, ``--resume``).
-    """
-    if not directory or not os.path.isdir(directory):
-        return []
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX) and os.path.isfile(path):
-            try:
-                os.remove(path)
-            except OSError as e:
-                logger.warning(f"Could not remove the leftover temporary file {path}: {e}")
-                continue
-            removed.append(path)
-    return removed
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class DetectionCheckpointer(Checkpointer):

@@ -1,7 +1,8 @@
 """Small helpers around ``torch.distributed`` that also work when it is not initialised.
 
 Every function degrades to the single-process answer (world size 1, rank 0, no-op barrier), so
-code calling them runs unchanged in a plain ``python train_net.py`` process.
+code calling them runs unchanged in a plain ``python train_net.py`` process. The rank and world
+size come from :mod:`tprd.utils.comm` (the low-level module the model and distillation code use).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
+
+from tprd.utils.comm import get_rank, get_world_size, is_dist_initialized, is_main_process
 
 __all__ = [
     "is_dist_initialized",
@@ -36,18 +39,6 @@ def _set_local(rank: int, size: int) -> None:
     _LOCAL_RANK, _LOCAL_SIZE = int(rank), int(size)
 
 
-def is_dist_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist_initialized() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist_initialized() else 0
-
-
 def get_local_rank() -> int:
     """Index of this process among the processes of its machine (the GPU it should use)."""
     if not is_dist_initialized():
@@ -63,10 +54,6 @@ def get_local_size() -> int:
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
     return _LOCAL_SIZE
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def synchronize() -> None:

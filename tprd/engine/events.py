@@ -1,7 +1,8 @@
-"""Scalar bookkeeping for training (``EventStorage``) and the writers that report it.
+"""The writers that report what training put into the :class:`EventStorage`.
 
 The trainer puts scalars (losses, lr, timings, evaluation metrics) into an :class:`EventStorage`
-tagged with the current iteration; writers read from it:
+tagged with the current iteration (the storage itself lives in the low-level
+:mod:`tprd.utils.events`, so model code can use it too); writers read from it:
 
 * :class:`CommonMetricPrinter` — one console line: ETA, iteration, losses, time, data_time, lr,
   max memory;
@@ -14,11 +15,13 @@ import datetime
 import json
 import logging
 import os
-from collections import defaultdict, deque
-from typing import Any, Dict, List, Optional, Tuple
+from collections import defaultdict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from tprd.utils.events import EventStorage, HistoryBuffer, get_event_storage
 
 __all__ = [
     "EventStorage",
@@ -29,109 +32,6 @@ __all__ = [
     "JSONWriter",
     "TensorboardXWriter",
 ]
-
-_CURRENT_STORAGE: List["EventStorage"] = []
-
-
-def get_event_storage() -> "EventStorage":
-    """The innermost active storage (inside ``with EventStorage(...)``)."""
-    if not _CURRENT_STORAGE:
-        raise RuntimeError("get_event_storage() called outside of `with EventStorage(...)`.")
-    return _CURRENT_STORAGE[-1]
-
-
-class HistoryBuffer:
-    """The last ``max_length`` values of one scalar, with the iteration each was put at."""
-
-    def __init__(self, max_length: int = 1_000_000):
-        self._data: deque = deque(maxlen=max_length)
-        self._global_sum = 0.0
-        self._count = 0
-
-    def update(self, value: float, iteration: int) -> None:
-        self._data.append((float(value), int(iteration)))
-        self._global_sum += float(value)
-        self._count += 1
-
-    def latest(self) -> float:
-        return self._data[-1][0]
-
-    def median(self, window: int) -> float:
-        return float(np.median([v for v, _ in list(self._data)[-window:]]))
-
-    def avg(self, window: int) -> float:
-        return float(np.mean([v for v, _ in list(self._data)[-window:]]))
-
-    def global_avg(self) -> float:
-        return self._global_sum / max(self._count, 1)
-
-    def values(self) -> List[Tuple[float, int]]:
-        return list(self._data)
-
-
-class EventStorage:
-    """Scalars put during training, keyed by name, each tagged with the iteration."""
-
-    def __init__(self, start_iter: int = 0):
-        self.iter = int(start_iter)
-        self._history: Dict[str, HistoryBuffer] = defaultdict(HistoryBuffer)
-        self._latest: Dict[str, Tuple[float, int]] = {}
-        self._smoothing_hints: Dict[str, bool] = {}
-        #: names of the scalars that are loss terms (the console line shows these)
-        self.loss_names: set = set()
-
-    def put_scalar(self, name: str, value: Any, smoothing_hint: bool = True) -> None:
-        """Record ``value`` for ``name`` at the current iteration.
-
-        ``smoothing_hint`` tells writers whether a windowed median is meaningful (losses) or the
-        raw latest value should be shown (lr, evaluation metrics).
-        """
-        if isinstance(value, torch.Tensor):
-            value = value.detach().item()
-        value = float(value)
-        self._history[name].update(value, self.iter)
-        self._latest[name] = (value, self.iter)
-        previous = self._smoothing_hints.get(name)
-        if previous is not None and previous != smoothing_hint:
-            raise ValueError(f"Scalar {name!r} was put with a different smoothing_hint before.")
-        self._smoothing_hints[name] = smoothing_hint
-
-    def put_scalars(self, *, smoothing_hint: bool = True, **kwargs: Any) -> None:
-        for k, v in kwargs.items():
-            self.put_scalar(k, v, smoothing_hint=smoothing_hint)
-
-    def history(self, name: str) -> HistoryBuffer:
-        if name not in self._history:
-            raise KeyError(f"No scalar named {name!r} in the EventStorage.")
-        return self._history[name]
-
-    def histories(self) -> Dict[str, HistoryBuffer]:
-        return dict(self._history)
-
-    def latest(self) -> Dict[str, Tuple[float, int]]:
-        """``name -> (latest value, iteration it was put at)``."""
-        return dict(self._latest)
-
-    def latest_with_smoothing_hint(self, window: int = 20) -> Dict[str, Tuple[float, int]]:
-        """Like :meth:`latest`, with smoothed scalars replaced by their windowed median."""
-        out = {}
-        for name, (value, it) in self._latest.items():
-            if self._smoothing_hints[name]:
-                value = self._history[name].median(window)
-            out[name] = (value, it)
-        return out
-
-    def step(self) -> None:
-        self.iter += 1
-
-    def __enter__(self) -> "EventStorage":
-        _CURRENT_STORAGE.append(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        assert _CURRENT_STORAGE[-1] is self
-        _CURRENT_STORAGE.pop()
-
 
 # --------------------------------------------------------------------------------------------
 # Writers

@@ -47,6 +47,7 @@ __all__ = [
     "build_model",
     "check_num_classes",
     "print_csv_format",
+    "default_output_dir",
     "load_config",
     "eval_only_output_dir",
 ]
@@ -68,13 +69,34 @@ def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
     return node
 
 
+def default_output_dir(config_file: str) -> str:
+    """Where a run of ``config_file`` writes when neither the config nor the command line sets
+    ``train.output_dir``: ``./output/<detector>/<folder>/<config name>`` for a config at
+    ``projects/<detector>/<...>/<folder>/<config name>.py`` (``train_distill.sh`` derives the same,
+    e.g. ``./output/dino/KD_DETR_TPRD/dino_r50_distill_r18_4scale_12ep``), else
+    ``./output/<config name>``."""
+    path = os.path.abspath(config_file)
+    name = os.path.splitext(os.path.basename(path))[0]
+    parts = path.split(os.sep)
+    if "projects" in parts:
+        i = len(parts) - 1 - parts[::-1].index("projects")
+        if len(parts) - i >= 4:  # projects/<detector>/.../<folder>/<name>.py
+            return "./" + "/".join(["output", parts[i + 1], parts[-2], name])
+    return f"./output/{name}"
+
+
 def load_config(config_file: str, opts: Optional[Sequence[str]] = None):
+    """The config with the command-line overrides applied; an empty ``train.output_dir`` becomes
+    :func:`default_output_dir` of the file."""
     if not config_file:
         raise ValueError("--config-file is required (e.g. projects/deformable_detr/configs/deformable_detr_r18_synthetic.py).")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file {config_file!r} does not exist (relative paths are taken from {os.getcwd()}).")
     cfg = LazyConfig.load(config_file)
-    return LazyConfig.apply_overrides(cfg, list(opts or []))
+    cfg = LazyConfig.apply_overrides(cfg, list(opts or []))
+    if "train" in cfg and not _get(cfg, "train.output_dir", ""):
+        cfg.train.output_dir = default_output_dir(config_file)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------

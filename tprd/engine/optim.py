@@ -11,7 +11,7 @@ equal settings into one group. Used from configs as::
         lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4)
     # before instantiate: cfg.optimizer.params.model = model
 
-The lr factor functions of the three detector families (METHODS.md 4.4, clean behaviour #21):
+The lr factor functions of the three detector families (docs/methods.md#schedules, #diff-21):
 
 * :func:`deformable_lr_factor` — Deformable DETR and DINO: backbone x0.1, parameters whose name
   contains ``reference_points`` or ``sampling_offsets`` x0.1, everything else x1;

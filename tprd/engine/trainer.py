@@ -186,10 +186,7 @@ class SimpleTrainer(TrainerBase):
         return data, time.perf_counter() - start
 
     def _forward(self, data) -> Dict[str, torch.Tensor]:
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        if hasattr(model, "iteration"):  # e.g. the Distiller: per-iteration random draws (MGD masks)
-            model.iteration = self.iter
-        loss_dict = self.model(data)
+        loss_dict = self.model(data)  # a model reads the iteration from the event storage
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
         if not isinstance(loss_dict, Mapping) or not loss_dict:
@@ -229,9 +226,8 @@ class SimpleTrainer(TrainerBase):
         """Average losses (and data time, max over ranks) across processes and store them."""
         metrics = {k: v.detach().float().reshape(()) for k, v in loss_dict.items()}
         reduced = comm.reduce_dict(metrics)
-        # Diagnostics a model exposes besides its losses (the Distiller's per-stage TPRD shares).
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        extra = {k: torch.as_tensor(v).detach().float().reshape(()) for k, v in getattr(model, "last_stats", {}).items()}
+        # Statistics the model put besides its losses (the Distiller's per-stage TPRD shares).
+        extra = {k: v.float().reshape(()) for k, v in get_event_storage().pop_stats().items()}
         extra = comm.reduce_dict(extra) if extra else {}
         data_times = comm.all_gather(data_time) if comm.get_world_size() > 1 else [data_time]
         if not comm.is_main_process():

@@ -24,7 +24,7 @@ Things worth knowing:
   inverse sigmoid) and then tries to freeze them with ``weight.data[:, :2].requires_grad = False``,
   which does nothing (it sets the flag on a temporary view). We reproduce the *effective*
   behaviour: the flag only selects that initialisation and the whole anchor table stays trainable
-  (METHODS.md section 8, #22).
+  (docs/methods.md#diff-22).
 * Padding masks: the encoder masks padded memory tokens. detrex never passes the padding mask to
   the decoder's cross-attention (its ``DabDetrTransformer`` calls the decoder without it), so
   checkpoints were trained attending to padded tokens; ``mask_decoder_memory=False`` (default)
@@ -323,6 +323,8 @@ class DABDETR(DETRDetector):
     memory, one more forward per layer in backward).
     """
 
+    family = "dab_detr"
+    query_kind = "anchor"
     require_gt = True
 
     def __init__(
@@ -385,6 +387,15 @@ class DABDETR(DETRDetector):
     # --------------------------------------------------------------------------------------------
     # Stages
     # --------------------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return self.transformer.decoder.num_layers
+
+    @property
+    def num_feature_levels(self) -> int:
+        """One: the encoder reads the single ``input_proj`` map of the last backbone level."""
+        return 1
+
     def extract_features(self, images: ImageBatch):
         """Backbone dict, the one "neck" level (``[input_proj [B,D,h,w]]``) and its padding mask
         (``[[B,h,w]]``): what feature-only distillation needs of a teacher (no transformer)."""
@@ -486,11 +497,13 @@ class DABDETR(DETRDetector):
         self,
         enc: Dict[str, Tensor],
         query_groups: Sequence[QueryGroup] = (),
+        *,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
         return_attention: bool = False,
         taps: Optional[Dict[str, Any]] = None,
     ) -> DetectorOutputs:
         """Anchors, conditional decoder and heads on an encoder state (possibly another model's
-        memory, e.g. CrossKD's student memory through the teacher)."""
+        memory, e.g. CrossKD's student memory through the teacher); ``targets`` are not used."""
         names = [g.name for g in query_groups]
         if len(set(names)) != len(names):
             raise ValueError(f"query group names must be unique, got {names}")
@@ -503,7 +516,8 @@ class DABDETR(DETRDetector):
         taps.update(attention_taps(maps))
         return DetectorOutputs(main=main, groups=groups, taps=taps)
 
-    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (),
+    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (), *,
+                        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
                         return_attention: bool = False) -> DetectorOutputs:
         """Full forward: stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra
         groups by name, and the taps (``backbone``, ``neck``, ``neck_masks``, ``memory``,
@@ -512,7 +526,7 @@ class DABDETR(DETRDetector):
         ``return_attention`` the per-layer ``decoder_self_attn`` ``[B,M,T,T]`` and dense
         ``decoder_cross_attn`` ``{"kind": "dense", "attention_weights" [B,M,T,S]}``)."""
         enc, taps = self.encode_images(images)
-        return self.decode_memory(enc, query_groups, return_attention, taps)
+        return self.decode_memory(enc, query_groups, return_attention=return_attention, taps=taps)
 
     # --------------------------------------------------------------------------------------------
     # Training / inference: forward, inference and postprocess come from DETRDetector

@@ -433,6 +433,12 @@ class DeformableDETR(MultiScaleDETRDetector):
             self.bbox_embed[0].layers[-1].bias[2:] = -2.0
         reset_neck_parameters(self.neck)
 
+    family = "deformable_detr"
+
+    @property
+    def query_kind(self) -> str:
+        return "proposal" if self.as_two_stage else "position"
+
     @property
     def num_stages(self) -> int:
         return self.transformer.decoder.num_layers
@@ -562,10 +568,13 @@ class DeformableDETR(MultiScaleDETRDetector):
         self,
         enc: Dict[str, Tensor],
         query_groups: Sequence[QueryGroup] = (),
+        *,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
         return_attention: bool = False,
         taps: Optional[Dict[str, Any]] = None,
     ) -> DetectorOutputs:
-        """Queries, decoder and heads on an encoder state (possibly another model's memory)."""
+        """Queries, decoder and heads on an encoder state (possibly another model's memory);
+        ``targets`` are not used (no denoising)."""
         main, enc_out = self.initial_queries(enc)
         main_preds, groups, maps, slices, next_ref = self.decode(enc, main, query_groups, return_attention)
         taps = dict(taps or {})
@@ -579,7 +588,12 @@ class DeformableDETR(MultiScaleDETRDetector):
         return DetectorOutputs(main=main_preds, groups=groups, enc=enc_out, taps=taps)
 
     def forward_outputs(
-        self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (), return_attention: bool = False
+        self,
+        images: ImageBatch,
+        query_groups: Sequence[QueryGroup] = (),
+        *,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
+        return_attention: bool = False,
     ) -> DetectorOutputs:
         """Stage-wise predictions of the main group (``[L,B,Q,.]``), of each extra query group
         (``.groups[name]``), two-stage proposals (``.enc``) and the taps (backbone dict, neck maps and
@@ -588,7 +602,7 @@ class DeformableDETR(MultiScaleDETRDetector):
         self-attention weights ``[B,M,Qt,Qt]`` and cross-attention sampling locations/weights over all
         groups; ``group_slices`` gives each group's query range)."""
         enc, taps = self.encode_images(images)
-        return self.decode_memory(enc, query_groups, return_attention, taps)
+        return self.decode_memory(enc, query_groups, return_attention=return_attention, taps=taps)
 
     # ---------------------------------------------------------------------------------------
     # Training / inference: forward, compute_losses, inference and postprocess come from

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.box_ops import box_xyxy_to_cxcywh
-from .outputs import DetectorOutputs, ImageBatch, StagePredictions
+from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 from .postprocess import detector_postprocess, select_topk
 
 __all__ = [
@@ -236,7 +236,7 @@ def attention_taps(maps: Optional[Sequence[Dict[str, Tensor]]], spatial_shapes: 
 def multihead_attention_weights(attn: nn.MultiheadAttention, query: Tensor, key: Tensor,
                                 attn_mask: Optional[Tensor] = None) -> Tensor:
     """Per-head softmax weights ``[B,M,Q,K]`` of a batch-first :class:`nn.MultiheadAttention`
-    (packed in-projection) *before* its dropout (spec 8 #19; ``need_weights`` would give them
+    (packed in-projection) *before* its dropout (docs/methods.md#diff-19; ``need_weights`` would give them
     after dropout). ``attn_mask [Q,K]``: bool (True = blocked) or additive float."""
     heads, dim = attn.num_heads, attn.embed_dim
     w_q, w_k, _ = attn.in_proj_weight.chunk(3)
@@ -276,10 +276,23 @@ def reset_neck_parameters(neck: nn.Module) -> None:
 
 
 class DETRDetector(nn.Module):
-    """Inputs, outputs and the train/eval entry point of a DETR-style detector.
+    """Inputs, outputs and the train/eval entry point of a DETR-style detector, and the interface
+    every detector provides to the distiller and the distillation methods.
 
-    Subclasses call :meth:`register_pixel_stats` in ``__init__`` and implement
-    ``forward_outputs(images, ...) -> DetectorOutputs``; they may override :meth:`compute_losses`
+    **The distillation interface.** :mod:`tprd.distill` reads a detector through these members
+    only (never through ``hasattr`` probes or class names):
+
+    * attributes :attr:`family`, :attr:`query_kind`, :attr:`embed_dim`, :attr:`num_classes`,
+      :attr:`num_queries`, :attr:`criterion`, the ``pixel_mean`` / ``pixel_std`` buffers;
+    * properties :attr:`num_stages`, :attr:`num_feature_levels`, :attr:`num_neck_levels`,
+      :attr:`device`;
+    * methods :meth:`preprocess`, :meth:`prepare_targets`, :meth:`forward_features`,
+      :meth:`forward_outputs`, :meth:`decode_memory` (the post-encoder path CrossKD needs),
+      :meth:`compute_losses`, :meth:`convert_detrex_state_dict`.
+
+    A subclass sets the class attributes, calls :meth:`register_pixel_stats` in ``__init__`` and
+    implements :attr:`num_stages`, :attr:`num_feature_levels`, :meth:`extract_features`,
+    :meth:`decode_memory` and :meth:`forward_outputs`; it may override :meth:`compute_losses`
     (default: the criterion's weighted losses) and :meth:`train_outputs` (default:
     ``forward_outputs(images)``).
 
@@ -288,10 +301,46 @@ class DETRDetector(nn.Module):
     too) and ``gt_classes`` ``[G]`` (training).
     """
 
+    #: The architecture, ``"deformable_detr"``, ``"dab_detr"`` or ``"dino"``: two detectors of one
+    #: family share the encoder-state layout, so one can decode the other's memory (CrossKD).
+    family: str
+    #: How the decoder's queries look, which decides what a query group must carry:
+    #: ``"position"`` (single-stage Deformable DETR: content ``[Q,D]`` + position ``[Q,D]``, 2-d
+    #: references from the model's own reference-point layer), ``"proposal"`` (two-stage
+    #: Deformable DETR: content + position from the selected proposals, 4-d references; no
+    #: reference-point layer), ``"anchor"`` (DAB-DETR: anchor boxes ``[Q,4]``, zero content) or
+    #: ``"content_box"`` (DINO: content ``[Q,D]`` + reference boxes ``[Q,4]``).
+    query_kind: str
+    #: Width ``D`` of the neck maps, the encoder memory and the decoder queries.
+    embed_dim: int
+    #: Foreground classes ``C`` (sigmoid heads, no background logit).
+    num_classes: int
+    #: Queries ``Q`` of the main group.
+    num_queries: int
+    #: The set criterion (focal ``alpha``/``gamma``, ``weight_losses``); ``None`` in an
+    #: inference-only model.
     criterion: Optional[nn.Module]
     select_box_nums_for_evaluation: int
     #: ``prepare_targets`` raises ``KeyError`` on an input without GT (else it gives empty targets)
     require_gt: bool = False
+
+    # ---------------------------------------------------------------------------------------
+    # Sizes
+    # ---------------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:  # pragma: no cover - every detector defines it
+        """Decoder layers ``L``: the leading dimension of every stacked prediction ``[L,B,Q,.]``."""
+        raise NotImplementedError
+
+    @property
+    def num_feature_levels(self) -> int:  # pragma: no cover - every detector defines it
+        """Levels of the encoder memory (``spatial_shapes`` is ``[num_feature_levels, 2]``)."""
+        raise NotImplementedError
+
+    @property
+    def num_neck_levels(self) -> int:
+        """Maps in the ``neck`` tap (each ``[B,D,H_l,W_l]``); the encoder reads all of them."""
+        return self.num_feature_levels
 
     def register_pixel_stats(self, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
         """Non-persistent ``pixel_mean`` / ``pixel_std`` buffers ``[3,1,1]``."""
@@ -329,8 +378,62 @@ class DETRDetector(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Training / inference entry point
     # ---------------------------------------------------------------------------------------
-    def forward_outputs(self, images: ImageBatch, *args, **kwargs) -> DetectorOutputs:  # pragma: no cover
+    def extract_features(self, images: ImageBatch) -> Tuple[Dict[str, Tensor], List[Tensor], List[Tensor]]:  # pragma: no cover
+        """Backbone dict of ``[B,C_k,h_k,w_k]``, neck maps (list of ``[B,D,H_l,W_l]``) and their
+        padding masks (list of ``[B,H_l,W_l]``, True = padding)."""
         raise NotImplementedError
+
+    def forward_features(self, images: ImageBatch) -> Dict[str, Any]:
+        """Backbone and neck only (what feature-level distillation needs of a teacher):
+        ``{"backbone": {name: [B,C_k,h_k,w_k]}, "neck": [[B,D,H_l,W_l]] * num_neck_levels,
+        "neck_masks": [[B,H_l,W_l]] * num_neck_levels}``."""
+        backbone, neck, masks = self.extract_features(images)
+        return {"backbone": backbone, "neck": list(neck), "neck_masks": list(masks)}
+
+    def forward_outputs(
+        self,
+        images: ImageBatch,
+        query_groups: Sequence[QueryGroup] = (),
+        *,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
+        return_attention: bool = False,
+    ) -> DetectorOutputs:  # pragma: no cover - every detector defines it
+        """The full stage-wise forward of a padded batch ``images.tensor [B,3,H,W]``.
+
+        Returns :class:`DetectorOutputs`: ``main`` (logits ``[L,B,Q,C]``, boxes ``[L,B,Q,4]``
+        normalised cxcywh, hidden ``[L,B,Q,D]``, per-stage input references), ``groups[name]`` of
+        each extra ``query_groups`` entry (same layout with that group's query count; decoded in the
+        same pass, attending only to its own queries), ``enc`` (two-stage proposals, if any), ``dn``
+        (denoising, if any) and ``taps``: ``backbone``, ``neck``, ``neck_masks``, the encoder state
+        (``memory [B,S,D]``, ``memory_mask [B,S]``, ``spatial_shapes [num_feature_levels,2]`` and
+        the family's other entries), ``queries`` (the model's own initial queries, see
+        :attr:`query_kind`), ``group_slices`` and, with ``return_attention``, the per-layer decoder
+        attention (:func:`attention_taps`). ``targets`` (per image ``{"labels" [G], "boxes" [G,4]}``)
+        are used only by a detector that builds training queries from them (DINO's denoising);
+        the others ignore them.
+        """
+        raise NotImplementedError
+
+    def decode_memory(
+        self,
+        enc: Dict[str, Tensor],
+        query_groups: Sequence[QueryGroup] = (),
+        *,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
+        return_attention: bool = False,
+        taps: Optional[Dict[str, Any]] = None,
+    ) -> DetectorOutputs:  # pragma: no cover - every detector defines it
+        """The post-encoder path alone -- queries, decoder, heads -- on an encoder state ``enc``
+        (``memory [B,S,D]``, ``memory_mask [B,S]``, ``spatial_shapes [num_feature_levels,2]`` and
+        the family's other entries, as in the ``taps`` of :meth:`forward_outputs`), which may come
+        from another model of the same :attr:`family` (CrossKD decodes the student's memory with
+        the teacher). Returns what :meth:`forward_outputs` returns; ``taps`` are copied into the
+        result's taps."""
+        raise NotImplementedError
+
+    def convert_detrex_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """A detrex-named state dict of this detector -> this model's names (default: unchanged)."""
+        return dict(state_dict)
 
     def train_outputs(self, images: ImageBatch, targets: Sequence[Dict[str, Tensor]]) -> DetectorOutputs:
         """The training forward's :meth:`forward_outputs` call (DINO passes the targets, for denoising)."""
@@ -381,6 +484,10 @@ class MultiScaleDETRDetector(DETRDetector):
     ``position_embedding``, ``mask_mode`` and ``transformer`` with ``level_embeds [L,D]`` and an
     ``encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask)``.
     """
+
+    @property
+    def num_feature_levels(self) -> int:
+        return self.transformer.num_feature_levels
 
     def extract_features(self, images: ImageBatch):
         """Backbone dict, neck maps (list of ``[B,D,H_l,W_l]``) and their padding masks ``[B,H_l,W_l]``."""

@@ -319,6 +319,7 @@ class DINO(MultiScaleDETRDetector):
             training-time visualisation).
     """
 
+    family = "dino"
     query_kind = "content_box"
 
     def __init__(
@@ -625,6 +626,7 @@ class DINO(MultiScaleDETRDetector):
         self,
         enc: Dict[str, Tensor],
         query_groups: Sequence[QueryGroup] = (),
+        *,
         targets: Optional[Sequence[Dict[str, Tensor]]] = None,
         use_dn: Optional[bool] = None,
         return_attention: bool = False,
@@ -666,6 +668,7 @@ class DINO(MultiScaleDETRDetector):
         self,
         images: ImageBatch,
         query_groups: Sequence[QueryGroup] = (),
+        *,
         targets: Optional[Sequence[Dict[str, Tensor]]] = None,
         use_dn: Optional[bool] = None,
         return_attention: bool = False,
@@ -681,7 +684,8 @@ class DINO(MultiScaleDETRDetector):
         self-attention weights ``[B,M,T,T]`` and cross-attention sampling locations/weights over all
         ``T`` decoded queries."""
         enc, taps = self.encode_images(images)
-        return self.decode_memory(enc, query_groups, targets, use_dn, return_attention, taps)
+        return self.decode_memory(enc, query_groups, targets=targets, use_dn=use_dn,
+                                  return_attention=return_attention, taps=taps)
 
     def train_outputs(self, images: ImageBatch, targets: Sequence[Dict[str, Tensor]]) -> DetectorOutputs:
         """The training forward decodes the denoising queries of ``targets`` too."""

@@ -1,4 +1,4 @@
-"""DAB-DETR R50, 50 epochs on COCO (detrex ``dab_detr_r50_50ep``; METHODS.md 4.4).
+"""DAB-DETR R50, 50 epochs on COCO (detrex ``dab_detr_r50_50ep``; docs/methods.md#schedules).
 
 AdamW lr 1e-4 (backbone x0.1, no weight decay on norm layers), weight decay 1e-4, total batch 16,
 375000 iterations with lr x0.1 at 300000, gradient clipping at global L2 norm 0.1.

@@ -4,15 +4,7 @@ Five classes, 50 queries, 2 encoder + 2 decoder layers of width 128 (4 heads, FF
 dropout), iterative box refinement, batch 4, no ImageNet weights: the backbone trains from scratch
 with trainable BatchNorm. Evaluated with the COCO evaluator at the end.
 
-Measured (600 iterations, one CPU thread on a shared 2-core machine, about 4 min 15 s; a run is
-reproducible for a given ``train.seed``), box AP / AP50 on synthetic_val (16 images, so the spread
-between seeds is large):
-
-    train.seed=1 (default)   8.6 / 12.9
-    train.seed=2             4.3 /  9.7
-    train.seed=3             4.0 /  8.9
-    (an earlier version, before the loader followed train.seed: 11.7 and 7.9; without box
-    refinement: 3.6)
+Measured runs (AP per seed, what was tried): benchmarks/detectors_synthetic.md#deformable-detr.
 
     python projects/deformable_detr/train_net.py \
         --config-file projects/deformable_detr/configs/deformable_detr_r18_synthetic.py \

@@ -1,4 +1,4 @@
-"""Deformable DETR R50, 50 epochs on COCO (detrex ``deformable_detr_r50_50ep``; METHODS.md 4.3/4.4).
+"""Deformable DETR R50, 50 epochs on COCO (detrex ``deformable_detr_r50_50ep``; docs/methods.md#schedules).
 
 AdamW lr 2e-4 with the three groups of the reference train script, driven by the config: base lr;
 backbone x0.1; ``reference_points`` / ``sampling_offsets`` x0.1; weight decay 1e-4 everywhere.

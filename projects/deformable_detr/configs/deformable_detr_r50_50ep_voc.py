@@ -1,4 +1,4 @@
-"""Deformable DETR R50 on Pascal VOC 07+12 (METHODS.md 4.3): 20 classes, 50 epochs of 1035
+"""Deformable DETR R50 on Pascal VOC 07+12 (docs/methods.md#schedules): 20 classes, 50 epochs of 1035
 iterations (51750), lr 1e-4 x0.1 after epoch 40, eval and checkpoint every epoch (keep 5),
 VOC 2007 test with the 11-point VOC evaluator."""
 from tprd.config import get_config

@@ -4,13 +4,7 @@ Five classes, 50 queries (+ 2 x 10 denoising queries), 2 encoder + 2 decoder lay
 (4 heads, FFN 256), batch 4, no ImageNet weights: the backbone trains from scratch with trainable
 BatchNorm. Evaluated with the COCO evaluator at the end.
 
-Measured (600 iterations, one CPU thread on a shared 2-core machine, about 4 min 10 s; a run is
-reproducible for a given ``train.seed``), box AP / AP50 on synthetic_val (16 images, so the spread
-between seeds is large):
-
-    train.seed=1 (default)    5.5 /  9.4
-    train.seed=2             14.2 / 20.1
-    train.seed=3             13.6 / 20.4
+Measured runs (AP per seed, what was tried): benchmarks/detectors_synthetic.md#dino.
 
     python projects/dino/train_net.py \
         --config-file projects/dino/configs/dino_r18_synthetic.py train.output_dir=./output/dino_synthetic

@@ -1,4 +1,4 @@
-"""DINO-4scale R50, 12 epochs on COCO (detrex ``dino_r50_4scale_12ep``; METHODS.md 4.4, #21).
+"""DINO-4scale R50, 12 epochs on COCO (detrex ``dino_r50_4scale_12ep``; docs/methods.md#schedules, #diff-21).
 
 The effective optimiser of the reference DINO train script, driven by the config: AdamW lr 2e-4,
 backbone and ``sampling_offsets`` / ``reference_points`` x0.1 (2e-5), weight decay 1e-4; total

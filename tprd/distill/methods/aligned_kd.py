@@ -1,5 +1,5 @@
 """Prediction distillation of aligned student/teacher query pairs (B3 + B4, and the TPRD variant of
-METHODS.md 2.4/2.5), shared by DETRDistill, D³ETR, CrossKD and the stand-alone ``tprd_kd`` method.
+docs/methods.md#tprd-ckd, #tprd-alignment), shared by DETRDistill, D³ETR, CrossKD and the stand-alone ``tprd_kd`` method.
 
 * :func:`soft_matched_indices`: the soft Hungarian matcher B3 at every stage -> pair indices.
 * :func:`aligned_prediction_kd`: B4 soft-BCE / L1 / ``1 − GIoU`` over given pairs, or TPRD-CKD with
@@ -11,15 +11,15 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tprd.distill.losses import box_pair_losses, soft_bce_pair_losses
 from tprd.distill.soft_matcher import soft_hungarian_match_stages
 from tprd.distill.tprd import aligned_positive_targets, tprd_class_kd
 from tprd.modeling.outputs import StagePredictions
 
-from .base import DistillContext
-from .kd_detr import tprd_refine_and_targets
+from .base import DistillContext, TPRDOptions
+from .common import tprd_refine_and_targets
 
 __all__ = ["soft_matched_indices", "aligned_prediction_kd", "matching_kd"]
 
@@ -55,8 +55,7 @@ def aligned_prediction_kd(
     matcher's pairs or the identity). Baseline (``tprd=None``): B4 soft-BCE / L1 / ``1 − GIoU``.
     ``tprd = (match_index [L,B,Nt], labels_pad [B,G])`` (from :func:`tprd_refine_and_targets`,
     with ``t_logits``/``t_boxes`` the refined targets): the class term is TPRD-CKD, a pair being
-    positive iff its teacher query is in ``M_l`` (spec 2.4, 2.5); ``class_kd`` picks its form
-    (:func:`tprd.distill.tprd.tprd_class_kd`).
+    positive iff its teacher query is in ``M_l`` (docs/methods.md#tprd-ckd, #tprd-alignment).
     """
     num_stages, batch, _, nc = s.logits.shape
     s_lg = s.logits.gather(2, s_idx[..., None].expand(-1, -1, -1, nc))
@@ -88,20 +87,14 @@ def matching_kd(
     ctx: DistillContext,
     student: StagePredictions,
     teacher: StagePredictions,
-    matcher: Optional[nn.Module],
-    refine: bool,
-    soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-    skip_empty_images: bool = False,
-    alpha: float = 1.0,
-    beta: float = 1.0,
+    options: TPRDOptions,
     key: str = "main",
-    class_kd: str = "decoupled",
 ) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
     """Soft-Hungarian matched prediction KD at every stage (student stage ``l`` <-> teacher stage ``l``).
 
-    ``refine=False``: B3 against the raw teacher, B4 soft-BCE / L1 / ``1 − GIoU``.
-    ``refine=True``: the teacher's stage-``l`` predictions are TPRD-refined (B1 matching ``M_l`` of
-    the raw teacher with ``matcher``, cached in ``ctx`` under ``key`` and shared with any other
+    ``options.refine=False``: B3 (costs ``options.soft_costs``) against the raw teacher, B4
+    soft-BCE / L1 / ``1 − GIoU``. ``options.refine=True``: the teacher's stage-``l`` predictions are
+    TPRD-refined (B1 matching ``M_l`` of the raw teacher with ``options.matcher``, cached in ``ctx`` under ``key`` and shared with any other
     method asking for it), B3 runs against the refined targets, the class term is TPRD-CKD (a pair
     is positive iff its teacher query is in ``M_l``) and the boxes go towards the refined boxes.
     Every term is ``Σ_pairs / (B·Ns)``; gradients reach ``student`` only.
@@ -110,15 +103,13 @@ def matching_kd(
     """
     stats = None
     tprd = None
-    if refine:
-        if matcher is None:
-            raise ValueError("matching_kd(refine=True) needs the B1 matcher of the TPRD refinement")
-        t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-            ctx, teacher, matcher, skip_empty_images, key=key
-        )
+    if options.refine:
+        t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(ctx, teacher, options, key=key)
         tprd = (match_index, labels_pad)
     else:
         t_logits, t_boxes = teacher.logits.detach(), teacher.boxes.detach()
-    s_idx, t_idx = soft_matched_indices(ctx, student, t_logits, t_boxes, soft_costs)
+    s_idx, t_idx = soft_matched_indices(ctx, student, t_logits, t_boxes, options.soft_costs)
     norm = float(student.logits.shape[1] * student.logits.shape[2])  # A = B·Ns
-    return aligned_prediction_kd(student, t_logits, t_boxes, s_idx, t_idx, norm, tprd, alpha, beta, class_kd), stats
+    terms = aligned_prediction_kd(student, t_logits, t_boxes, s_idx, t_idx, norm, tprd, options.alpha, options.beta,
+                                  options.class_kd)
+    return terms, stats

@@ -14,27 +14,30 @@ only ``"neck"`` lets the distiller stop the teacher after its neck.
 
 Loss terms come back **unweighted**: ``{term: Tensor}`` where a 1-d tensor of length ``L`` holds
 one value per decoder stage (index ``L-1`` = final stage) and a 0-d tensor is a stage-free term.
-The distiller multiplies each by ``method.weights[term]`` (the same weight at every stage, spec
-"loss-weight convention") and names them (see :func:`loss_key`)::
+The distiller multiplies each by ``method.weights[term]`` (the same weight at every stage,
+docs/methods.md#conventions) and names them (see :func:`expand_stage_terms`)::
 
     distill_<method>_<term>          final stage (or a stage-free term)
     distill_<method>_<term>_<l>      stage l = 0 .. L-2 (0-based, the reference's ``_0 .. _4``)
 
 Diagnostics that are not losses (e.g. TPRD refinement shares) go to ``method.last_stats`` with
-the same naming scheme (``tprd_<method>_<group>_<stat>[_<l>]``); the distiller gathers them in
-``Distiller.last_stats``, never in the loss dict.
+the same naming scheme (``tprd_<method>_<group>_<stat>[_<l>]``); the distiller hands them to the
+trainer through the event storage (:mod:`tprd.utils.events`), never in the loss dict.
 """
 from __future__ import annotations
 
 import re
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
+
 
 __all__ = [
     "TEACHER_NEEDS",
@@ -42,7 +45,7 @@ __all__ = [
     "FEATURE_NEEDS",
     "DistillContext",
     "DistillMethod",
-    "loss_key",
+    "TPRDOptions",
     "stage_suffix",
     "expand_stage_terms",
     "query_group_from_tap",
@@ -63,14 +66,6 @@ FEATURE_NEEDS = frozenset({"backbone", "neck"})
 def stage_suffix(l: int, num_stages: int) -> str:
     """``""`` for the final stage ``L-1``, ``"_l"`` for stage ``l < L-1`` (0-based)."""
     return "" if l == num_stages - 1 else f"_{l}"
-
-
-def loss_key(method: str, term: str, l: Optional[int] = None, num_stages: Optional[int] = None) -> str:
-    """``distill_<method>_<term>[_<l>]`` (no suffix for the final stage or a stage-free term)."""
-    base = f"distill_{method}_{term}"
-    if l is None:
-        return base
-    return base + stage_suffix(l, num_stages)
 
 
 def expand_stage_terms(prefix: str, values: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> Dict[str, Tensor]:
@@ -100,7 +95,8 @@ class DistillContext:
         student, teacher: the two detectors.
         teacher_out, student_out: :class:`DetectorOutputs` (set by the distiller; ``teacher_out`` is
             ``None`` when no method needs the teacher).
-        iteration: training iteration if the caller set it (``Distiller.iteration``), else ``None``.
+        iteration: the training iteration (the event storage's ``iter`` while a trainer runs), else
+            ``None``.
     """
 
     def __init__(
@@ -180,6 +176,51 @@ def _timed(store: Dict[str, float], name: str, device: torch.device):
         store[name] = store.get(name, 0.0) + time.perf_counter() - start
 
 
+@dataclass
+class TPRDOptions:
+    """The TPRD switch of a prediction-level method and the options that go with it.
+
+    Attributes:
+        refine: distil towards the TPRD-refined teacher (the ``_TPRD`` configs) with TPRD-CKD as
+            the class term; ``False``: the method as published.
+        matcher: the teacher-to-GT matcher ``M_l`` of the refinement; ``None``: focal Hungarian with
+            costs class 2, L1 5, GIoU 2.
+        skip_empty_images: leave an image without GT out of the refinement, as the reference does
+            (docs/methods.md#diff-5).
+        alpha, beta: TPRD-CKD weights of its target-class and non-target-class parts.
+        soft_costs: ``(class, L1, GIoU)`` costs of the soft student-teacher matcher (used by the
+            methods that soft-match).
+        class_kd: the form of the class KD with ``refine``, one of
+            :data:`tprd.distill.tprd.CLASS_KD_FORMS`: ``"decoupled"`` (TPRD-CKD, the reference's),
+            ``"sigmoid"`` or ``"decoupled+bce"`` (ours; docs/methods.md#class-kd-forms).
+    """
+
+    refine: bool = False
+    matcher: Optional[nn.Module] = None
+    skip_empty_images: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    soft_costs: Tuple[float, float, float] = (1.0, 5.0, 2.0)
+    class_kd: str = "decoupled"
+
+    def __post_init__(self) -> None:
+        from tprd.distill.tprd import CLASS_KD_FORMS
+
+        if self.class_kd not in CLASS_KD_FORMS:
+            raise ValueError(f"class_kd must be one of {CLASS_KD_FORMS}, got {self.class_kd!r}")
+        self.refine = bool(self.refine)
+        if self.matcher is None:
+            from tprd.modeling.matcher import HungarianMatcher
+
+            self.matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+        self.skip_empty_images = bool(self.skip_empty_images)
+        self.alpha = float(self.alpha)
+        self.beta = float(self.beta)
+        if len(self.soft_costs) != 3:
+            raise ValueError(f"soft_costs must be (class, l1, giou), got {self.soft_costs}")
+        self.soft_costs = tuple(float(c) for c in self.soft_costs)
+
+
 class DistillMethod(nn.Module):
     """Base class of a distillation method.
 
@@ -208,6 +249,9 @@ class DistillMethod(nn.Module):
     #: (its ``distill_criterion.*`` keys, prefix removed): ``(regex, replacement)`` pairs tried in
     #: order by :meth:`convert_reference_state_dict`. Empty for methods without trainable modules.
     reference_key_rules: Tuple[Tuple[str, str], ...] = ()
+    #: A prediction-level method's TPRD switch and options (:class:`TPRDOptions`);
+    #: ``None`` for a method without a TPRD variant (FGD, FitNet, MGD).
+    tprd: Optional[TPRDOptions] = None
 
     def __init__(self, weights: Optional[Mapping[str, float]] = None, name: Optional[str] = None):
         super().__init__()
@@ -235,8 +279,9 @@ class DistillMethod(nn.Module):
         self.last_stats: Dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ hooks
-    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Raise a clear error at construction when this teacher/student pair cannot work."""
+    def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
+        """Raise a clear error at construction when this teacher/student pair cannot work (read the
+        models through their declared interface, :class:`~tprd.modeling.detector.DETRDetector`)."""
 
     def convert_reference_state_dict(self, state_dict: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
         """The reference's ``distill_criterion.*`` entries (prefix removed) in this method's names:
@@ -266,39 +311,10 @@ class DistillMethod(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
-    def set_tprd_options(
-        self,
-        refine: bool,
-        matcher: Optional[nn.Module] = None,
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        soft_costs: Optional[Sequence[float]] = None,
-        class_kd: str = "decoupled",
-    ) -> None:
-        """The options every prediction-level method shares: ``refine`` (TPRD on), the B1 matcher of
-        the refinement (default focal Hungarian 2 / 5 / 2, spec 2.2), the empty-image parity flag
-        (spec 8 #5), the TPRD-CKD weights ``alpha``/``beta`` and, for methods that soft-match, the B3
-        costs ``(class, L1, GIoU)``, and ``class_kd``, the form of the class KD with ``refine``
-        (:data:`tprd.distill.tprd.CLASS_KD_FORMS`; ``"decoupled"`` is the reference's TPRD-CKD)."""
-        from tprd.distill.tprd import CLASS_KD_FORMS
-
-        if class_kd not in CLASS_KD_FORMS:
-            raise ValueError(f"{type(self).__name__}: class_kd must be one of {CLASS_KD_FORMS}, got {class_kd!r}")
-        self.class_kd = class_kd
-        self.refine = bool(refine)
-        if matcher is None:
-            from tprd.modeling.matcher import HungarianMatcher
-
-            matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-        self.matcher = matcher
-        self.skip_empty_images = bool(skip_empty_images)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        if soft_costs is not None:
-            if len(soft_costs) != 3:
-                raise ValueError(f"soft_costs must be (class, l1, giou), got {soft_costs}")
-            self.soft_costs = tuple(float(c) for c in soft_costs)
+    @property
+    def refine(self) -> bool:
+        """Whether this method distils towards the TPRD-refined teacher."""
+        return self.tprd is not None and self.tprd.refine
 
     def group_name(self, local: str) -> str:
         """Namespaced query-group name ``<method>/<local>`` (unique across methods)."""

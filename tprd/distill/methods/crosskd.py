@@ -1,4 +1,4 @@
-"""CrossKD: the student's encoder memory decoded by the teacher (METHODS.md 3.5; TPRD variant ours).
+"""CrossKD: the student's encoder memory decoded by the teacher (docs/methods.md#crosskd; TPRD variant ours).
 
 What crosses: the student's encoder state -- memory ``[B,S,D]`` with its padding mask ``[B,S]``,
 spatial shapes, level start indices and valid ratios (DAB-DETR: its single-level memory, memory
@@ -26,23 +26,24 @@ reference), then B4 soft-BCE / L1 / ``1 − GIoU`` summed over pairs and divided
 are the TPRD-refined teacher stage-``l`` predictions (B1 matching ``M_l`` of the raw teacher stage
 ``l``); the soft matcher pairs the crossed predictions with the refined ones; the class term is
 TPRD-CKD with positives mapped through the alignment (a pair is positive iff its teacher query is in
-``M_l``, spec 2.5) and normalised ``Σ/(B·Q)`` as DETRDistill_TPRD; the boxes go towards the refined
+``M_l``, docs/methods.md#tprd-alignment) and normalised ``Σ/(B·Q)`` as DETRDistill_TPRD; the boxes go towards the refined
 boxes. Weights class **3.0**, L1 5.0, GIoU 2.0 -- the class weight D³ETR_TPRD and QSKD_TPRD use
 for the same soft-BCE -> TPRD-CKD switch with an unchanged ``Σ/(B·N)`` / pair normaliser (DETRDistill
 uses 4.0); chosen, not tuned.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs
 
-from .base import DistillContext, DistillMethod
+from .base import DistillContext, DistillMethod, TPRDOptions
 from .aligned_kd import matching_kd
-from .kd_detr import detector_embed_dim, tprd_stats
+from .common import tprd_stats
 
 __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 
@@ -50,11 +51,9 @@ __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 ENCODER_STATE_KEYS = ("memory", "memory_mask", "pos", "memory_pos", "spatial_shapes", "level_start_index", "valid_ratios")
 
 
-def crossed_teacher_outputs(teacher: nn.Module, student_taps: Dict[str, object]) -> DetectorOutputs:
+def crossed_teacher_outputs(teacher: DETRDetector, student_taps: Dict[str, object]) -> DetectorOutputs:
     """The teacher's post-encoder path on the student's encoder state, with gradients enabled
     towards the student memory (teacher parameters must be frozen by the caller)."""
-    if not hasattr(teacher, "decode_memory"):
-        raise TypeError(f"CrossKD needs the teacher's decode_memory(enc) entry point; {type(teacher).__name__} has none")
     if "memory" not in student_taps:
         raise KeyError("CrossKD needs the student's encoder memory (taps['memory'])")
     enc = {k: student_taps[k] for k in ENCODER_STATE_KEYS if k in student_taps}
@@ -62,19 +61,12 @@ def crossed_teacher_outputs(teacher: nn.Module, student_taps: Dict[str, object])
         return teacher.decode_memory(enc)
 
 
-def _num_levels(model: nn.Module) -> Optional[int]:
-    n = getattr(model, "num_feature_levels", None)
-    if n is not None:
-        return int(n)
-    level_embeds = getattr(getattr(model, "transformer", None), "level_embeds", None)
-    return None if level_embeds is None else int(level_embeds.shape[0])
-
-
 class CrossKD(DistillMethod):
     """CrossKD with optional TPRD.
 
     Args:
         weights: ``class``, ``l1``, ``giou`` (default 1 / 5 / 2).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the targets (CrossKD_TPRD; ours).
         matcher: B1 teacher–GT matcher of TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
@@ -90,49 +82,37 @@ class CrossKD(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        class_kd: str = "decoupled",
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
+        self.tprd = TPRDOptions(**tprd)
 
-    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        if type(student) is not type(teacher):
+    def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
+        if student.family != teacher.family:
             raise ValueError(
                 f"CrossKD decodes the student's memory with the teacher: one detector family needed, got "
-                f"{type(student).__name__} and {type(teacher).__name__}"
+                f"{student.family} and {teacher.family}"
             )
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(
                 f"CrossKD feeds the student's {ds}-d memory to the teacher's {dt}-d decoder; use the same "
                 "transformer embed_dim in both models"
             )
-        ls, lt = _num_levels(student), _num_levels(teacher)
-        if ls is not None and lt is not None and ls != lt:
+        ls, lt = student.num_feature_levels, teacher.num_feature_levels
+        if ls != lt:
             raise ValueError(f"CrossKD: the student's memory has {ls} feature levels but the teacher's decoder expects {lt}")
-        if not hasattr(teacher, "decode_memory"):
-            raise TypeError(f"CrossKD needs the teacher's decode_memory(enc) entry point; {type(teacher).__name__} has none")
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         with ctx.section("teacher_cross_forward"):
             crossed = crossed_teacher_outputs(ctx.teacher, ctx.student_out.taps).main
-        terms, stats = matching_kd(
-            ctx, crossed, ctx.teacher_out.main, matcher=self.matcher, refine=self.refine,
-            soft_costs=self.soft_costs, skip_empty_images=self.skip_empty_images, alpha=self.alpha, beta=self.beta,
-            class_kd=self.class_kd,
-        )
+        terms, stats = matching_kd(ctx, crossed, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, weights={self.weights}"

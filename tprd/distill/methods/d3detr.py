@@ -1,10 +1,10 @@
-"""D³ETR: MixMatcher distillation of predictions and decoder attention (METHODS.md 3.2; TPRD 2.6).
+"""D³ETR: MixMatcher distillation of predictions and decoder attention (docs/methods.md#d3etr; TPRD #tprd-variants).
 
 The student decodes its own queries and, as a separate group over the same memory, the teacher's
 initial queries (the *fixed* group; DINO: the teacher's content embedding + its image-dependent
 reference boxes; DAB-DETR: its anchors). Both models return their decoder attention taps
 (:mod:`tprd.distill.attention`): per layer the per-head self-attention softmax weights *before
-dropout* (spec 8 #19) and the cross-attention aggregated per head over the group's queries
+dropout* (docs/methods.md#diff-19) and the cross-attention aggregated per head over the group's queries
 (deformable layers splatted with B6, DAB-DETR's dense attention summed). Denoising queries enter
 no term: every map is cut to its group.
 
@@ -28,7 +28,7 @@ Student and teacher need the same number of decoder layers, attention heads and 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from tprd.distill.attention import cross_attention_maps, self_attention_maps
 from tprd.modeling.outputs import QueryGroup
 
-from .base import DistillContext, DistillMethod, query_group_from_tap
+from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3ETR", "self_attention_kd", "cross_attention_kd"]
 
@@ -88,8 +88,9 @@ class D3ETR(DistillMethod):
     """D³ETR with optional TPRD.
 
     Args:
-        weights: ``class l1 giou self_attn cross_attn`` and the same with ``fixed_``. Default (spec
-            4.2): 1 / 5 / 2 / 10000 / 1000 for both groups (D3DETR_TPRD: both class weights 3.0).
+        weights: ``class l1 giou self_attn cross_attn`` and the same with ``fixed_``. Default
+            (docs/methods.md#weights): 1 / 5 / 2 / 10000 / 1000 for both groups (D3DETR_TPRD: both class weights 3.0).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the prediction terms of both groups.
         matcher: B1 teacher–GT matcher for TPRD (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
@@ -107,26 +108,20 @@ class D3ETR(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        class_kd: str = "decoupled",
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             base = {"class": 1.0, "l1": 5.0, "giou": 2.0, "self_attn": 10000.0, "cross_attn": 1000.0}
             weights = {**base, **{f"fixed_{k}": v for k, v in base.items()}}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
+        self.tprd = TPRDOptions(**tprd)
         self._embed_dim: Optional[int] = None
         if not any(self.weights[p + t] != 0 for p in ("", "fixed_") for t in ATTN_TERMS):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(f"D3ETR feeds the teacher's queries to the student; widths differ ({dt} vs {ds})")
         self._embed_dim = ds
@@ -147,10 +142,10 @@ class D3ETR(DistillMethod):
     def _targets(self, ctx: DistillContext):
         """Teacher stage targets ``[L,B,Nt,·]`` (refined with TPRD) and the TPRD positives."""
         t = ctx.teacher_out.main
-        if not self.refine:
+        if not self.tprd.refine:
             return t.logits.detach(), t.boxes.detach(), None
         logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-            ctx, t, self.matcher, self.skip_empty_images, key="main"
+            ctx, t, self.tprd, key="main"
         )
         self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return logits, boxes, (match_index, labels_pad)
@@ -172,11 +167,11 @@ class D3ETR(DistillMethod):
             s_idx = torch.arange(ns, device=s.logits.device).expand(num_stages, batch, ns)
             t_idx = s_idx
         else:
-            s_idx, t_idx = soft_matched_indices(ctx, s, t_logits, t_boxes, self.soft_costs)
+            s_idx, t_idx = soft_matched_indices(ctx, s, t_logits, t_boxes, self.tprd.soft_costs)
         out = {}
         if any(self.weights[prefix + k] != 0 for k in PRED_TERMS):
             pred = aligned_prediction_kd(s, t_logits, t_boxes, s_idx, t_idx, float(batch * ns), tprd,
-                                         self.alpha, self.beta, self.class_kd)
+                                         self.tprd.alpha, self.tprd.beta, self.tprd.class_kd)
             out.update({prefix + k: v for k, v in pred.items()})
         t_self, t_cross = teacher_maps
         with ctx.section("attention_maps"):  # cutting, splatting and the two attention distances
@@ -198,4 +193,4 @@ class D3ETR(DistillMethod):
         return out
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, weights={self.weights}"

@@ -1,4 +1,4 @@
-"""DETRDistill (METHODS.md 3.1; TPRD variant 2.6).
+"""DETRDistill (docs/methods.md#detrdistill; TPRD variant #tprd-variants).
 
 Three terms at every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 
@@ -27,7 +27,7 @@ neck maps (same number and sizes of levels in both models) and initial queries.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, paired_box_iou
 from tprd.modeling.outputs import QueryGroup
 
-from .base import DistillContext, DistillMethod, query_group_from_tap
+from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import matching_kd
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_stats
+from .common import check_same_stages, tprd_stats
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -116,6 +116,7 @@ class DETRDistill(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (matching KD), ``target_aware``, ``prior_class``,
             ``prior_l1``, ``prior_giou``. Default: 1 / 5 / 2, 2, 1 / 5 / 2 (the baseline config).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the matching-KD term.
         topk: top-k entries per image for the target-aware weights (``max_per_img`` = 100).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).
@@ -133,34 +134,27 @@ class DETRDistill(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
         topk: int = 100,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        class_kd: str = "decoupled",
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "target_aware": 2.0,
                        "prior_class": 1.0, "prior_l1": 5.0, "prior_giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
+        self.tprd = TPRDOptions(**tprd)
         self.topk = int(topk)
         self._embed_dim: Optional[int] = None
         self._focal = (0.25, 2.0)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(f"DETRDistill feeds teacher queries to the student and compares neck maps; widths differ ({dt} vs {ds})")
         self._embed_dim = ds
         check_same_stages(student, teacher, "DETRDistill")
-        crit = getattr(student, "criterion", None)
-        if crit is not None:
-            self._focal = (float(getattr(crit, "alpha", 0.25)), float(getattr(crit, "gamma", 2.0)))
+        if student.criterion is not None:
+            self._focal = (float(student.criterion.alpha), float(student.criterion.gamma))
 
     def _uses(self, *terms: str) -> bool:
         return any(self.weights[t] != 0 for t in terms)
@@ -176,9 +170,7 @@ class DETRDistill(DistillMethod):
     # ------------------------------------------------------------------ terms
     def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
         """Term 1 (:func:`~.aligned_kd.matching_kd`, shared with D³ETR, CrossKD and ``tprd_kd``)."""
-        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
-                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta,
-                                   class_kd=self.class_kd)
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
@@ -206,7 +198,7 @@ class DETRDistill(DistillMethod):
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         # M_l of the raw teacher stages: TPRD's positives and the prior-assignment targets, computed once.
         # Terms whose weights are all 0 are skipped (their keys are then absent).
-        matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.matcher, key="main")
+        matches = ctx.teacher_gt_matches(ctx.teacher_out.main, self.tprd.matcher, key="main")
         out: Dict[str, Tensor] = {}
         if self._uses("class", "l1", "giou"):
             out.update(self._matching_kd(ctx))
@@ -217,4 +209,4 @@ class DETRDistill(DistillMethod):
         return out
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, topk={self.topk}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, topk={self.topk}, weights={self.weights}"

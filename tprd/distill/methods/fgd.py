@@ -1,4 +1,4 @@
-"""FGD, focal and global distillation (METHODS.md 3.6; method name ``fgd``, stage-free term ``fgd``).
+"""FGD, focal and global distillation (docs/methods.md#fgd; method name ``fgd``, stage-free term ``fgd``).
 
 Per neck level (student map ``F_s``, teacher map ``F_t``, ``[B,D,H,W]``, temperature ``T``):
 
@@ -17,7 +17,7 @@ Per neck level (student map ``F_s``, teacher map ``F_t``, ``[B,D,H,W]``, tempera
 
 The term is the mean of the level losses (weight 0.05). ``conv_mask`` is Kaiming-normal (fan_in),
 bias 0; the last conv of each ``channel_add`` is zero (weight and bias), so ``GC`` starts as the
-identity. No prediction distillation: the teacher runs only to its neck (spec 8 #14).
+identity. No prediction distillation: the teacher runs only to its neck (docs/methods.md#diff-14).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def fgd_masks(
     padded_size: Tuple[int, int],
     feature_size: Tuple[int, int],
 ) -> Tuple[Tensor, Tensor]:
-    """Foreground and background masks of one feature level (spec 3.6) -- contract.
+    """Foreground and background masks of one feature level (docs/methods.md#fgd) -- contract.
 
     Args:
         boxes: per image ``[G,4]`` normalised cxcywh (by the **unpadded** image size).

@@ -1,9 +1,9 @@
-"""FitNet feature imitation (METHODS.md 3.7; method name ``fitnet``, one stage-free term ``fitnet``).
+"""FitNet feature imitation (docs/methods.md#fitnet; method name ``fitnet``, one stage-free term ``fitnet``).
 
 Per neck level ``l``: a 1x1 conv adapter ``A_l`` (D -> D, PyTorch's default init) on the student map,
 then ``mean_{B,D,H,W} (A_l(F_s) − F_t)²`` **divided again by B** (the reference's normaliser, kept
 for parity because the weight 10 was tuned with it: the effective normaliser is ``B²·D·H·W``,
-spec 8 #15). The term is the mean over the levels. The teacher runs only to its neck (spec 8 #14).
+docs/methods.md#diff-15). The term is the mean over the levels. The teacher runs only to its neck (docs/methods.md#diff-14).
 """
 from __future__ import annotations
 

@@ -1,20 +1,20 @@
-"""KD-DETR: consistent distillation points (METHODS.md 3.3, 5.1, 5.2; TPRD variant 2.6).
+"""KD-DETR: consistent distillation points (docs/methods.md#kd-detr; TPRD variant #tprd-variants).
 
 Two extra query groups are decoded by both models, so student and teacher predictions of the same
 point are index-aligned (query ``q`` of the student group <-> query ``q`` of the teacher group):
 
 * **general** points, ``general`` in loss keys: a fresh table of ``G`` random queries per
-  iteration, drawn from N(0, 1) with this method's own seeded generator under no-grad (spec 8 #13),
+  iteration, drawn from N(0, 1) with this method's own seeded generator under no-grad (docs/methods.md#diff-13),
   decoded by the teacher and by the student. What a point is depends on the detector family
   (``query_kind``):
 
   - ``"position"`` (Deformable DETR): ``[G, 2D]`` split into positional and content halves (detrex
     order: positional first); each model computes the 2-d reference points with **its own**
-    reference-point layer (the reference's behaviour, spec 8 #12). ``shared_general_refs=True``
+    reference-point layer (the reference's behaviour, docs/methods.md#diff-12). ``shared_general_refs=True``
     instead hands the teacher's references to the student.
   - ``"anchor"`` (DAB-DETR): ``[G, 4]`` un-sigmoided anchors (the decoder sees ``σ``), zero content.
   - ``"content_box"`` (DINO): ``[G, D]`` content and ``[G, 4]`` references; the references get ``σ``
-    (clean, spec 8 #11) unless ``raw_general_refs=True`` (the reference passes the raw N(0,1) values).
+    (clean, docs/methods.md#diff-11) unless ``raw_general_refs=True`` (the reference passes the raw N(0,1) values).
 
 * **specific** points, ``specific`` in loss keys: the teacher's own initial queries/references
   (``teacher_out.taps["queries"]``), decoded by the student; their targets are the teacher's main
@@ -34,109 +34,36 @@ teacher's query count in both, so any student/teacher query counts work.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tprd.distill.losses import kd_detr_weighted_losses
-from tprd.distill.tprd import (
-    aligned_positive_targets,
-    build_match_index,
-    pad_ground_truth,
-    refine_teacher_predictions,
-    tprd_class_kd,
-)
+from tprd.distill.tprd import aligned_positive_targets, tprd_class_kd
+from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
-from .base import DistillContext, DistillMethod, expand_stage_terms, query_group_from_tap
+from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
+from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
-__all__ = ["KDDETR", "detector_query_kind", "detector_embed_dim", "detector_num_stages"]
+__all__ = ["KDDETR", "general_point_kind"]
 
 QUERY_KINDS = ("position", "anchor", "content_box")
 
 
-def detector_query_kind(model: nn.Module) -> str:
-    """How a detector's queries look: ``"position"`` (Deformable DETR: positional + content vectors,
-    2-d references from its own layer), ``"anchor"`` (DAB-DETR: 4-d anchors, zero content) or
-    ``"content_box"`` (DINO: content vectors + 4-d references). A detector may declare it with a
-    ``query_kind`` attribute; otherwise it is inferred from the class."""
-    kind = getattr(model, "query_kind", None)
-    if kind is not None:
-        if kind not in QUERY_KINDS:
-            raise ValueError(f"{type(model).__name__}.query_kind = {kind!r}; expected one of {QUERY_KINDS}")
-        return kind
-    cls = type(model).__name__.lower()
-    if "dab" in cls:
-        return "anchor"
-    if "dino" in cls:
-        return "content_box"
-    if "deformable" in cls:
-        if getattr(model, "as_two_stage", False):
-            raise ValueError(
-                "KD-DETR general points need the model's own reference-point layer, which two-stage "
-                "Deformable DETR does not have; use a single-stage Deformable DETR"
-            )
-        return "position"
-    raise ValueError(f"cannot tell the query kind of {type(model).__name__}; give it a query_kind attribute")
-
-
-def detector_embed_dim(model: nn.Module) -> int:
-    for owner in (model, getattr(model, "transformer", None)):
-        dim = getattr(owner, "embed_dim", None)
-        if dim is not None:
-            return int(dim)
-    raise ValueError(f"cannot find the embedding width of {type(model).__name__} (no embed_dim attribute)")
-
-
-def detector_num_stages(model: nn.Module) -> Optional[int]:
-    n = getattr(model, "num_stages", None)
-    if n is not None:
-        return int(n)
-    decoder = getattr(getattr(model, "transformer", None), "decoder", None)
-    n = getattr(decoder, "num_layers", None)
-    return None if n is None else int(n)
-
-
-def check_same_stages(student: nn.Module, teacher: nn.Module, method: str) -> None:
-    ls, lt = detector_num_stages(student), detector_num_stages(teacher)
-    if ls is not None and lt is not None and ls != lt:
+def general_point_kind(model: DETRDetector) -> str:
+    """The detector's :attr:`~tprd.modeling.detector.DETRDetector.query_kind`, checked to be one
+    KD-DETR can draw general points for."""
+    kind = model.query_kind
+    if kind == "proposal":
         raise ValueError(
-            f"{method} pairs student stage l with teacher stage l, but the student has {ls} decoder "
-            f"layers and the teacher {lt}; give both the same number of decoder layers"
+            "KD-DETR general points need the model's own reference-point layer, which two-stage "
+            "Deformable DETR does not have; use a single-stage Deformable DETR"
         )
-
-
-def tprd_refine_and_targets(
-    ctx: DistillContext,
-    teacher: StagePredictions,
-    matcher: nn.Module,
-    skip_empty_images: bool,
-    key: str,
-):
-    """TPRD on a teacher group: ``M_l`` per stage (cached in ``ctx`` under ``key``), refined logits and
-    boxes ``[L,B,Qt,·]``, the dense matched-GT index ``[L,B,Qt]`` (−1 = negative), padded GT labels
-    ``[B,G]`` and the refinement statistics."""
-    matches = ctx.teacher_gt_matches(teacher, matcher, key)
-    with ctx.section("tprd"):
-        logits, boxes, stats = refine_teacher_predictions(
-            teacher.logits.detach(),
-            teacher.boxes.detach(),
-            matches,
-            ctx.gt_labels,
-            ctx.gt_boxes,
-            skip_empty_images=skip_empty_images,
-            return_stats=True,
-        )
-        labels_pad, _, _ = pad_ground_truth(ctx.gt_labels, ctx.gt_boxes, device=logits.device, dtype=boxes.dtype)
-        match_index = build_match_index(matches, teacher.logits.shape[2], device=logits.device)
-    return logits, boxes, match_index, labels_pad, stats
-
-
-def tprd_stats(prefix: str, stats: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Per-stage refinement shares as ``tprd_<...>_{positive,negative}_refined_frac[_l]``."""
-    keep = {k: stats[k].float() for k in ("positive_refined_frac", "negative_refined_frac")}
-    return expand_stage_terms(prefix, keep)
+    if kind not in QUERY_KINDS:
+        raise ValueError(f"{model.family}.query_kind = {kind!r}; expected one of {QUERY_KINDS}")
+    return kind
 
 
 class KDDETR(DistillMethod):
@@ -147,13 +74,15 @@ class KDDETR(DistillMethod):
             Deformable DETR values 2 / 5 / 2 for both groups.
         general_points: ``G``; 0 disables the general group (its terms are then not returned).
         temperature: ``T`` of the class KL (10).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the specific group.
         matcher: B1 matcher for TPRD (default focal Hungarian 2 / 5 / 2).
-        skip_empty_images: TPRD parity flag (spec 8 #5).
-        raw_general_refs: DINO parity flag: random references not passed through ``σ`` (spec 8 #11).
+        skip_empty_images: TPRD parity flag (docs/methods.md#diff-5).
+        raw_general_refs: DINO parity flag: random references not passed through ``σ`` (docs/methods.md#diff-11).
         shared_general_refs: Deformable DETR: the student uses the teacher's general reference points
-            instead of computing its own (spec 8 #12, optional mode).
-        query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: from the models).
+            instead of computing its own (docs/methods.md#diff-12, optional mode).
+        query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: the models'
+            declared ``query_kind``).
         seed: seed of the general-point generator (the process rank is added, so every GPU draws
             different points; the stream is reproducible for a given seed and rank).
         alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
@@ -168,17 +97,12 @@ class KDDETR(DistillMethod):
         weights: Optional[Dict[str, float]] = None,
         general_points: int = 300,
         temperature: float = 10.0,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        skip_empty_images: bool = False,
         raw_general_refs: bool = False,
         shared_general_refs: bool = False,
         query_kind: Optional[str] = None,
         seed: int = 0,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        class_kd: str = "decoupled",
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {t: {"class": 2.0, "l1": 5.0, "giou": 2.0}[t.split("_")[1]] for t in self.terms}
@@ -189,7 +113,7 @@ class KDDETR(DistillMethod):
             raise ValueError(f"query_kind must be one of {QUERY_KINDS}, got {query_kind!r}")
         self.general_points = int(general_points)
         self.temperature = float(temperature)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, class_kd=class_kd)
+        self.tprd = TPRDOptions(**tprd)
         self.raw_general_refs = bool(raw_general_refs)
         self.shared_general_refs = bool(shared_general_refs)
         self.query_kind = query_kind
@@ -199,13 +123,13 @@ class KDDETR(DistillMethod):
         self._embed_dim: Optional[int] = None
 
     # ------------------------------------------------------------------ setup
-    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+    def check_models(self, student: DETRDetector, teacher: DETRDetector) -> None:
         if self.query_kind is None:
-            ks, kt = detector_query_kind(student), detector_query_kind(teacher)
+            ks, kt = general_point_kind(student), general_point_kind(teacher)
             if ks != kt:
                 raise ValueError(f"KD-DETR needs a student and teacher of one family; got query kinds {ks!r} and {kt!r}")
             self.query_kind = kt
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(
                 f"KD-DETR feeds the teacher's queries to the student, but their widths differ ({dt} vs {ds}); "
@@ -218,7 +142,7 @@ class KDDETR(DistillMethod):
 
     def _rng(self) -> torch.Generator:
         if self._generator is None:
-            from tprd.engine import comm
+            from tprd.utils import comm
 
             self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * comm.get_rank())
         return self._generator
@@ -287,11 +211,11 @@ class KDDETR(DistillMethod):
 
         spec = s_out.groups[self.group_name("specific")]
         teacher = t_out.main
-        if not self.refine:
+        if not self.tprd.refine:
             terms = self._b5(spec, teacher.logits.detach(), teacher.boxes.detach())
         else:
             logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-                ctx, teacher, self.matcher, self.skip_empty_images, key="main"
+                ctx, teacher, self.tprd, key="main"
             )
             num_stages, batch, nq, num_classes = logits.shape
             positive, cls = aligned_positive_targets(
@@ -299,7 +223,8 @@ class KDDETR(DistillMethod):
             )
             ckd = tprd_class_kd(
                 spec.logits.reshape(-1, num_classes), logits.reshape(-1, num_classes),
-                positive.reshape(-1), cls.reshape(-1), alpha=self.alpha, beta=self.beta, form=self.class_kd,
+                positive.reshape(-1), cls.reshape(-1), alpha=self.tprd.alpha, beta=self.tprd.beta,
+                form=self.tprd.class_kd,
             ).view(num_stages, batch, nq)
             terms = self._b5(spec, logits, boxes, class_loss=ckd)
             self.last_stats = tprd_stats(f"tprd_{self.name}_specific", stats)
@@ -310,5 +235,5 @@ class KDDETR(DistillMethod):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, general_points={self.general_points}, temperature={self.temperature}, "
-            f"refine={self.refine}, query_kind={self.query_kind!r}, weights={self.weights}"
+            f"refine={self.tprd.refine}, query_kind={self.query_kind!r}, weights={self.weights}"
         )

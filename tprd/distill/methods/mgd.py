@@ -1,4 +1,4 @@
-"""MGD, masked generative distillation (METHODS.md 3.8; method name ``mgd``, stage-free term ``mgd``).
+"""MGD, masked generative distillation (docs/methods.md#mgd; method name ``mgd``, stage-free term ``mgd``).
 
 Per neck level ``l``: a 1x1 adapter ``A_l`` (D -> D) on the student map, a random spatial mask
 ``M [B,1,H,W]`` (a cell is dropped, i.e. set to 0, where a uniform draw exceeds ``1 − mask_ratio``),
@@ -6,13 +6,14 @@ a generation block ``G_l`` = 3x3 conv (D -> D, pad 1) -> ReLU -> 3x3 conv (D -> 
 
     mgd_l = mean_{B,D,H,W} (G_l(M · A_l(F_s)) − F_t)² / B
 
-(the reference's extra division by ``B`` is kept for parity, spec 8 #15). The term is the mean over
-the levels. The teacher runs only to its neck (spec 8 #14).
+(the reference's extra division by ``B`` is kept for parity, docs/methods.md#diff-15). The term is the mean over
+the levels. The teacher runs only to its neck (docs/methods.md#diff-14).
 
 Masks are drawn on the CPU from a generator seeded from ``(seed, iteration, rank)`` (see
 :func:`mask_seed`), level after level, so a run resumed at iteration ``i`` draws exactly the masks
 an uninterrupted run draws at ``i``; configs pass ``seed = train.seed``. The iteration is the
-Distiller's (set by the trainer every step); without one (a bare Distiller) a call counter is used.
+trainer's, read from the event storage; without one (a Distiller outside a trainer) a call counter
+is used.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class MGD(DistillMethod):
 
     def generator_for(self, iteration: int) -> torch.Generator:
         """The mask generator of ``iteration`` on this process."""
-        from tprd.engine import comm
+        from tprd.utils import comm
 
         return torch.Generator().manual_seed(mask_seed(self.seed, iteration, comm.get_rank()))
 

@@ -3,42 +3,25 @@ the (student, teacher) neck maps of an iteration.
 
 A detector's ``neck`` tap is a list of ``[B,D,H_l,W_l]`` maps: the 4 ChannelMapper levels of
 Deformable DETR and DINO, the single input projection of res5 of DAB-DETR. The methods build one
-adapter set per level from :func:`neck_levels` and pair the levels by position.
+adapter set per level (the detector's ``num_neck_levels``) and pair the levels by position.
 """
 from __future__ import annotations
 
 from typing import List, Tuple
 
-from torch import Tensor, nn
+from torch import Tensor
+
+from tprd.modeling.detector import DETRDetector
 
 from .base import DistillContext
-from .kd_detr import detector_embed_dim
 
-__all__ = ["neck_levels", "neck_pairs", "check_same_necks"]
-
-
-def neck_levels(model: nn.Module) -> int:
-    """Number of maps in the detector's ``neck`` tap: a ``num_neck_levels`` attribute if it has one,
-    else the convs of its ChannelMapper ``neck`` (plus extra levels), else 1 for a detector with a
-    single ``input_proj`` (DAB-DETR)."""
-    n = getattr(model, "num_neck_levels", None)
-    if n is not None:
-        return int(n)
-    neck = getattr(model, "neck", None)
-    if neck is not None and hasattr(neck, "convs"):
-        return len(neck.convs) + len(getattr(neck, "extra_convs", ()))
-    if hasattr(model, "input_proj"):
-        return 1
-    raise ValueError(
-        f"cannot tell how many neck levels {type(model).__name__} has (no ChannelMapper neck, no input_proj): "
-        "give it a num_neck_levels attribute"
-    )
+__all__ = ["neck_pairs", "check_same_necks"]
 
 
-def check_same_necks(student: nn.Module, teacher: nn.Module, method: str) -> Tuple[int, int]:
+def check_same_necks(student: DETRDetector, teacher: DETRDetector, method: str) -> Tuple[int, int]:
     """``(levels, channels)`` shared by both models; ``ValueError`` naming the fix otherwise."""
-    ls, lt = neck_levels(student), neck_levels(teacher)
-    ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+    ls, lt = student.num_neck_levels, teacher.num_neck_levels
+    ds, dt = student.embed_dim, teacher.embed_dim
     if ls != lt or ds != dt:
         raise ValueError(
             f"{method} imitates the teacher's neck maps level by level: the student has {ls} levels of {ds} "

@@ -1,4 +1,4 @@
-"""QSKD: query selection for DETR distillation (METHODS.md 3.4; TPRD variant 2.6).
+"""QSKD: query selection for DETR distillation (docs/methods.md#qskd; TPRD variant #tprd-variants).
 
 Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 
@@ -13,7 +13,7 @@ Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 3. **Prediction distillation** (``class``, ``l1``, ``giou``): B4 soft-BCE (summed over classes),
    L1 (summed over the 4 coordinates) and ``1 − GIoU`` over all pairs of the batch, each **averaged
    over the number of pairs** of the stage. A stage without pairs gives a zero that keeps the graph
-   (spec 8 #9).
+   (docs/methods.md#diff-9).
 4. **Attention-guided memory distillation** (``feature``): per image the mask
    ``M = mean_{i ∈ selected} (1 + g_i)·A_i`` over the teacher's per-query cross-attention maps
    ``A_i`` (length ``S``, B6 summed over heads, levels and points; DAB-DETR: its dense attention
@@ -22,17 +22,17 @@ Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
    weights, ``Σ_i w_i A_i`` is computed as one splat of the weights scaled by ``w_i``
    (:func:`weighted_query_attention`): no ``[B,Q,S]`` map is formed.
 
-   Stage ``l``'s selection weights the maps of decoder layer ``l`` (clean, spec 8 #8).
+   Stage ``l``'s selection weights the maps of decoder layer ``l`` (clean, docs/methods.md#diff-8).
    ``reference_stage_order=True`` restores the reference's zip of the selection list
    ``[final, stage 1, …, stage L−1]`` with the maps ``[layer 1, …, layer L]``: layer 1 gets the
    final stage's selection and layer ``k+1`` stage ``k``'s; the term of layer ``L`` is the one
    logged without suffix.
 
 Selection and pairing are computed on the **raw** outputs of both models. ``refine=True``
-(QSKD_TPRD, spec 2.6): the targets at the paired teacher queries are the TPRD-refined stage-``l``
+(QSKD_TPRD, docs/methods.md#tprd-variants): the targets at the paired teacher queries are the TPRD-refined stage-``l``
 predictions (B1 matching ``M_l`` of the raw teacher, shared with the selection), the class term is
 TPRD-CKD averaged over the pairs with positives = the positive pairs (their teacher queries are
-exactly ``M_l``, spec 2.5), the boxes go towards the refined boxes; the memory term stays raw.
+exactly ``M_l``, docs/methods.md#tprd-alignment), the boxes go towards the refined boxes; the memory term stays raw.
 
 Only the per-image Hungarian assignments loop in Python (scipy); selection, positive pairing,
 losses and masks are batched over stages, images and queries.
@@ -54,8 +54,8 @@ from tprd.distill.tprd import build_match_index, pad_ground_truth, tprd_class_kd
 from tprd.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from tprd.modeling.outputs import StagePredictions
 
-from .base import DistillContext, DistillMethod
-from .kd_detr import check_same_stages, detector_embed_dim, tprd_refine_and_targets, tprd_stats
+from .base import DistillContext, DistillMethod, TPRDOptions
+from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = [
     "QSKD",
@@ -210,11 +210,12 @@ class QSKD(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (pair KD), ``feature`` (attention-guided memory).
             Default 1 / 5 / 2 / 100.
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD on the pair-KD targets (QSKD_TPRD).
         matcher: B1 matcher of the selection (both models) and of TPRD (focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the hard-negative soft matching (1, 5, 2).
         giou_threshold: hard negatives need a largest GIoU with a GT strictly above it (0).
-        reference_stage_order: the reference's stage/layer misalignment of the memory term (spec 8 #8).
+        reference_stage_order: the reference's stage/layer misalignment of the memory term (docs/methods.md#diff-8).
         skip_empty_images, alpha, beta: TPRD parity flag and TPRD-CKD weights.
     """
 
@@ -225,26 +226,20 @@ class QSKD(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = False,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
         giou_threshold: float = 0.0,
         reference_stage_order: bool = False,
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        class_kd: str = "decoupled",
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 1.0, "l1": 5.0, "giou": 2.0, "feature": 100.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
+        self.tprd = TPRDOptions(**tprd)
         self.giou_threshold = float(giou_threshold)
         self.reference_stage_order = bool(reference_stage_order)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = detector_embed_dim(student), detector_embed_dim(teacher)
+        ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
             raise ValueError(f"QSKD compares the encoder memories; their widths differ (teacher {dt}, student {ds})")
         check_same_stages(student, teacher, "QSKD")
@@ -253,9 +248,9 @@ class QSKD(DistillMethod):
     def _pair_kd(self, ctx: DistillContext, pairs: Mapping[str, Tensor], t_match_index: Tensor) -> Dict[str, Tensor]:
         s, t = ctx.student_out.main, ctx.teacher_out.main
         num_stages, _, _, nc = s.logits.shape
-        if self.refine:
+        if self.tprd.refine:
             t_logits, t_boxes, _, labels_pad, stats = tprd_refine_and_targets(
-                ctx, t, self.matcher, self.skip_empty_images, key="main"
+                ctx, t, self.tprd, key="main"
             )
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         else:
@@ -263,12 +258,12 @@ class QSKD(DistillMethod):
         l, b, qs, qt = pairs["stage"], pairs["image"], pairs["student"], pairs["teacher"]
         s_lg, s_bx = s.logits[l, b, qs], s.boxes[l, b, qs]  # [P,C], [P,4]
         t_lg, t_bx = t_logits[l, b, qt], t_boxes[l, b, qt]
-        if self.refine:
+        if self.tprd.refine:
             gt = t_match_index[l, b, qt]  # the positive pairs are exactly the teacher queries in M_l
             positive = gt >= 0
             cls = torch.where(positive, labels_pad[b, gt.clamp(min=0)], torch.zeros_like(gt))
-            class_pp = tprd_class_kd(s_lg, t_lg, positive, cls, alpha=self.alpha, beta=self.beta,
-                                     form=self.class_kd)
+            class_pp = tprd_class_kd(s_lg, t_lg, positive, cls, alpha=self.tprd.alpha, beta=self.tprd.beta,
+                                     form=self.tprd.class_kd)
             l1, giou = box_pair_losses(s_bx, t_bx)
         else:
             per = soft_bce_pair_losses(s_lg, t_lg, s_bx, t_bx, reduction="none")
@@ -312,14 +307,14 @@ class QSKD(DistillMethod):
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         s, t = ctx.student_out.main, ctx.teacher_out.main
-        t_matches = ctx.teacher_gt_matches(t, self.matcher, key="main")
+        t_matches = ctx.teacher_gt_matches(t, self.tprd.matcher, key="main")
         with ctx.section("matching"):
-            s_matches = self.matcher.match_stages(s.logits.detach(), s.boxes.detach(), ctx.targets)
+            s_matches = self.tprd.matcher.match_stages(s.logits.detach(), s.boxes.detach(), ctx.targets)
             s_sel = giou_query_selection(s.boxes.detach(), s_matches, ctx.targets, self.giou_threshold)
             t_sel = giou_query_selection(t.boxes.detach(), t_matches, ctx.targets, self.giou_threshold)
             pairs = pair_selected_queries(
                 StagePredictions(s.logits.detach(), s.boxes.detach()), StagePredictions(t.logits.detach(), t.boxes.detach()),
-                s_sel, t_sel, self.soft_costs,
+                s_sel, t_sel, self.tprd.soft_costs,
             )
         out = self._pair_kd(ctx, pairs, t_sel["match_index"])
         out["feature"] = self._feature(ctx, t_sel)
@@ -327,6 +322,6 @@ class QSKD(DistillMethod):
 
     def extra_repr(self) -> str:
         return (
-            f"name={self.name!r}, refine={self.refine}, giou_threshold={self.giou_threshold}, "
+            f"name={self.name!r}, refine={self.tprd.refine}, giou_threshold={self.giou_threshold}, "
             f"reference_stage_order={self.reference_stage_order}, weights={self.weights}"
         )

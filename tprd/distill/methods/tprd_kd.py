@@ -1,5 +1,5 @@
 """TPRD as a method of its own (``tprd_kd``): matched prediction distillation towards the
-TPRD-refined teacher (METHODS.md 2.3-2.5, B3, B4).
+TPRD-refined teacher (docs/methods.md#tprd-kd).
 
 At every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 
@@ -8,8 +8,8 @@ At every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
    ``refine=False``: the raw teacher stage-``l`` predictions are the targets.
 2. The soft matcher B3 pairs the student's main-group queries with the (refined) teacher queries: a
    full permutation ``π`` for equal query counts, ``min(Ns, Nt)`` pairs otherwise.
-3. ``class``: TPRD-CKD (spec 2.4) with positives mapped through the alignment (pair ``n`` is positive
-   iff ``π(n) ∈ M_l``, with the class of the GT matched to ``π(n)``, spec 2.5); with
+3. ``class``: TPRD-CKD (docs/methods.md#tprd-ckd) with positives mapped through the alignment (pair ``n`` is positive
+   iff ``π(n) ∈ M_l``, with the class of the GT matched to ``π(n)``, docs/methods.md#tprd-alignment); with
    ``refine=False`` the soft-BCE class term of B4. ``l1``, ``giou``: ``Σ_4 |b_s − b_t|`` and
    ``1 − GIoU`` towards the (refined) teacher boxes.
 4. Every term is summed over the pairs and divided by ``B·Ns``.
@@ -18,18 +18,18 @@ This is exactly DETRDistill_TPRD's matching-KD part, so both use :func:`~.aligne
 (one copy).
 As a method it composes with any other (``FGD_TPRD`` = ``fgd`` + ``tprd_kd``) or runs alone
 (the ``TPRD`` configs, the pure-TPRD ablation); ``refine=False`` measures what the refinement
-itself adds. Neither composition exists in the reference (spec 2.6: no TPRD variant of FGD,
+itself adds. Neither composition exists in the reference (docs/methods.md#tprd-variants: no TPRD variant of FGD,
 FitNet, MGD).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 from torch import Tensor, nn
 
 from .aligned_kd import matching_kd
-from .base import DistillContext, DistillMethod
-from .kd_detr import check_same_stages, tprd_stats
+from .base import DistillContext, DistillMethod, TPRDOptions
+from .common import check_same_stages, tprd_stats
 
 __all__ = ["TPRDKD"]
 
@@ -40,10 +40,11 @@ class TPRDKD(DistillMethod):
     Args:
         weights: ``class``, ``l1``, ``giou`` (default 3.0 / 5.0 / 2.0, the TPRD class weight of
             D³ETR/QSKD_TPRD with the usual box weights).
+        **tprd: the TPRD options, kept as ``self.tprd`` (:class:`~.base.TPRDOptions`):
         refine: TPRD-refined targets + TPRD-CKD (default) or raw targets + soft-BCE (B4).
         matcher: B1 teacher–GT matcher (default focal Hungarian 2 / 5 / 2).
         soft_costs: ``(class, L1, GIoU)`` costs of the soft matcher B3 (1, 5, 2).
-        skip_empty_images: TPRD parity flag (spec 8 #5).
+        skip_empty_images: TPRD parity flag (docs/methods.md#diff-5).
         alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
 
     Per-stage refinement shares go to :attr:`last_stats` as
@@ -58,30 +59,22 @@ class TPRDKD(DistillMethod):
     def __init__(
         self,
         weights: Optional[Dict[str, float]] = None,
-        refine: bool = True,
-        matcher: Optional[nn.Module] = None,
-        soft_costs: Sequence[float] = (1.0, 5.0, 2.0),
-        skip_empty_images: bool = False,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        class_kd: str = "decoupled",
         name: Optional[str] = None,
+        **tprd: Any,
     ):
         if weights is None:
             weights = {"class": 3.0, "l1": 5.0, "giou": 2.0}
         super().__init__(weights, name)
-        self.set_tprd_options(refine, matcher, skip_empty_images, alpha, beta, soft_costs, class_kd)
+        self.tprd = TPRDOptions(**{"refine": True, **tprd})
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         check_same_stages(student, teacher, "tprd_kd")
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
-        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.matcher, self.refine,
-                                   self.soft_costs, self.skip_empty_images, self.alpha, self.beta,
-                                   class_kd=self.class_kd)
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, refine={self.refine}, weights={self.weights}"
+        return f"name={self.name!r}, refine={self.tprd.refine}, weights={self.weights}"

@@ -1,8 +1,4 @@
-"""CrossKD, DAB-DETR R50 -> R18, VOC.
-
-The method of ``dab_detr_r50_distill_r18_50ep.py`` on the
-``base/dab_detr_r50_distill_r18_50ep_voc.py`` setting (20-class teacher required).
-"""
+"""CrossKD, DAB-DETR R50 -> R18, VOC (docs/methods.md#crosskd)."""
 from ..base.dab_detr_r50_distill_r18_50ep_voc import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -14,5 +10,3 @@ from .dab_detr_r50_distill_r18_50ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/dab_detr/CrossKD/dab_detr_r50_distill_r18_50ep_voc"

@@ -1,17 +1,5 @@
-"""CrossKD + TPRD, DAB-DETR R50 -> R18, VOC.
-
-The baseline ``../CrossKD/dab_detr_r50_distill_r18_50ep_voc.py`` with
-refine=True and the class weight 1.0 -> 3.0. The reference has no CrossKD_TPRD; this variant
-is ours: the crossed predictions are matched against, and distilled towards, the refined teacher
-stage-l predictions; the class term is TPRD-CKD with positives mapped through the alignment
-(spec 2.5), boxes go towards the refined boxes; class 3.0 as D3ETR_TPRD / QSKD_TPRD (chosen, not tuned).
-
-How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""CrossKD + TPRD, DAB-DETR R50 -> R18, VOC (docs/methods.md#crosskd, #tprd-variants)."""
 from ..CrossKD.dab_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.crosskd.refine = True
 model.methods.crosskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dab_detr/CrossKD_TPRD/dab_detr_r50_distill_r18_50ep_voc"

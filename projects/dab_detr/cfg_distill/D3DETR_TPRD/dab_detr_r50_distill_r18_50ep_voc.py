@@ -1,15 +1,6 @@
-"""D³ETR + TPRD, DAB-DETR R50 -> R18, VOC.
-
-The baseline ``../D3DETR/dab_detr_r50_distill_r18_50ep_voc.py`` with refine=True and the class weights of both
-groups 1.0 -> 3.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""D³ETR + TPRD, DAB-DETR R50 -> R18, VOC (docs/methods.md#d3etr, #tprd-variants)."""
 from ..D3DETR.dab_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.d3detr.refine = True
 model.methods.d3detr.weights["class"] = 3.0
 model.methods.d3detr.weights["fixed_class"] = 3.0
-
-train.output_dir = "./output/dab_detr/D3DETR_TPRD/dab_detr_r50_distill_r18_50ep_voc"

@@ -1,8 +1,4 @@
-"""DETRDistill, DAB-DETR R50 -> R18, synthetic.
-
-The method of ``dab_detr_r50_distill_r18_50ep.py`` on the
-``base/dab_detr_r50_distill_r18_synthetic.py`` setting.
-"""
+"""DETRDistill, DAB-DETR R50 -> R18, synthetic (docs/methods.md#detrdistill)."""
 from ..base.dab_detr_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -14,5 +10,3 @@ from .dab_detr_r50_distill_r18_50ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/dab_detr/DETRDistill/dab_detr_r50_distill_r18_synthetic"

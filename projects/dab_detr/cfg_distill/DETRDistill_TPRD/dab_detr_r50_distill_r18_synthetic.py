@@ -1,14 +1,5 @@
-"""DETRDistill + TPRD, DAB-DETR R50 -> R18, synthetic.
-
-The baseline ``../DETRDistill/dab_detr_r50_distill_r18_synthetic.py`` with
-refine=True and the matching-KD class weight 1.0 -> 4.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""DETRDistill + TPRD, DAB-DETR R50 -> R18, synthetic (docs/methods.md#detrdistill, #tprd-variants)."""
 from ..DETRDistill.dab_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/dab_detr/DETRDistill_TPRD/dab_detr_r50_distill_r18_synthetic"

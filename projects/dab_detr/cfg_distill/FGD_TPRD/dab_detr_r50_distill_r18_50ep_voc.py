@@ -1,14 +1,6 @@
-"""FGD + TPRD, DAB-DETR R50 -> R18, VOC.
-
-The baseline ``../FGD/dab_detr_r50_distill_r18_50ep_voc.py`` plus the stand-alone TPRD method ``tprd_kd``
-(``configs/common/tprd_kd.py``).
-
-How TPRD is added: see ``dab_detr_r50_distill_r18_50ep.py``, the COCO config of this folder.
-"""
+"""FGD + TPRD, DAB-DETR R50 -> R18, VOC (docs/methods.md#fgd, #tprd-variants)."""
 from tprd.config import get_config
 
 from ..FGD.dab_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/dab_detr/FGD_TPRD/dab_detr_r50_distill_r18_50ep_voc"

@@ -1,11 +1,4 @@
-"""FitNet, DAB-DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.7).
-
-FitNet: per neck level a 1x1 adapter on the student map and the MSE to the teacher
-map, divided again by the batch size (spec 8 #15); weight 10.
-DAB-DETR has one neck level, its input projection of res5; the teacher runs only to it (spec 8 #14).
-Not in the reference (its feature methods are Deformable DETR only).
-All settings in ``configs/common/feature_kd.py``.
-"""
+"""FitNet, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fitnet)."""
 from tprd.config import get_config
 
 from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -17,5 +10,3 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"fitnet": get_config("common/feature_kd.py").fitnet}
-
-train.output_dir = "./output/dab_detr/FitNet/dab_detr_r50_distill_r18_50ep"

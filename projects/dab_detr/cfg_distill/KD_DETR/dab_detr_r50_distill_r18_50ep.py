@@ -1,13 +1,4 @@
-"""KD-DETR, DAB-DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.3, 5.1).
-
-Two extra query groups decoded by both models, index-aligned: 300 random general points per
-iteration and the teacher's own queries (specific points); B5 losses (T = 10) at every stage.
-general points: [G, 4] N(0,1) anchors read as un-sigmoided boxes (the decoder sees sigma), zero
-content; specific points: the teacher's learned anchor table with zero content (METHODS.md 5.1).
-
-Weights: general class 1.0 / L1 5.0 / GIoU 2.0; specific class 1.0 / L1 5.0 / GIoU 2.0
-(each at all decoder stages). Reference folder: ``projects/dab_detr/cfg_distill/KD-DETR/``.
-"""
+"""KD-DETR, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#kd-detr, #kd-detr-dab)."""
 from tprd.config import LazyCall as L
 from tprd.distill import KDDETR
 
@@ -36,6 +27,4 @@ model.methods = {
         seed=0,
     ),
 }
-
-train.output_dir = "./output/dab_detr/KD_DETR/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

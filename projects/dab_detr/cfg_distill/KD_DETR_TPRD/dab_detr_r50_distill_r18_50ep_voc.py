@@ -1,13 +1,4 @@
-"""KD-DETR + TPRD, DAB-DETR R50 -> R18, VOC.
-
-The baseline ``../KD_DETR/dab_detr_r50_distill_r18_50ep_voc.py`` with
-refine=True only (no weight change in METHODS.md 2.6).
-
-How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""KD-DETR + TPRD, DAB-DETR R50 -> R18, VOC (docs/methods.md#kd-detr, #tprd-variants)."""
 from ..KD_DETR.dab_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
-
-train.output_dir = "./output/dab_detr/KD_DETR_TPRD/dab_detr_r50_distill_r18_50ep_voc"

@@ -1,13 +1,4 @@
-"""QSKD, DAB-DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.4).
-
-Per decoder stage: GIoU-based group query selection, positive pairs by shared GT and hard-negative
-pairs by soft matching, pair-averaged prediction distillation (class 1.0 / L1 5.0 / GIoU 2.0) and
-attention-guided memory distillation (100) with the teacher's per-query cross-attention maps of the
-same layer (all in ``configs/common/qskd.py``).
-
-The reference has QSKD for Deformable DETR only; DAB-DETR's decoder cross-attention is dense over
-the S memory tokens, so the per-query maps are its attention weights summed over heads. Same weights.
-"""
+"""QSKD, DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#qskd)."""
 from tprd.config import get_config
 
 from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -20,6 +11,4 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's QSKD weights and matchers, the same for the three detectors
 model.methods = {"qskd": get_config("common/qskd.py").qskd}
-
-train.output_dir = "./output/dab_detr/QSKD/dab_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

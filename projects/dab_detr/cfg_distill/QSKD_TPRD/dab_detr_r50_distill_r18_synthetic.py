@@ -1,14 +1,5 @@
-"""QSKD + TPRD, DAB-DETR R50 -> R18, synthetic.
-
-The baseline ``../QSKD/dab_detr_r50_distill_r18_synthetic.py`` with
-refine=True and the pair-KD class weight 1.0 -> 3.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``dab_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""QSKD + TPRD, DAB-DETR R50 -> R18, synthetic (docs/methods.md#qskd, #tprd-variants)."""
 from ..QSKD.dab_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dab_detr/QSKD_TPRD/dab_detr_r50_distill_r18_synthetic"

@@ -1,12 +1,4 @@
-"""TPRD alone (``tprd_kd``), DAB-DETR R50 -> R18, COCO, 50 epochs.
-
-The pure-TPRD ablation (ours; the reference has no stand-alone TPRD): per decoder stage the student's
-queries are soft-matched (B3) to the TPRD-refined teacher predictions and distilled with TPRD-CKD
-(class 3.0, positives mapped through the alignment), L1 (5.0) and GIoU (2.0) towards the refined
-boxes, all / (B*N) (``configs/common/tprd_kd.py``). ``model.methods.tprd_kd.refine=False`` gives the
-same method with raw teacher targets and the soft-BCE class term, to measure TPRD's own effect.
-Refinement shares are logged as ``tprd_tprd_kd_*``.
-"""
+"""TPRD alone (``tprd_kd``), DAB-DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#tprd-kd)."""
 from tprd.config import get_config
 
 from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -18,5 +10,3 @@ from ..base.dab_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"tprd_kd": get_config("common/tprd_kd.py").tprd_kd}
-
-train.output_dir = "./output/dab_detr/TPRD/dab_detr_r50_distill_r18_50ep"

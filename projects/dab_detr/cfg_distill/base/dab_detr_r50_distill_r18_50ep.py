@@ -4,12 +4,12 @@ The method configs (``../<Method>[_TPRD]/dab_detr_r50_distill_r18_50ep.py``) imp
 set ``model.methods``. The teacher is frozen and kept in eval mode by the Distiller (DAB-DETR has
 dropout 0, so ``model.teacher_train_mode`` makes no difference here).
 
-Initial weights (METHODS.md 1.4)::
+Initial weights (docs/methods.md#initial-weights)::
 
     python merge_weight.py --input1 resnet18-f37072fd.pth \
         --input2 dab_detr_r50_50ep.pth --output init/dab_detr_r50_distill_r18.pth
 
-Schedule (METHODS.md 4.4): AdamW lr 1e-4 (backbone x0.1, no weight decay on norms), weight decay
+Schedule (docs/methods.md#schedules): AdamW lr 1e-4 (backbone x0.1, no weight decay on norms), weight decay
 1e-4, total batch 16, 375000 iterations, lr x0.1 at 300000, gradient clipping 0.1.
 """
 from tprd.config import LazyCall as L
@@ -33,7 +33,6 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_50ep
 train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.init_checkpoint = "./init/dab_detr_r50_distill_r18.pth"
-train.output_dir = "./output/dab_detr_r50_distill_r18_50ep"
 train.max_iter = 375000
 
 optimizer.lr = 1e-4

@@ -1,7 +1,7 @@
 """DAB-DETR R50 -> R18 distillation on Pascal VOC 07+12, 50 epochs.
 
 Not in the reference (its VOC runs are Deformable DETR only); the same VOC setting as the Deformable
-DETR configs (METHODS.md 4.3): 20 classes everywhere, 51750 iterations at total batch 16, lr 1e-4
+DETR configs (docs/methods.md#schedules): 20 classes everywhere, 51750 iterations at total batch 16, lr 1e-4
 with x0.1 at iteration 41400, evaluation and checkpoints every 1035 iterations. The teacher must be
 a 20-class DAB-DETR R50 trained on VOC.
 """
@@ -19,7 +19,6 @@ dataloader = get_config("common/data/voc_detr.py").dataloader
 lr_multiplier = get_config("common/voc_schedule.py").lr_multiplier_50ep
 
 train.init_checkpoint = "./init/dab_detr_r50_distill_r18_voc.pth"
-train.output_dir = "./output/dab_detr_r50_distill_r18_50ep_voc"
 train.max_iter = 51750
 train.eval_period = 1035
 train.checkpointer = dict(period=1035, max_to_keep=5)

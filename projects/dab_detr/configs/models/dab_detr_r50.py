@@ -76,7 +76,7 @@ model = L(DABDETR)(
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
     # detrex's anchor-centre "freeze" is a no-op: this flag only selects the uniform centre init,
-    # the anchors stay trainable (METHODS.md section 8, #22).
+    # the anchors stay trainable (docs/methods.md#diff-22).
     freeze_anchor_box_centers=True,
     select_box_nums_for_evaluation=300,
     use_checkpoint=False,  # activation checkpointing of encoder/decoder layers (exact; less memory)

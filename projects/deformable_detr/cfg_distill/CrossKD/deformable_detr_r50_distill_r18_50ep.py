@@ -1,10 +1,4 @@
-"""CrossKD, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.5).
-
-The student's encoder memory goes through the frozen teacher's queries, decoder and heads (with
-gradients into the student's encoder, neck and backbone); per decoder stage the crossed predictions
-are soft-Hungarian matched to the teacher's own and distilled (class 1.0 / L1 5.0 / GIoU 2.0, all in
-``configs/common/crosskd.py``).
-"""
+"""CrossKD, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#crosskd)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -17,6 +11,4 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's CrossKD weights and matchers, the same for the three detectors
 model.methods = {"crosskd": get_config("common/crosskd.py").crosskd}
-
-train.output_dir = "./output/deformable_detr/CrossKD/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 30000

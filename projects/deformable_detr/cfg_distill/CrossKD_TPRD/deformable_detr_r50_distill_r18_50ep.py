@@ -1,18 +1,5 @@
-"""CrossKD + TPRD, Deformable DETR R50 -> R18, COCO.
-
-The baseline ``../CrossKD/deformable_detr_r50_distill_r18_50ep.py`` with
-refine=True and the class weight 1.0 -> 3.0. The reference has no CrossKD_TPRD; this variant
-is ours: the crossed predictions are matched against, and distilled towards, the refined teacher
-stage-l predictions; the class term is TPRD-CKD with positives mapped through the alignment
-(spec 2.5), boxes go towards the refined boxes; class 3.0 as D3ETR_TPRD / QSKD_TPRD (chosen, not tuned).
-
-Per stage the teacher's predictions are refined with TPRD (one B1 matching per stage), the soft
-matcher pairs the crossed predictions with the refined ones and the class term is TPRD-CKD
-(Σ/(B·N)). Per-stage refinement shares are logged as ``tprd_crosskd_*``.
-"""
+"""CrossKD + TPRD, Deformable DETR R50 -> R18, COCO (docs/methods.md#crosskd, #tprd-variants)."""
 from ..CrossKD.deformable_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.crosskd.refine = True
 model.methods.crosskd.weights["class"] = 3.0
-
-train.output_dir = "./output/deformable_detr/CrossKD_TPRD/deformable_detr_r50_distill_r18_50ep"

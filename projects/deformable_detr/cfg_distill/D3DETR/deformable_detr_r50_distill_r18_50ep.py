@@ -1,10 +1,4 @@
-"""D³ETR, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.2).
-
-MixMatcher per decoder stage: adaptive group (soft-Hungarian matched student/teacher queries) and
-fixed group (the student decodes the teacher's queries), each with prediction KD (class 1.0 / L1 5.0
-/ GIoU 2.0), self-attention (10000) and cross-attention (1000) distillation; all in
-``configs/common/d3detr.py``.
-"""
+"""D³ETR, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#d3etr)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -17,6 +11,4 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's D3ETR weights, the same for the three detectors
 model.methods = {"d3detr": get_config("common/d3detr.py").d3detr}
-
-train.output_dir = "./output/deformable_detr/D3DETR/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 30000

@@ -1,8 +1,4 @@
-"""D³ETR, Deformable DETR R50 -> R18, synthetic.
-
-The method of ``deformable_detr_r50_distill_r18_50ep.py`` on the
-``base/deformable_detr_r50_distill_r18_synthetic.py`` setting.
-"""
+"""D³ETR, Deformable DETR R50 -> R18, synthetic (docs/methods.md#d3etr)."""
 from ..base.deformable_detr_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -14,5 +10,3 @@ from .deformable_detr_r50_distill_r18_50ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/deformable_detr/D3DETR/deformable_detr_r50_distill_r18_synthetic"

@@ -1,9 +1,4 @@
-"""DETRDistill, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.1).
-
-Per decoder stage: soft-Hungarian matched prediction KD, target-aware neck-feature distillation and
-query prior assignment, with the reference's weights (class 1.0 / L1 5.0 / GIoU 2.0, target-aware
-2.0; all in ``configs/common/detrdistill.py``).
-"""
+"""DETRDistill, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#detrdistill)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -16,6 +11,4 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 
 # the reference's DETRDistill weights and matcher, the same for the three detectors
 model.methods = {"detrdistill": get_config("common/detrdistill.py").detrdistill}
-
-train.output_dir = "./output/deformable_detr/DETRDistill/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 30000

@@ -1,14 +1,5 @@
-"""DETRDistill + TPRD, Deformable DETR R50 -> R18, VOC.
-
-The baseline ``../DETRDistill/deformable_detr_r50_distill_r18_50ep_voc.py`` with
-refine=True and the matching-KD class weight 1.0 -> 4.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``deformable_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""DETRDistill + TPRD, Deformable DETR R50 -> R18, VOC (docs/methods.md#detrdistill, #tprd-variants)."""
 from ..DETRDistill.deformable_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/deformable_detr/DETRDistill_TPRD/deformable_detr_r50_distill_r18_50ep_voc"

@@ -1,14 +1,6 @@
-"""FGD + TPRD, Deformable DETR R50 -> R18, synthetic.
-
-The baseline ``../FGD/deformable_detr_r50_distill_r18_synthetic.py`` plus the stand-alone TPRD method ``tprd_kd``
-(``configs/common/tprd_kd.py``).
-
-How TPRD is added: see ``deformable_detr_r50_distill_r18_50ep.py``, the COCO config of this folder.
-"""
+"""FGD + TPRD, Deformable DETR R50 -> R18, synthetic (docs/methods.md#fgd, #tprd-variants)."""
 from tprd.config import get_config
 
 from ..FGD.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/deformable_detr/FGD_TPRD/deformable_detr_r50_distill_r18_synthetic"

@@ -1,10 +1,4 @@
-"""FitNet, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.7).
-
-FitNet: per neck level a 1x1 adapter on the student map and the MSE to the teacher
-map, divided again by the batch size (spec 8 #15); weight 10.
-The 4 neck levels (strides 8-64) are imitated; the teacher runs only to its neck (spec 8 #14).
-All settings in ``configs/common/feature_kd.py``.
-"""
+"""FitNet, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#fitnet)."""
 from tprd.config import get_config
 
 from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
@@ -16,5 +10,3 @@ from ..base.deformable_detr_r50_distill_r18_50ep import (  # noqa: F401
 )
 
 model.methods = {"fitnet": get_config("common/feature_kd.py").fitnet}
-
-train.output_dir = "./output/deformable_detr/FitNet/deformable_detr_r50_distill_r18_50ep"

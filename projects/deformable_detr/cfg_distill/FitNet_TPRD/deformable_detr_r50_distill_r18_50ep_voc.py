@@ -1,14 +1,6 @@
-"""FitNet + TPRD, Deformable DETR R50 -> R18, VOC.
-
-The baseline ``../FitNet/deformable_detr_r50_distill_r18_50ep_voc.py`` plus the stand-alone TPRD method ``tprd_kd``
-(``configs/common/tprd_kd.py``).
-
-How TPRD is added: see ``deformable_detr_r50_distill_r18_50ep.py``, the COCO config of this folder.
-"""
+"""FitNet + TPRD, Deformable DETR R50 -> R18, VOC (docs/methods.md#fitnet, #tprd-variants)."""
 from tprd.config import get_config
 
 from ..FitNet.deformable_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/deformable_detr/FitNet_TPRD/deformable_detr_r50_distill_r18_50ep_voc"

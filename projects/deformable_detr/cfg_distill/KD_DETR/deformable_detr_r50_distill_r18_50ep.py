@@ -1,14 +1,4 @@
-"""KD-DETR, Deformable DETR R50 -> R18, COCO, 50 epochs (METHODS.md 3.3).
-
-Two extra query groups decoded by both models, index-aligned: 300 random general points per
-iteration and the teacher's own queries (specific points); B5 losses (T = 10) at every stage.
-general points: [G, 512] split into positional / content halves, 2-d references from each
-model's own reference-point layer (the reference's behaviour; ``shared_general_refs=True`` hands the
-teacher's references to the student).
-
-Weights: general class 2.0 / L1 5.0 / GIoU 2.0; specific class 2.0 / L1 5.0 / GIoU 2.0
-(each at all decoder stages). Reference folder: ``projects/deformable_detr/cfg_distill/KD_DETR/``.
-"""
+"""KD-DETR, Deformable DETR R50 -> R18, COCO, 50 epochs (docs/methods.md#kd-detr)."""
 from tprd.config import LazyCall as L
 from tprd.distill import KDDETR
 
@@ -37,6 +27,4 @@ model.methods = {
         seed=0,
     ),
 }
-
-train.output_dir = "./output/deformable_detr/KD_DETR/deformable_detr_r50_distill_r18_50ep"
 train.eval_period = 5000

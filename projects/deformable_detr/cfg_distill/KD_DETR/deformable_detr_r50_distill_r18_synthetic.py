@@ -1,8 +1,4 @@
-"""KD-DETR, Deformable DETR R50 -> R18, synthetic.
-
-The method of ``deformable_detr_r50_distill_r18_50ep.py`` on the
-``base/deformable_detr_r50_distill_r18_synthetic.py`` setting.
-"""
+"""KD-DETR, Deformable DETR R50 -> R18, synthetic (docs/methods.md#kd-detr)."""
 from ..base.deformable_detr_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -15,5 +11,3 @@ from .deformable_detr_r50_distill_r18_50ep import model as method_config
 model.methods = method_config.methods
 del method_config
 model.methods.kd_detr.general_points = 16  # a CPU-sized table
-
-train.output_dir = "./output/deformable_detr/KD_DETR/deformable_detr_r50_distill_r18_synthetic"

@@ -1,13 +1,4 @@
-"""KD-DETR + TPRD, Deformable DETR R50 -> R18, synthetic.
-
-The baseline ``../KD_DETR/deformable_detr_r50_distill_r18_synthetic.py`` with
-refine=True only (no weight change in METHODS.md 2.6).
-
-How TPRD changes the method: see ``deformable_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""KD-DETR + TPRD, Deformable DETR R50 -> R18, synthetic (docs/methods.md#kd-detr, #tprd-variants)."""
 from ..KD_DETR.deformable_detr_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.kd_detr.refine = True
-
-train.output_dir = "./output/deformable_detr/KD_DETR_TPRD/deformable_detr_r50_distill_r18_synthetic"

@@ -1,16 +1,5 @@
-"""QSKD + TPRD, Deformable DETR R50 -> R18, COCO.
-
-The baseline ``../QSKD/deformable_detr_r50_distill_r18_50ep.py`` with
-refine=True and the pair-KD class weight 1.0 -> 3.0 (METHODS.md 2.6).
-
-Selection and pairing stay on the raw teacher outputs; per stage the targets at the paired
-teacher queries are the TPRD-refined predictions, the class term is TPRD-CKD (mean over pairs,
-positives = the positive pairs); the memory term stays raw. Per-stage refinement shares are
-logged as ``tprd_qskd_*``.
-"""
+"""QSKD + TPRD, Deformable DETR R50 -> R18, COCO (docs/methods.md#qskd, #tprd-variants)."""
 from ..QSKD.deformable_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/deformable_detr/QSKD_TPRD/deformable_detr_r50_distill_r18_50ep"

@@ -1,14 +1,5 @@
-"""QSKD + TPRD, Deformable DETR R50 -> R18, VOC.
-
-The baseline ``../QSKD/deformable_detr_r50_distill_r18_50ep_voc.py`` with
-refine=True and the pair-KD class weight 1.0 -> 3.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``deformable_detr_r50_distill_r18_50ep.py``,
-the COCO config of this folder.
-"""
+"""QSKD + TPRD, Deformable DETR R50 -> R18, VOC (docs/methods.md#qskd, #tprd-variants)."""
 from ..QSKD.deformable_detr_r50_distill_r18_50ep_voc import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/deformable_detr/QSKD_TPRD/deformable_detr_r50_distill_r18_50ep_voc"

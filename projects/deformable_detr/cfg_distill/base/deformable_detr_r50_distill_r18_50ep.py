@@ -5,13 +5,13 @@ and set ``model.methods``. Teacher and student are the plain detector configs; t
 frozen and kept in eval mode by the Distiller (``model.teacher_train_mode=True`` restores the
 reference's train-mode teacher, i.e. dropout 0.1 active).
 
-Initial weights (METHODS.md 1.4): merge an ImageNet ResNet-18 and the official detrex Deformable
+Initial weights (docs/methods.md#initial-weights): merge an ImageNet ResNet-18 and the official detrex Deformable
 DETR R50 checkpoint once, then point ``train.init_checkpoint`` at the result::
 
     python merge_weight.py --input1 resnet18-f37072fd.pth \
         --input2 deformable_detr_r50_50ep.pth --output init/deformable_detr_r50_distill_r18.pth
 
-Schedule (METHODS.md 4.3 / 4.4): AdamW lr 2e-4 (backbone, reference_points, sampling_offsets x0.1),
+Schedule (docs/methods.md#schedules): AdamW lr 2e-4 (backbone, reference_points, sampling_offsets x0.1),
 weight decay 1e-4, total batch 16, 375000 iterations, lr x0.1 at 300000, gradient clipping 0.1.
 """
 from tprd.config import LazyCall as L
@@ -39,7 +39,6 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_50ep
 train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.init_checkpoint = "./init/deformable_detr_r50_distill_r18.pth"
-train.output_dir = "./output/deformable_detr_r50_distill_r18_50ep"
 train.max_iter = 375000
 
 optimizer.lr = 2e-4

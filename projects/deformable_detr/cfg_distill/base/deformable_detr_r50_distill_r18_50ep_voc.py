@@ -1,4 +1,4 @@
-"""Deformable DETR R50 -> R18 distillation on Pascal VOC 07+12, 50 epochs (METHODS.md 4.3).
+"""Deformable DETR R50 -> R18 distillation on Pascal VOC 07+12, 50 epochs (docs/methods.md#schedules).
 
 20 classes in student, teacher and both criteria; VOC data (flip + short side 600, max 1000; test
 on VOC2007 test, 11-point AP); 51750 iterations at total batch 16 (50 x 1035), lr 1e-4 with x0.1
@@ -20,7 +20,6 @@ dataloader = get_config("common/data/voc_detr.py").dataloader
 lr_multiplier = get_config("common/voc_schedule.py").lr_multiplier_50ep
 
 train.init_checkpoint = "./init/deformable_detr_r50_distill_r18_voc.pth"
-train.output_dir = "./output/deformable_detr_r50_distill_r18_50ep_voc"
 train.max_iter = 51750
 train.eval_period = 1035
 train.checkpointer = dict(period=1035, max_to_keep=5)

@@ -1,14 +1,4 @@
-"""CrossKD, DINO (4-scale) R50 -> R18, COCO, 12 epochs (METHODS.md 3.5).
-
-The student's encoder memory goes through the frozen teacher's queries, decoder and heads (with
-gradients into the student's encoder, neck and backbone); per decoder stage the crossed predictions
-are soft-Hungarian matched to the teacher's own and distilled (class 1.0 / L1 5.0 / GIoU 2.0, all in
-``configs/common/crosskd.py``).
-
-The reference has CrossKD for Deformable DETR only; here the teacher's post-encoder path includes
-its two-stage query selection run on the student's memory (its encoder heads pick the top-900
-student tokens; no denoising queries). Same weights.
-"""
+"""CrossKD, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#crosskd)."""
 from tprd.config import get_config
 
 from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
@@ -21,6 +11,4 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 
 # the reference's CrossKD weights and matchers, the same for the three detectors
 model.methods = {"crosskd": get_config("common/crosskd.py").crosskd}
-
-train.output_dir = "./output/dino/CrossKD/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

@@ -1,8 +1,4 @@
-"""D³ETR, DINO (4-scale) R50 -> R18, VOC.
-
-The method of ``dino_r50_distill_r18_4scale_12ep.py`` on the
-``base/dino_r50_distill_r18_4scale_12ep_voc.py`` setting (20-class teacher required).
-"""
+"""D³ETR, DINO (4-scale) R50 -> R18, VOC (docs/methods.md#d3etr)."""
 from ..base.dino_r50_distill_r18_4scale_12ep_voc import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -14,5 +10,3 @@ from .dino_r50_distill_r18_4scale_12ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/dino/D3DETR/dino_r50_distill_r18_4scale_12ep_voc"

@@ -1,12 +1,4 @@
-"""DETRDistill, DINO (4-scale) R50 -> R18, COCO, 12 epochs (METHODS.md 3.1).
-
-Per decoder stage: soft-Hungarian matched prediction KD, target-aware neck-feature distillation and
-query prior assignment, with the reference's weights (class 1.0 / L1 5.0 / GIoU 2.0, target-aware
-2.0; all in ``configs/common/detrdistill.py``).
-
-The reference has DETRDistill for Deformable DETR only; this config uses the same weights with
-the DINO (4-scale) hooks (4 neck levels, post-norm decoder states).
-"""
+"""DETRDistill, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#detrdistill)."""
 from tprd.config import get_config
 
 from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
@@ -19,6 +11,4 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 
 # the reference's DETRDistill weights and matcher, the same for the three detectors
 model.methods = {"detrdistill": get_config("common/detrdistill.py").detrdistill}
-
-train.output_dir = "./output/dino/DETRDistill/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

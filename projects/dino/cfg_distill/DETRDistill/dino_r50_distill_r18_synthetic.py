@@ -1,8 +1,4 @@
-"""DETRDistill, DINO (4-scale) R50 -> R18, synthetic.
-
-The method of ``dino_r50_distill_r18_4scale_12ep.py`` on the
-``base/dino_r50_distill_r18_synthetic.py`` setting.
-"""
+"""DETRDistill, DINO (4-scale) R50 -> R18, synthetic (docs/methods.md#detrdistill)."""
 from ..base.dino_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -14,5 +10,3 @@ from .dino_r50_distill_r18_4scale_12ep import model as method_config
 
 model.methods = method_config.methods
 del method_config
-
-train.output_dir = "./output/dino/DETRDistill/dino_r50_distill_r18_synthetic"

@@ -1,14 +1,5 @@
-"""DETRDistill + TPRD, DINO (4-scale) R50 -> R18, VOC.
-
-The baseline ``../DETRDistill/dino_r50_distill_r18_4scale_12ep_voc.py`` with
-refine=True and the matching-KD class weight 1.0 -> 4.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``dino_r50_distill_r18_4scale_12ep.py``,
-the COCO config of this folder.
-"""
+"""DETRDistill + TPRD, DINO (4-scale) R50 -> R18, VOC (docs/methods.md#detrdistill, #tprd-variants)."""
 from ..DETRDistill.dino_r50_distill_r18_4scale_12ep_voc import *  # noqa: F401,F403
 
 model.methods.detrdistill.refine = True
 model.methods.detrdistill.weights["class"] = 4.0
-
-train.output_dir = "./output/dino/DETRDistill_TPRD/dino_r50_distill_r18_4scale_12ep_voc"

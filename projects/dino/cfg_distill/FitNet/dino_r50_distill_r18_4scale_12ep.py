@@ -1,11 +1,4 @@
-"""FitNet, DINO (4-scale) R50 -> R18, COCO, 12 epochs (METHODS.md 3.7).
-
-FitNet: per neck level a 1x1 adapter on the student map and the MSE to the teacher
-map, divided again by the batch size (spec 8 #15); weight 10.
-The 4 neck levels are imitated; the teacher runs only to its neck (spec 8 #14).
-Not in the reference (its feature methods are Deformable DETR only).
-All settings in ``configs/common/feature_kd.py``.
-"""
+"""FitNet, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#fitnet)."""
 from tprd.config import get_config
 
 from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
@@ -17,5 +10,3 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 )
 
 model.methods = {"fitnet": get_config("common/feature_kd.py").fitnet}
-
-train.output_dir = "./output/dino/FitNet/dino_r50_distill_r18_4scale_12ep"

@@ -1,14 +1,6 @@
-"""FitNet + TPRD, DINO (4-scale) R50 -> R18, synthetic.
-
-The baseline ``../FitNet/dino_r50_distill_r18_synthetic.py`` plus the stand-alone TPRD method ``tprd_kd``
-(``configs/common/tprd_kd.py``).
-
-How TPRD is added: see ``dino_r50_distill_r18_4scale_12ep.py``, the COCO config of this folder.
-"""
+"""FitNet + TPRD, DINO (4-scale) R50 -> R18, synthetic (docs/methods.md#fitnet, #tprd-variants)."""
 from tprd.config import get_config
 
 from ..FitNet.dino_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.tprd_kd = get_config("common/tprd_kd.py").tprd_kd
-
-train.output_dir = "./output/dino/FitNet_TPRD/dino_r50_distill_r18_synthetic"

@@ -1,15 +1,4 @@
-"""KD-DETR, DINO (4-scale) R50 -> R18, COCO, 12 epochs (METHODS.md 3.3, 5.2).
-
-Two extra query groups decoded by both models, index-aligned: 900 random general points per
-iteration and the teacher's own queries (specific points); B5 losses (T = 10) at every stage.
-general points: [G, 256] content + [G, 4] references, both N(0,1); the references get sigma (clean,
-METHODS.md 8 #11; ``raw_general_refs=True`` passes the raw values as the reference does). The teacher
-runs without denoising; the student with it (its DINO GT loss includes the dn and enc terms).
-Specific points: the teacher's tgt embedding and its image-dependent selected references (5.2).
-
-Weights: general class 4.0 / L1 5.0 / GIoU 2.0; specific class 4.0 / L1 20.0 / GIoU 8.0
-(each at all decoder stages). Reference folder: ``projects/dino/cfg_distill/KD-DETR/``.
-"""
+"""KD-DETR, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#kd-detr, #kd-detr-dino)."""
 from tprd.config import LazyCall as L
 from tprd.distill import KDDETR
 
@@ -38,6 +27,4 @@ model.methods = {
         seed=0,
     ),
 }
-
-train.output_dir = "./output/dino/KD_DETR/dino_r50_distill_r18_4scale_12ep"
 train.eval_period = 5000

@@ -1,8 +1,4 @@
-"""KD-DETR, DINO (4-scale) R50 -> R18, synthetic.
-
-The method of ``dino_r50_distill_r18_4scale_12ep.py`` on the
-``base/dino_r50_distill_r18_synthetic.py`` setting.
-"""
+"""KD-DETR, DINO (4-scale) R50 -> R18, synthetic (docs/methods.md#kd-detr)."""
 from ..base.dino_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -15,5 +11,3 @@ from .dino_r50_distill_r18_4scale_12ep import model as method_config
 model.methods = method_config.methods
 del method_config
 model.methods.kd_detr.general_points = 16  # a CPU-sized table
-
-train.output_dir = "./output/dino/KD_DETR/dino_r50_distill_r18_synthetic"

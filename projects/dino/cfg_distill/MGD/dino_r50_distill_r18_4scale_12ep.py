@@ -1,12 +1,4 @@
-"""MGD, DINO (4-scale) R50 -> R18, COCO, 12 epochs (METHODS.md 3.8).
-
-MGD: per neck level a 1x1 adapter, a random spatial mask (ratio 0.5; seeded from
-train.seed and the iteration) and a 3x3-ReLU-3x3 generation block regressing the teacher map;
-the MSE is divided again by the batch size (spec 8 #15); weight 10.
-The 4 neck levels are imitated; the teacher runs only to its neck (spec 8 #14).
-Not in the reference (its feature methods are Deformable DETR only).
-All settings in ``configs/common/feature_kd.py``.
-"""
+"""MGD, DINO (4-scale) R50 -> R18, COCO, 12 epochs (docs/methods.md#mgd)."""
 from tprd.config import get_config
 
 from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
@@ -18,5 +10,3 @@ from ..base.dino_r50_distill_r18_4scale_12ep import (  # noqa: F401
 )
 
 model.methods = {"mgd": get_config("common/feature_kd.py").mgd}
-
-train.output_dir = "./output/dino/MGD/dino_r50_distill_r18_4scale_12ep"

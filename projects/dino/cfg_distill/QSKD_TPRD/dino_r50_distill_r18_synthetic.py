@@ -1,14 +1,5 @@
-"""QSKD + TPRD, DINO (4-scale) R50 -> R18, synthetic.
-
-The baseline ``../QSKD/dino_r50_distill_r18_synthetic.py`` with
-refine=True and the pair-KD class weight 1.0 -> 3.0 (METHODS.md 2.6).
-
-How TPRD changes the method: see ``dino_r50_distill_r18_4scale_12ep.py``,
-the COCO config of this folder.
-"""
+"""QSKD + TPRD, DINO (4-scale) R50 -> R18, synthetic (docs/methods.md#qskd, #tprd-variants)."""
 from ..QSKD.dino_r50_distill_r18_synthetic import *  # noqa: F401,F403
 
 model.methods.qskd.refine = True
 model.methods.qskd.weights["class"] = 3.0
-
-train.output_dir = "./output/dino/QSKD_TPRD/dino_r50_distill_r18_synthetic"

@@ -5,12 +5,12 @@ set ``model.methods``. The teacher is frozen, kept in eval mode and run without 
 the student trains with denoising (its GT loss has the dn and enc terms). DINO has dropout 0, so
 ``model.teacher_train_mode`` makes no difference here.
 
-Initial weights (METHODS.md 1.4)::
+Initial weights (docs/methods.md#initial-weights)::
 
     python merge_weight.py --input1 resnet18-f37072fd.pth \
         --input2 dino_r50_4scale_12ep_49_2AP.pth --output init/dino_r50_distill_r18.pth
 
-Schedule (METHODS.md 4.4, 5.2): AdamW lr 2e-4 with backbone and sampling_offsets at 2e-5 (the
+Schedule (docs/methods.md#schedules, #kd-detr-dino): AdamW lr 2e-4 with backbone and sampling_offsets at 2e-5 (the
 values the reference's DINO script hard-codes; here they come from the config), weight decay 1e-4,
 total batch 16, 90000 iterations, lr x0.1 at 82500, gradient clipping 0.1.
 """
@@ -35,7 +35,6 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_12ep
 train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
 
 train.init_checkpoint = "./init/dino_r50_distill_r18.pth"
-train.output_dir = "./output/dino_r50_distill_r18_4scale_12ep"
 train.max_iter = 90000
 train.checkpointer.max_to_keep = 1
 

@@ -1,6 +1,6 @@
 """DINO-4scale R50 -> R18 distillation on Pascal VOC 07+12, 12 epochs.
 
-Not in the reference (its VOC runs are Deformable DETR only): the VOC data of METHODS.md 4.3 with
+Not in the reference (its VOC runs are Deformable DETR only): the VOC data of docs/methods.md#schedules with
 DINO's 12-epoch schedule, i.e. 12420 iterations at total batch 16 (12 x 1035), lr x0.1 after epoch
 11 (iteration 11385), evaluation and checkpoints every epoch. 20 classes everywhere; the teacher
 must be a 20-class DINO R50 trained on VOC.
@@ -30,7 +30,6 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train.init_checkpoint = "./init/dino_r50_distill_r18_voc.pth"
-train.output_dir = "./output/dino_r50_distill_r18_4scale_12ep_voc"
 train.max_iter = 12 * ITERS_PER_EPOCH
 train.eval_period = ITERS_PER_EPOCH
 train.checkpointer = dict(period=ITERS_PER_EPOCH, max_to_keep=1)

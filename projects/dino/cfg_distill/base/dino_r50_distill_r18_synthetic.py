@@ -27,7 +27,6 @@ del detector, part, layers  # loop variables are not config entries
 # data, schedule and training loop: the CPU smoke setting of the three detectors (batch 2, 20 it)
 _cpu = get_config("common/synthetic_cpu_distill.py")  # "_": not a config entry
 train = _cpu.train
-train.output_dir = "./output/dino_r50_distill_r18_synthetic"
 dataloader = _cpu.dataloader
 lr_multiplier = _cpu.lr_multiplier
 
