@@ -247,9 +247,18 @@ def _target_params(node: Mapping[str, Any]) -> set:
         return set()
     obj = locate(target) if isinstance(target, str) else target
     try:
-        return set(inspect.signature(obj).parameters)
+        params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         return set()
+    names = set(params)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        # prediction-level methods take their TPRD options as **tprd (TPRDOptions' fields)
+        import dataclasses
+
+        from tprd.distill.methods.base import TPRDOptions
+
+        names |= {f.name for f in dataclasses.fields(TPRDOptions)}
+    return names
 
 
 def reduction_overrides(cfg, config: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
