@@ -18,7 +18,8 @@ to the backend chosen with :func:`set_msda_backend` (default ``"auto"``), or to 
   while it builds, then cached); when it cannot be built, ``"auto"`` logs one warning with the
   reason and uses ``"pytorch"`` for the rest of the process (:func:`cpu_backend`);
 * ``"triton"`` -- the Triton kernel (:mod:`tprd.layers.msda_triton`), chosen by ``"auto"`` for CUDA
-  tensors when Triton is importable; ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
+  tensors when Triton is importable; checked against the pure-PyTorch path on its first call in a
+  process (falls back to it with one warning when the kernel fails or disagrees); ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
 
 A new kernel is added with :func:`register_msda_backend`.
 
@@ -265,10 +266,12 @@ _try_register_compiled_op()
 
 def _try_register_triton() -> None:
     """Register the Triton kernel (:mod:`tprd.layers.msda_triton`) when Triton is importable."""
-    from .msda_triton import TRITON_AVAILABLE, msda_triton
+    from .msda_triton import TRITON_AVAILABLE, checked_msda_triton
 
     if TRITON_AVAILABLE:
-        register_msda_backend("triton", msda_triton, cuda_only=True)
+        # checked on its first call per device against the pure-PyTorch path (one warning and
+        # that path for the process on a failure or mismatch)
+        register_msda_backend("triton", checked_msda_triton, cuda_only=True)
 
 
 _try_register_triton()
