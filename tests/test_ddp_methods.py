@@ -5,7 +5,7 @@ For each detector (Deformable DETR, DAB-DETR, DINO) a module-scoped run trains e
 ``TPRD``) for two iterations on its synthetic config, once in this process and once on two processes
 started by :func:`tprd.engine.launch.launch` (what ``train_net.py --num-gpus 2`` calls; one process
 pair trains all the folders of a detector one after the other, which keeps the test time down).
-Shrunk for speed: ResNet-18 teacher, 64x80 images (all of one size, so no process pads its batch
+Shrunk for speed: ResNet-18 teacher, 32x40 images (DINO 48x60; all of one size, so no process pads its batch
 differently), total batch 4, no evaluation, student dropout 0.
 
 Checked per folder:
@@ -47,11 +47,12 @@ ITERS = 2
 COMMON = [
     f"train.max_iter={ITERS}", "train.log_period=1", "train.eval_period=0", "train.checkpointer.period=1000",
     "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=0", "dataloader.evaluator=None",
-    # no augmentation: every image 64x80 (the synthetic images are 128x160)
+    # no augmentation (every image of one size, see IMAGE_SIZE; the synthetic images are 128x160)
     "dataloader.train.mapper.augmentation_with_crop=None", "+dataloader.train.mapper.augmentation.0.p=0.0",
-    "dataloader.train.mapper.augmentation.1.short_edge_length=[64]", "dataloader.train.mapper.augmentation.1.max_size=100",
     "model.teacher.backbone.depth=18",
 ] + [f"model.student.transformer.{part}.{kind}_dropout=0.0" for part in ("encoder", "decoder") for kind in ("attn", "ffn")]
+# short side of the training images: 32x40 (DINO 48x60: its 30 encoder proposals need 30 tokens)
+IMAGE_SIZE = {"deformable_detr": 32, "dab_detr": 32, "dino": 48}
 TEACHER_NECK = {
     "deformable_detr": ["model.teacher.neck.in_channels=[128,256,512]"],
     "dino": ["model.teacher.neck.in_channels=[128,256,512]"],
@@ -105,7 +106,10 @@ def train_every_folder(detector, out_root):
         for folder in FOLDERS:
             out = Path(out_root) / folder
             config = REPO / "projects" / detector / "cfg_distill" / folder / CONFIG_NAMES[detector]
-            opts = COMMON + TEACHER_NECK[detector] + DETERMINISTIC.get(folder, []) + [f"train.output_dir={out}"]
+            size = IMAGE_SIZE[detector]
+            opts = COMMON + TEACHER_NECK[detector] + DETERMINISTIC.get(folder, []) + [
+                f"dataloader.train.mapper.augmentation.1.short_edge_length=[{size}]",
+                f"dataloader.train.mapper.augmentation.1.max_size={size * 3 // 2}", f"train.output_dir={out}"]
             record.clear()
             engine_main.main(Namespace(config_file=str(config), resume=False, eval_only=False, num_gpus=1,
                                        num_machines=1, machine_rank=0, dist_url="auto", opts=opts))
