@@ -27,5 +27,7 @@ setup(
         "cpp": ["ninja"],
         # tools/export_onnx.py (TorchScript-based torch.onnx exporter: no onnxscript needed)
         "export": ["onnx", "onnxruntime"],
+        # the C++ COCOeval (tprd.evaluation.COCOEvaluator uses it when installed; pycocotools otherwise)
+        "fast-eval": ["faster-coco-eval"],
     },
 )

@@ -9,11 +9,14 @@ one **distillation step** (``distiller(batch)`` + backward) of DETRDistill_TPRD 
 with 7 random boxes each. Variants:
 
 * ``before``: the grid_sample MSDA path (``set_msda_backend("grid_sample")``), today's code path;
-* ``after``: the default backend (the MSDA autograd Function on CPU);
+* ``after``: the default backend (``"auto"``: the C++ kernel on CPU when it builds, else the
+  MSDA autograd Function);
 * ``after+ckpt``: the same with ``use_checkpoint=True`` on the student (the teacher runs without
   gradients, so checkpointing does not apply to it);
-* ``cpp`` and ``cpp+ckpt``: the opt-in C++ MSDA kernel (``set_msda_backend("cpp")``, compiled
-  before the timed steps), without and with ``use_checkpoint``.
+* ``after+enc``: the same with ``use_checkpoint="encoder"`` (only the encoder layers checkpointed);
+* ``pytorch``: the pure-PyTorch MSDA Function (the CPU path without a compiler);
+* ``cpp`` and ``cpp+ckpt``: the C++ MSDA kernel asked for explicitly (``set_msda_backend("cpp")``),
+  without and with ``use_checkpoint``.
 
 Every (round, row, variant) runs in a fresh process: build, one untimed step, ``--steps`` timed
 steps; its time is the median of those, its memory the process's peak RSS (``ru_maxrss``, which
@@ -40,8 +43,10 @@ ROWS = {
     "student step (Deformable DETR R18)": ("student", STUDENT),
     "DETRDistill_TPRD step": ("distill", DISTILL.format("DETRDistill_TPRD")),
     "KD_DETR_TPRD step": ("distill", DISTILL.format("KD_DETR_TPRD")),
+    "MGD_TPRD step": ("distill", DISTILL.format("MGD_TPRD")),
+    "CrossKD_TPRD step": ("distill", DISTILL.format("CrossKD_TPRD")),
 }
-VARIANTS = ("before", "after", "after+ckpt", "cpp", "cpp+ckpt")
+VARIANTS = ("before", "after", "after+ckpt", "after+enc", "pytorch", "cpp", "cpp+ckpt")
 
 
 def build(kind: str, config: str, variant: str):
@@ -50,14 +55,15 @@ def build(kind: str, config: str, variant: str):
     from tprd.layers.activation_checkpoint import set_layer_options
     from tprd.layers.ms_deform_attn import set_msda_backend
 
-    backend = {"before": "grid_sample", "cpp": "cpp", "cpp+ckpt": "cpp"}.get(variant, "auto")
+    backend = {"before": "grid_sample", "pytorch": "pytorch", "cpp": "cpp", "cpp+ckpt": "cpp"}.get(variant, "auto")
     set_msda_backend(backend)
     cfg = LazyConfig.load(config)
     if kind == "student":
         cfg.model.device = "cpu"
     model = instantiate(cfg.model)
     student = model.student if kind == "distill" else model
-    set_layer_options(student, use_checkpoint=variant.endswith("+ckpt"))
+    use_checkpoint = True if variant.endswith("+ckpt") else "encoder" if variant.endswith("+enc") else False
+    set_layer_options(student, use_checkpoint=use_checkpoint)
     return model.train()
 
 

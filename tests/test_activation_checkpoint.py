@@ -68,3 +68,24 @@ def test_checkpointing_is_off_by_default_and_in_no_grad():
     with torch.no_grad():
         model(test_deformable_detr.batch())
     assert len(calls) == 2
+
+
+def test_encoder_only_checkpointing_recomputes_the_encoder_alone():
+    model = with_dropout(test_deformable_detr.tiny_model(with_box_refine=True)).train()
+    data = test_deformable_detr.batch()
+    plain_losses, plain_grads = losses_and_grads(model, data, seed=5)
+    set_layer_options(model, use_checkpoint="encoder")
+    assert model.transformer.encoder.use_checkpoint and not model.transformer.decoder.use_checkpoint
+    calls = {"encoder": 0, "decoder": 0}
+    model.transformer.encoder.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
+    model.transformer.decoder.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
+    losses, grads = losses_and_grads(model, data, seed=5)
+    assert calls == {"encoder": 2, "decoder": 1}  # the encoder layer ran again in backward
+    for k in plain_losses:
+        assert torch.equal(plain_losses[k], losses[k]), k
+    for n in plain_grads:
+        assert torch.allclose(plain_grads[n], grads[n], rtol=0, atol=1e-7), n
+    set_layer_options(model, use_checkpoint="decoder")
+    assert not model.transformer.encoder.use_checkpoint and model.transformer.decoder.use_checkpoint
+    with pytest.raises(ValueError, match="use_checkpoint must be one of"):
+        set_layer_options(model, use_checkpoint="backbone")

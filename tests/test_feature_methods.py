@@ -135,7 +135,8 @@ def test_fitnet_matches_its_formula():
     for conv, s, t in zip(method.adapters, fs, ft):
         w, bias = conv.weight[:, :, 0, 0], conv.bias
         adapted = torch.einsum("oc,bchw->bohw", w, s) + bias[None, :, None, None]
-        per_level.append(((adapted - t) ** 2).sum() / (s.numel() * s.shape[0]))  # mean, then / B
+        # mean, then / B with B = the reference's images per process (total batch / 2; one process here)
+        per_level.append(((adapted - t) ** 2).sum() / (s.numel() * s.shape[0] / 2))
     torch.testing.assert_close(out, sum(per_level) / 2)
     out.backward()
     assert fs[0].grad is not None and method.adapters[0].weight.grad is not None
@@ -154,7 +155,7 @@ def test_mgd_matches_its_formula_and_mask_rule():
         keep = (torch.rand(b, 1, h, w, generator=g) <= 0.5).float()
         x = F.conv2d(s, adapter.weight, adapter.bias) * keep
         x = F.conv2d(F.relu(F.conv2d(x, gen[0].weight, gen[0].bias, padding=1)), gen[2].weight, gen[2].bias, padding=1)
-        per_level.append(((x - t) ** 2).mean() / b)
+        per_level.append(((x - t) ** 2).mean() / (b / 2))  # B = total batch / 2
     torch.testing.assert_close(out, sum(per_level) / 2)
 
 

@@ -84,9 +84,9 @@ class _Attend(torch.nn.Module):
         return self.attn(q, v, ref, SHAPES, STARTS)
 
 
-def test_auto_is_the_function_on_cpu_and_grid_sample_when_tracing():
+def test_auto_is_a_cpu_kernel_on_cpu_and_grid_sample_when_tracing():
     value, loc, weights = random_case(torch.float32)
-    assert resolve_msda_backend("auto", value) == "pytorch"
+    assert resolve_msda_backend("auto", value) in ("cpp", "pytorch")  # cpp when it builds here
     module = _Attend().eval()
     args = (torch.randn(1, 4, 8), torch.randn(1, NUM_VALUE, 8), torch.rand(1, 4, 3, 2))
     with torch.no_grad():

@@ -131,6 +131,11 @@ REFERENCE_FLAGS: List[Dict[str, Any]] = [
          what="DINO KD-DETR: the general points' N(0,1) reference boxes are used raw; default: sigmoid "
               "(no effect on Deformable DETR and DAB-DETR)",
          terms="KD-DETR general class / L1 / GIoU terms of every stage (DINO)"),
+    dict(flag="reference_processes", scope="method", value=1,
+         what="FitNet / MGD divide their MSE again by the images of the process the fixture ran on (one "
+              "process); default: by total batch / 2, the reference's images per GPU at its documented "
+              "2 GPUs, the same on any number of processes",
+         terms="FitNet and MGD terms (x2 at the default on one process)"),
 ]
 
 # every reference random function, by kind; a recorded draw and ours must be of one kind
@@ -731,7 +736,6 @@ def run_distill_fixture(
     # one training step with the recorded draws
     forward = config.get("forward", {})
     model.train()
-    model.iteration = 0
     model.zero_grad(set_to_none=True)
     torch.manual_seed(int(forward.get("forward_seed", 0)))
     replay = DrawReplay(fixture["draws"].get("draws", []), draw_transform)

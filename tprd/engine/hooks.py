@@ -1,5 +1,8 @@
 """Hooks around the training loop; each can be read on its own.
 
+* :class:`IterationSeeds` — seeds torch (CPU and CUDA), numpy and python before every step from
+  ``(seed, rank, iteration)``, so dropout and other draws of a resumed run equal the uninterrupted
+  run's; the base seed is saved in every checkpoint.
 * :class:`IterationTimer` — time per iteration into the storage; total time at the end.
 * :class:`LRScheduler` — records the lr and steps a torch LR scheduler after every iteration.
 * :class:`PeriodicCheckpointer` — ``model_{iter:07d}.pth`` every ``period`` iterations (keeps the
@@ -16,12 +19,14 @@ import datetime
 import glob
 import logging
 import os
+import random
 import re
 import time
 import warnings
 from collections import abc
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import comm
@@ -31,6 +36,8 @@ from .trainer import HookBase
 __all__ = [
     "HookBase",
     "CallbackHook",
+    "IterationSeeds",
+    "iteration_seed",
     "IterationTimer",
     "LRScheduler",
     "PeriodicCheckpointer",
@@ -67,6 +74,48 @@ class CallbackHook(HookBase):
     def after_step(self):
         if self._after_step:
             self._after_step(self.trainer)
+
+
+def iteration_seed(seed: int, rank: int, iteration: int) -> int:
+    """The seed of one training step on one process: a 63-bit hash of ``(seed, rank, iteration)``
+    (numpy's ``SeedSequence``, so neighbouring iterations or ranks get unrelated streams)."""
+    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(rank), int(iteration)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class IterationSeeds(HookBase):
+    """Before every step, seed torch (CPU and every CUDA device), numpy and python with
+    :func:`iteration_seed` of ``(seed, rank, iteration)``.
+
+    The random state a step uses (dropout masks, DINO's denoising noise, any method drawing from
+    the global generators) is then a function of the base seed, the process and the iteration
+    alone: a run resumed at iteration ``i`` draws exactly what the uninterrupted run drew at ``i``,
+    on every process, whatever ran before (evaluation, checkpoint writes, the data loader) and
+    without storing generator states. The data order is derived the same way by the train loader
+    (see :func:`tprd.data.loader.skip_train_batches`), and the methods with their own generators
+    (MGD masks, KD-DETR points) seed them from the Distiller's iteration.
+
+    The base seed is a checkpointable (``state_dict`` ``{"seed": ...}``): the checkpointer saves it
+    and ``--resume`` restores it, which matters when ``train.seed`` is negative (drawn at random by
+    rank 0 and shared by every process).
+    """
+
+    def __init__(self, seed: Optional[int] = None):
+        if seed is None or int(seed) < 0:
+            seed = comm.shared_random_seed()
+        self.seed = int(seed)
+
+    def before_step(self):
+        step_seed = iteration_seed(self.seed, comm.get_rank(), self.trainer.iter)
+        torch.manual_seed(step_seed)  # also every CUDA device
+        np.random.seed(step_seed % 2**32)
+        random.seed(step_seed)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.seed = int(state["seed"])
 
 
 class IterationTimer(HookBase):

@@ -285,8 +285,9 @@ def do_train(args, cfg) -> Dict[str, Any]:
 
     scheduler = LRMultiplier(optimizer, multiplier=instantiate(cfg.lr_multiplier), max_iter=max_iter)
     output_dir = str(_get(cfg, "train.output_dir", "./output"))
+    seeds = hooks.IterationSeeds(_get(cfg, "train.seed", -1))  # restored on --resume (checkpointable)
     checkpointer = DetectionCheckpointer(
-        model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
+        model, output_dir, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema, rng=seeds
     )
     if comm.is_main_process():
         for path in remove_leftover_temporary_files(output_dir):
@@ -303,6 +304,7 @@ def do_train(args, cfg) -> Dict[str, Any]:
     ckpt_cfg = _get(cfg, "train.checkpointer", {}) or {}
     log_period = int(_get(cfg, "train.log_period", 20) or 20)
     main_hooks = [
+        seeds,  # first: every step's random state follows from (seed, rank, iteration)
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler),
         EMAHook(ema) if ema is not None else None,  # before the checkpointer and the evaluation

@@ -25,16 +25,35 @@ def run_layer(layer: nn.Module, *args: Any, use_checkpoint: bool = False, **kwar
     return layer(*args, **kwargs)
 
 
-def set_layer_options(model: nn.Module, use_checkpoint: Optional[bool] = None,
-                      msda_backend: Optional[str] = None) -> None:
-    """Set ``use_checkpoint`` on every encoder/decoder of ``model`` (modules with that attribute)
-    and, when given, ``msda_backend`` on every deformable-attention module (``None``: unchanged)."""
+#: What ``use_checkpoint`` may say: every layer (``True``), none (``False``), or only the layers of
+#: the encoder / the decoder (an encoder layer holds the activations of every image token, a
+#: decoder layer those of the queries only, so ``"encoder"`` gets most of the memory cut).
+CHECKPOINT_CHOICES = (True, False, "encoder", "decoder")
+
+
+def _part(module: nn.Module) -> str:
+    name = type(module).__name__.lower()
+    return "encoder" if "encoder" in name else "decoder" if "decoder" in name else "other"
+
+
+def set_layer_options(model: nn.Module, use_checkpoint=None, msda_backend: Optional[str] = None) -> None:
+    """Set ``use_checkpoint`` on every encoder/decoder of ``model`` (modules with that attribute):
+    ``True`` / ``False`` for all of them, ``"encoder"`` or ``"decoder"`` for those of that part
+    only; and, when given, ``msda_backend`` on every deformable-attention module (``None``:
+    unchanged)."""
     from .ms_deform_attn import MultiScaleDeformableAttention, check_msda_backend
 
     if msda_backend is not None:
         check_msda_backend(msda_backend)
+    if isinstance(use_checkpoint, str) and use_checkpoint.lower() in ("true", "false"):
+        use_checkpoint = use_checkpoint.lower() == "true"
+    if use_checkpoint is not None and not (isinstance(use_checkpoint, bool) or use_checkpoint in ("encoder", "decoder")):
+        raise ValueError(f"use_checkpoint must be one of True, False, 'encoder', 'decoder'; got {use_checkpoint!r}")
     for module in model.modules():
         if use_checkpoint is not None and hasattr(module, "use_checkpoint"):
-            module.use_checkpoint = bool(use_checkpoint)
+            if isinstance(use_checkpoint, bool):
+                module.use_checkpoint = use_checkpoint
+            else:
+                module.use_checkpoint = _part(module) == use_checkpoint
         if msda_backend is not None and isinstance(module, MultiScaleDeformableAttention):
             module.msda_backend = msda_backend

@@ -9,14 +9,17 @@ to the backend chosen with :func:`set_msda_backend` (default ``"auto"``), or to 
 ``msda_backend`` when set:
 
 * ``"pytorch"`` -- :func:`~tprd.layers.msda_function.msda_function`, one autograd Function with its
-  own backward that saves only its inputs (the default on CPU);
+  own backward that saves only its inputs (the CPU path when the C++ kernel cannot be built);
 * ``"grid_sample"`` -- :func:`msda_pytorch`, the ``F.grid_sample`` path (bilinear, zero padding,
   ``align_corners=False``) that detrex itself uses on CPU and against which the parity fixtures
   were produced; ``"auto"`` and ``"pytorch"`` use it while tracing or exporting (ONNX ``GridSample``);
-* ``"cpp"`` -- a C++ CPU kernel (:mod:`tprd.layers.msda_cpp`), opt-in: compiled on first use
-  (needs a C++ compiler and ninja), never chosen by ``"auto"``;
+* ``"cpp"`` -- a C++ CPU kernel (:mod:`tprd.layers.msda_cpp`), chosen by ``"auto"`` for CPU
+  tensors: compiled on first use (a C++ compiler and ninja; about a minute once, one log line
+  while it builds, then cached); when it cannot be built, ``"auto"`` logs one warning with the
+  reason and uses ``"pytorch"`` for the rest of the process (:func:`cpu_backend`);
 * ``"triton"`` -- the Triton kernel (:mod:`tprd.layers.msda_triton`), chosen by ``"auto"`` for CUDA
-  tensors when Triton is importable; ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
+  tensors when Triton is importable; checked against the pure-PyTorch path on its first call in a
+  process (falls back to it with one warning when the kernel fails or disagrees); ``"cuda_ext"`` -- the compiled Deformable-DETR op when installed.
 
 A new kernel is added with :func:`register_msda_backend`.
 
@@ -25,6 +28,7 @@ Shapes used throughout: ``B`` batch, ``Q`` queries, ``S`` = sum of ``H_l * W_l``
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -48,6 +52,7 @@ __all__ = [
     "set_msda_backend",
     "get_msda_backend",
     "available_msda_backends",
+    "cpu_backend",
 ]
 
 # A backend: (value [B,S,M,Dh], spatial_shapes [L,2] (h, w) int64, level_start_index [L],
@@ -92,6 +97,8 @@ def msda_pytorch(
 # Backend registry
 # --------------------------------------------------------------------------------------------
 
+_logger = logging.getLogger(__name__)
+
 _BACKENDS: Dict[str, MSDAFunction] = {"pytorch": msda_function, "grid_sample": msda_pytorch, "cpp": msda_cpp}
 _CUDA_ONLY = set()
 # "auto" on CUDA: the first of these that is registered (then any other CUDA-only backend)
@@ -125,8 +132,9 @@ def check_msda_backend(name: str) -> str:
 
 
 def set_msda_backend(name: str) -> None:
-    """The process-wide backend: ``"auto"`` (a GPU kernel on CUDA when available, else
-    ``"pytorch"``; ``"grid_sample"`` while tracing/exporting), or any registered name. Its initial
+    """The process-wide backend: ``"auto"`` (a GPU kernel on CUDA when available; on CPU the C++
+    kernel when it builds, else ``"pytorch"``; ``"grid_sample"`` while tracing/exporting), or any
+    registered name. Its initial
     value is ``$TPRD_MSDA_BACKEND`` (``"auto"`` when unset)."""
     global _ACTIVE
     _ACTIVE = check_msda_backend(name)
@@ -138,6 +146,46 @@ def get_msda_backend() -> str:
 
 def available_msda_backends() -> Tuple[str, ...]:
     return tuple(sorted(_BACKENDS))
+
+
+_CPU_CHOICE: Optional[str] = None
+
+
+def cpu_backend() -> str:
+    """What ``"auto"`` runs on CPU tensors: ``"cpp"`` when the C++ kernel builds (or is cached), else
+    ``"pytorch"``. Decided once per process: the first call loads (compiling on first use on this
+    machine) the kernel; a failed build logs one warning naming the cause and the fallback."""
+    global _CPU_CHOICE
+    if _CPU_CHOICE is None:
+        from .msda_cpp import CppExtensionError, load_extension
+
+        try:
+            load_extension()
+            _CPU_CHOICE = "cpp"
+        except CppExtensionError as exc:
+            reason = str(exc).strip().splitlines()
+            _logger.warning(
+                "deformable attention on CPU: the C++ kernel could not be built (%s); using the pure-PyTorch "
+                "path (msda_backend='pytorch', about 2x slower per training step) for this process. Install a "
+                "C++ compiler and ninja for the fast path, or set %s=pytorch to skip the attempt.",
+                _build_failure_cause(reason), ENV_BACKEND,
+            )
+            _CPU_CHOICE = "pytorch"
+    return _CPU_CHOICE
+
+
+def _build_failure_cause(lines) -> str:
+    """The most telling line of a build error: the first one naming an error, else the first."""
+    for line in lines:
+        if "failed:" in line:
+            return line.split("failed:", 1)[1].strip()[:300] or line[:300]
+    return (lines[0] if lines else "unknown error")[:300]
+
+
+def _reset_cpu_backend() -> None:
+    """Forget the CPU decision (tests)."""
+    global _CPU_CHOICE
+    _CPU_CHOICE = None
 
 
 def _is_exporting() -> bool:
@@ -159,6 +207,9 @@ def resolve_msda_backend(name: str, value: Tensor) -> str:
         others = sorted(_CUDA_ONLY - set(preferred))
         if preferred or others:
             return (preferred + others)[0]
+        return "pytorch"
+    if value.device.type == "cpu":
+        return cpu_backend()
     return "pytorch"
 
 
@@ -215,10 +266,12 @@ _try_register_compiled_op()
 
 def _try_register_triton() -> None:
     """Register the Triton kernel (:mod:`tprd.layers.msda_triton`) when Triton is importable."""
-    from .msda_triton import TRITON_AVAILABLE, msda_triton
+    from .msda_triton import TRITON_AVAILABLE, checked_msda_triton
 
     if TRITON_AVAILABLE:
-        register_msda_backend("triton", msda_triton, cuda_only=True)
+        # checked on its first call per device against the pure-PyTorch path (one warning and
+        # that path for the process on a failure or mismatch)
+        register_msda_backend("triton", checked_msda_triton, cuda_only=True)
 
 
 _try_register_triton()

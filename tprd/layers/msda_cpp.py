@@ -1,8 +1,9 @@
 """Multi-scale deformable attention as a C++ CPU kernel (forward + backward), backend ``"cpp"``.
 
-Opt-in (``model.msda_backend=cpp``, or :func:`~tprd.layers.ms_deform_attn.set_msda_backend`); the
-default CPU path stays the pure-PyTorch :class:`~tprd.layers.msda_function.MSDAFunction`. The kernel
-is compiled on first use with :func:`torch.utils.cpp_extension.load_inline` (a C++ compiler and
+The default on CPU: ``"auto"`` picks it for CPU tensors when it builds and falls back to the
+pure-PyTorch :class:`~tprd.layers.msda_function.MSDAFunction` (one warning) when it cannot (see
+:func:`~tprd.layers.ms_deform_attn.cpu_backend`); ``msda_backend=cpp`` asks for it explicitly (an
+error when it cannot be built). The kernel is compiled on first use with :func:`torch.utils.cpp_extension.load_inline` (a C++ compiler and
 ``ninja`` are needed; about a minute once, then cached under ``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``). It uses torch's intra-op threads (``torch.set_num_threads``).
 
@@ -229,8 +230,8 @@ def load_extension():
             raise _FAILURE
         from torch.utils import cpp_extension
 
-        logger.info("msda cpp backend: loading the C++ kernel (compiled on the first use on this machine, "
-                    "about a minute; cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
+        logger.info("deformable attention: loading its C++ CPU kernel (compiled on the first use on this machine, "
+                    "about a minute; then cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
         try:
             _EXTENSION = cpp_extension.load_inline(
                 name="tprd_msda_cpu",
@@ -244,7 +245,7 @@ def load_extension():
             _FAILURE = CppExtensionError(
                 "msda_backend='cpp' needs a C++ compiler (g++/clang++), ninja (`pip install ninja`) and "
                 f"a writable cache folder to build its CPU kernel; the build failed: {_build_error(exc)}\n"
-                "Use msda_backend='pytorch' (the default on CPU) instead."
+                "Use msda_backend='pytorch' (the pure-PyTorch path) instead."
             )
             raise _FAILURE from exc
         return _EXTENSION

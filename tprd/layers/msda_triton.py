@@ -12,10 +12,17 @@ the map), in float32:
   gradients (each written by exactly one program), and ``attention * corner weight * grad`` is
   added atomically into the value gradient (several queries hit one value row).
 
+The backend registered as ``"triton"`` is :func:`checked_msda_triton`: its first call in a process
+(per device) compares the kernel with the pure-PyTorch path on a small input, forward and backward,
+and on a failure or a mismatch logs one warning and uses the pure-PyTorch path from then on.
+
 On a CPU machine the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 Triton is imported), which is how the tests check them against the pure-PyTorch Function.
 """
 from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -26,7 +33,7 @@ try:
 except Exception:  # Triton not installed (or broken): the backend is not registered
     triton = None
 
-__all__ = ["TRITON_AVAILABLE", "msda_triton"]
+__all__ = ["TRITON_AVAILABLE", "msda_triton", "checked_msda_triton", "self_check"]
 
 TRITON_AVAILABLE = triton is not None
 
@@ -188,3 +195,92 @@ def msda_triton(
     if not TRITON_AVAILABLE:
         raise RuntimeError("the 'triton' deformable-attention backend needs Triton (pip install triton)")
     return _TritonMSDA.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The checked entry point registered as backend "triton"
+# --------------------------------------------------------------------------------------------
+#: Tolerance of the first-call comparison with the pure-PyTorch Function (float32; the kernel's
+#: atomic value-gradient sums may reorder additions, the rest is the same arithmetic).
+CHECK_TOLERANCE = 1e-4
+
+# device -> None (not checked yet), True (passed) or the reason it failed; one entry per device
+_CHECKED: Dict[str, object] = {}
+_logger = logging.getLogger(__name__)
+
+
+def _check_case(device: torch.device):
+    """A small MSDA problem (two levels, points partly outside the maps) drawn from a private
+    generator (the global random state is left alone), on ``device``."""
+    g = torch.Generator().manual_seed(20260)
+    shapes = torch.tensor([[6, 5], [3, 2]])
+    sizes = shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(2, int(sizes.sum()), 2, 8, generator=g)
+    loc = torch.rand(2, 9, 2, 2, 3, 2, generator=g) * 1.4 - 0.2
+    weights = torch.rand(2, 9, 2, 2, 3, generator=g)
+    grad = torch.randn(2, 9, 16, generator=g)
+    return [t.to(device) for t in (value, shapes, starts, loc, weights, grad)]
+
+
+def self_check(device: torch.device, kernel=None) -> Optional[str]:
+    """Compare ``kernel`` (default :func:`msda_triton`) with the pure-PyTorch Function on a small
+    input on ``device``, forward and the three gradients. ``None`` when they agree within
+    :data:`CHECK_TOLERANCE`, else the reason (the exception, or what differs and by how much)."""
+    from .msda_function import msda_function
+
+    kernel = msda_triton if kernel is None else kernel
+    try:
+        value, shapes, starts, loc, weights, grad = _check_case(device)
+        results = []
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for fn in (msda_function, kernel):
+                inputs = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+                out = fn(inputs[0], shapes, starts, inputs[1], inputs[2])
+                results.append([out, *torch.autograd.grad(out, inputs, grad)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # compilation, launch or driver error
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+    for name, ref, got in zip(("output", "value gradient", "location gradient", "weight gradient"), *results):
+        if got.shape != ref.shape:
+            return f"its {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        err = (got.float() - ref.float()).abs().max().item()
+        if not err <= CHECK_TOLERANCE * (1.0 + ref.abs().max().item()):  # also catches NaN
+            return f"its {name} differs from the PyTorch path by {err:.3g} (tolerance {CHECK_TOLERANCE:g})"
+    return None
+
+
+def _reset_checks() -> None:
+    """Forget the per-device verdicts (tests)."""
+    _CHECKED.clear()
+
+
+def checked_msda_triton(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Backend ``"triton"`` as registered: :func:`msda_triton` after a one-time check per device.
+
+    The first call on a device compares the kernel with the pure-PyTorch Function on a small input
+    (:func:`self_check`, forward and backward). If the kernel fails to compile or run, or disagrees,
+    one warning names the cause and this process uses the pure-PyTorch Function on that device from
+    then on (a user's first run never crashes or trains on wrong numbers because of the kernel).
+    """
+    from .msda_function import msda_function
+
+    key = str(value.device)
+    if key not in _CHECKED:
+        problem = self_check(value.device)
+        _CHECKED[key] = True if problem is None else problem
+        if problem is not None:
+            _logger.warning(
+                "deformable attention: the Triton kernel failed its first-use check on %s (%s); using the "
+                "pure-PyTorch path (msda_backend='pytorch') for this process instead.", key, problem,
+            )
+    if _CHECKED[key] is True:
+        return msda_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return msda_function(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -354,7 +354,8 @@ class DeformableDETR(MultiScaleDETRDetector):
             configs, but works without).
         select_box_nums_for_evaluation: top-k detections kept per image.
         mask_mode: per-level padding masks, ``"nearest"`` (detrex) or ``"exact"``.
-        use_checkpoint: activation checkpointing of every encoder and decoder layer (exact; less
+        use_checkpoint: activation checkpointing of every encoder and decoder layer (True), or of the
+            ``"encoder"``'s or ``"decoder"``'s layers only (exact; less
             memory, one more forward per layer in backward).
         msda_backend: deformable-attention backend of every MSDA module (``None``: the process-wide
             one, ``"auto"`` by default; see :mod:`tprd.layers.ms_deform_attn`).

@@ -83,8 +83,11 @@ class KDDETR(DistillMethod):
             instead of computing its own (docs/methods.md#diff-12, optional mode).
         query_kind: force ``"position"`` / ``"anchor"`` / ``"content_box"`` (default: the models'
             declared ``query_kind``).
-        seed: seed of the general-point generator (the process rank is added, so every GPU draws
-            different points; the stream is reproducible for a given seed and rank).
+        seed: seed of the general-point generator. In training (the Distiller's ``iteration`` set
+            by the trainer) the points of iteration ``i`` on process ``r`` come from a generator
+            seeded from ``(seed, i, r)`` (as MGD's masks), so every GPU draws different points and
+            a resumed run draws the points of the uninterrupted one; without an iteration, one
+            generator seeded from ``(seed, rank)`` is drawn from call after call.
         alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
     """
 
@@ -140,19 +143,26 @@ class KDDETR(DistillMethod):
         if self.shared_general_refs and self.query_kind != "position":
             raise ValueError("shared_general_refs only applies to Deformable DETR (query_kind 'position')")
 
-    def _rng(self) -> torch.Generator:
-        if self._generator is None:
-            from tprd.utils import comm
+    def _rng(self, iteration: Optional[int] = None) -> torch.Generator:
+        from tprd.utils import comm
 
+        if iteration is not None:
+            from .mgd import mask_seed
+
+            # salted: a config with KD-DETR and MGD on one seed gets unrelated streams
+            return torch.Generator().manual_seed(mask_seed(self.seed, iteration, comm.get_rank()) ^ 0x2545F4914F6CDD1D)
+        if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * comm.get_rank())
         return self._generator
 
     @torch.no_grad()
-    def sample_general_points(self, device: torch.device, dtype=torch.float32) -> QueryGroup:
-        """One fresh table of general points (no autograd history), on ``device``."""
+    def sample_general_points(self, device: torch.device, dtype=torch.float32,
+                              iteration: Optional[int] = None) -> QueryGroup:
+        """One fresh table of general points (no autograd history), on ``device``: those of training
+        iteration ``iteration`` on this process, or the next of the call-after-call stream."""
         if self._embed_dim is None or self.query_kind is None:
             raise RuntimeError("KDDETR.check_models must run first (the Distiller calls it)")
-        g, d, rng = self.general_points, self._embed_dim, self._rng()
+        g, d, rng = self.general_points, self._embed_dim, self._rng(iteration)
         name = self.group_name("general")
         if self.query_kind == "position":
             z = torch.randn(g, 2 * d, generator=rng).to(device=device, dtype=dtype)
@@ -170,7 +180,7 @@ class KDDETR(DistillMethod):
         self._general = None
         if self.general_points == 0:
             return []
-        self._general = self.sample_general_points(ctx.device, ctx.images.tensor.dtype)
+        self._general = self.sample_general_points(ctx.device, ctx.images.tensor.dtype, ctx.iteration)
         return [self._general]
 
     def student_query_groups(self, ctx: DistillContext) -> List[QueryGroup]:

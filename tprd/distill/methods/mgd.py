@@ -6,8 +6,10 @@ a generation block ``G_l`` = 3x3 conv (D -> D, pad 1) -> ReLU -> 3x3 conv (D -> 
 
     mgd_l = mean_{B,D,H,W} (G_l(M · A_l(F_s)) − F_t)² / B
 
-(the reference's extra division by ``B`` is kept for parity, docs/methods.md#diff-15). The term is the mean over
-the levels. The teacher runs only to its neck (docs/methods.md#diff-14).
+(the reference's extra division by ``B`` is kept for parity, docs/methods.md#diff-15; ``B`` is the reference's
+images per process at this run's total batch, ``total batch / reference_processes``, so the term is
+the same on any number of processes: see :func:`~tprd.distill.methods.neck.batch_divisor`). The
+term is the mean over the levels. The teacher runs only to its neck (docs/methods.md#diff-14).
 
 Masks are drawn on the CPU from a generator seeded from ``(seed, iteration, rank)`` (see
 :func:`mask_seed`), level after level, so a run resumed at iteration ``i`` draws exactly the masks
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import DistillContext, DistillMethod
-from .neck import check_same_necks, neck_pairs
+from .neck import REFERENCE_PROCESSES, batch_divisor, check_same_necks, neck_pairs
 
 __all__ = ["MGD", "mask_seed", "mgd_masks"]
 
@@ -51,6 +53,8 @@ class MGD(DistillMethod):
         mask_ratio: share of dropped cells in expectation (0.5).
         seed: base seed of the masks (configs: ``train.seed``).
         num_levels, channels: the neck's levels and width (default: from the models at construction).
+        reference_processes: the MSE is divided again by ``total batch / reference_processes``
+            (default 2: the reference's 2 GPUs x 8 images, where the weight was tuned).
     """
 
     name = "mgd"
@@ -60,8 +64,11 @@ class MGD(DistillMethod):
     reference_key_rules = ((r"^align\.(\d+)\.", r"adapters.\1."), (r"^generation\.(\d+)\.", r"generators.\1."))
 
     def __init__(self, weights: Optional[Dict[str, float]] = None, mask_ratio: float = 0.5, seed: int = 0,
-                 num_levels: Optional[int] = None, channels: Optional[int] = None, name: Optional[str] = None):
+                 num_levels: Optional[int] = None, channels: Optional[int] = None, name: Optional[str] = None,
+                 reference_processes: int = REFERENCE_PROCESSES):
         super().__init__(weights if weights is not None else {"mgd": 10.0}, name)
+        batch_divisor(1, reference_processes)  # checks the value
+        self.reference_processes = int(reference_processes)
         if not 0.0 <= float(mask_ratio) <= 1.0:
             raise ValueError(f"MGD mask_ratio must be in [0, 1], got {mask_ratio}")
         self.mask_ratio = float(mask_ratio)
@@ -103,10 +110,11 @@ class MGD(DistillMethod):
         self._calls += 1
         shapes = [(fs.shape[0], fs.shape[2], fs.shape[3]) for fs, _ in pairs]
         masks = mgd_masks(shapes, self.mask_ratio, self.generator_for(iteration))
+        divisor = batch_divisor(shapes[0][0], self.reference_processes)
         per_level = []
         for adapter, generate, (fs, ft), keep in zip(self.adapters, self.generators, pairs, masks):
             new = generate(adapter(fs) * keep.to(device=fs.device, dtype=fs.dtype))
-            per_level.append((new - ft).pow(2).mean() / fs.shape[0])
+            per_level.append((new - ft).pow(2).mean() / divisor)
         return {"mgd": torch.stack(per_level).mean()}
 
     def extra_repr(self) -> str:

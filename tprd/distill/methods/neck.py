@@ -15,7 +15,7 @@ from tprd.modeling.detector import DETRDetector
 
 from .base import DistillContext
 
-__all__ = ["neck_pairs", "check_same_necks"]
+__all__ = ["neck_pairs", "check_same_necks", "batch_divisor", "REFERENCE_PROCESSES"]
 
 
 def check_same_necks(student: DETRDetector, teacher: DETRDetector, method: str) -> Tuple[int, int]:
@@ -46,3 +46,29 @@ def neck_pairs(ctx: DistillContext, method: str) -> List[Tuple[Tensor, Tensor]]:
             )
         pairs.append((fs, ft.detach()))
     return pairs
+
+
+#: The number of processes of the reference's documented run (2 GPUs x 8 images = total batch 16),
+#: whose images per process FitNet and MGD divide their mean-reduced MSE by once more.
+REFERENCE_PROCESSES = 2
+
+
+def batch_divisor(local_batch: int, reference_processes: int = REFERENCE_PROCESSES) -> float:
+    """The ``B`` FitNet and MGD divide their mean-reduced MSE by again: the images per process of a
+    run of ``reference_processes`` processes at this run's total batch, i.e.
+    ``local_batch * world_size / reference_processes``.
+
+    Why not the images of this process, as the reference code does: under DDP every process's
+    term is divided by its own batch and the gradients are averaged over processes, so the
+    effective scale would grow with the number of processes (twice the 1-process term on two
+    processes at the same total batch, eight times on eight). Taking the total batch (all ranks
+    hold equal batches; the train loader splits ``total_batch_size`` evenly) makes the term the
+    same on any number of processes, and with ``reference_processes = 2`` it equals the
+    reference's value at its 2 x 8 setting, where the weight 10 was tuned. A user reproducing a
+    reference run made on ``N`` GPUs sets ``reference_processes=N`` in the method's config.
+    """
+    from tprd.utils import comm
+
+    if int(reference_processes) < 1:
+        raise ValueError(f"reference_processes must be >= 1, got {reference_processes}")
+    return float(local_batch) * comm.get_world_size() / int(reference_processes)

@@ -13,7 +13,10 @@ Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
 3. **Prediction distillation** (``class``, ``l1``, ``giou``): B4 soft-BCE (summed over classes),
    L1 (summed over the 4 coordinates) and ``1 − GIoU`` over all pairs of the batch, each **averaged
    over the number of pairs** of the stage. A stage without pairs gives a zero that keeps the graph
-   (docs/methods.md#diff-9).
+   (docs/methods.md#diff-9). Under DDP the number of pairs is that of the whole batch, summed over the processes
+   and divided by their number (as DETR's ``num_boxes``, see :func:`global_pair_count`), so the
+   term is the one-process value on any number of processes (a per-process count would weight the
+   pairs of a process with few pairs more).
 4. **Attention-guided memory distillation** (``feature``): per image the mask
    ``M = mean_{i ∈ selected} (1 + g_i)·A_i`` over the teacher's per-query cross-attention maps
    ``A_i`` (length ``S``, B6 summed over heads, levels and points; DAB-DETR: its dense attention
@@ -204,6 +207,24 @@ def selection_stage_of_layer(num_stages: int, reference_stage_order: bool = Fals
 # ----------------------------------------------------------------------------------------------
 # the method
 # ----------------------------------------------------------------------------------------------
+def global_pair_count(count: Tensor) -> Tensor:
+    """Per-stage pair counts ``[L]`` of this process -> the normaliser of the pair means: the counts
+    summed over the processes and divided by their number, at least ``1 / world size`` (a stage
+    without pairs anywhere then gives 0). With one process: ``count.clamp(min=1)``.
+
+    Each process divides its pair sum by this and DDP averages the gradients over the processes,
+    so the gradient is that of the sum over all pairs divided by the total count: the one-process
+    mean over the whole batch."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return count.clamp(min=1)
+    total = count.detach().clone()
+    dist.all_reduce(total)
+    return total.clamp(min=1) / world
+
+
 class QSKD(DistillMethod):
     """QSKD with optional TPRD.
 
@@ -268,7 +289,7 @@ class QSKD(DistillMethod):
         else:
             per = soft_bce_pair_losses(s_lg, t_lg, s_bx, t_bx, reduction="none")
             class_pp, l1, giou = per["class"], per["l1"], per["giou"]
-        count = torch.bincount(l, minlength=num_stages).clamp(min=1).to(s.logits.dtype)
+        count = global_pair_count(torch.bincount(l, minlength=num_stages).to(s.logits.dtype))
         keep = 0.0 * (s.logits.sum() + s.boxes.sum())  # a stage without pairs: a zero with the graph
 
         def mean(per_pair: Tensor) -> Tensor:

@@ -1,0 +1,203 @@
+"""Every distillation method under DDP: two gloo processes against one, on each detector.
+
+For each detector (Deformable DETR, DAB-DETR, DINO) a module-scoped run trains every method folder
+``projects/<detector>/cfg_distill/<Method>[_TPRD]`` (the eight methods, their ``_TPRD`` variants and
+``TPRD``) for two iterations on its synthetic config, once in this process and once on two processes
+started by :func:`tprd.engine.launch.launch` (what ``train_net.py --num-gpus 2`` calls; one process
+pair trains all the folders of a detector one after the other, which keeps the test time down).
+Shrunk for speed: ResNet-18 teacher, 32x40 images (DINO 48x60; all of one size, so no process pads its batch
+differently), total batch 4, no evaluation, student dropout 0.
+
+Checked per folder:
+
+* the two-process run finishes (no "Expected to have finished reduction" error);
+* every distillation term that is non-zero on one process is non-zero on two;
+* the teacher: none of its parameters is synchronised by DDP (they do not require gradients), and
+  its weights and buffers after training are bit-identical to those it started with;
+* deterministic runs: every loss of both iterations equals the one-process value (MGD with
+  ``mask_ratio=0`` and KD-DETR without general points, which checks their scale; their ``_TPRD``
+  folders keep their random draws and are checked for the other points only). DINO draws its
+  denoising noise per process, so its runs are compared at iteration 0 on the losses that do not
+  involve the denoising group (the matching queries are decoded with the denoising queries
+  masked off, hence their losses do not depend on the noise).
+"""
+import json
+import math
+import os
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tprd.data.synthetic import generate_synthetic_dataset
+from tprd.engine.launch import launch
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIG_NAMES = {
+    "deformable_detr": "deformable_detr_r50_distill_r18_synthetic.py",
+    "dab_detr": "dab_detr_r50_distill_r18_synthetic.py",
+    "dino": "dino_r50_distill_r18_synthetic.py",
+}
+METHODS = ["CrossKD", "D3DETR", "DETRDistill", "FGD", "FitNet", "KD_DETR", "MGD", "QSKD"]
+FOLDERS = [m for base in METHODS for m in (base, base + "_TPRD")] + ["TPRD"]
+ITERS = 2
+
+COMMON = [
+    f"train.max_iter={ITERS}", "train.log_period=1", "train.eval_period=0", "train.checkpointer.period=1000",
+    "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=0", "dataloader.evaluator=None",
+    # no augmentation (every image of one size, see IMAGE_SIZE; the synthetic images are 128x160)
+    "dataloader.train.mapper.augmentation_with_crop=None", "+dataloader.train.mapper.augmentation.0.p=0.0",
+    "model.teacher.backbone.depth=18",
+] + [f"model.student.transformer.{part}.{kind}_dropout=0.0" for part in ("encoder", "decoder") for kind in ("attn", "ffn")]
+# short side of the training images: 32x40 (DINO 48x60: its 30 encoder proposals need 30 tokens)
+IMAGE_SIZE = {"deformable_detr": 32, "dab_detr": 32, "dino": 48}
+TEACHER_NECK = {
+    "deformable_detr": ["model.teacher.neck.in_channels=[128,256,512]"],
+    "dino": ["model.teacher.neck.in_channels=[128,256,512]"],
+    "dab_detr": ["model.teacher.in_channels=512"],
+}
+# deterministic versions of the methods that draw (their _TPRD folders keep the draws)
+DETERMINISTIC = {"MGD": ["model.methods.mgd.mask_ratio=0.0"], "KD_DETR": ["model.methods.kd_detr.general_points=0"]}
+RANDOM = {"MGD_TPRD", "KD_DETR_TPRD"}
+
+
+def _checksum(tensors):
+    """An order-independent float64 fingerprint of a dict of tensors (sum and sum of squares)."""
+    total = [0.0, 0.0]
+    for t in tensors.values():
+        t = t.detach().double()
+        total[0] += float(t.sum())
+        total[1] += float((t * t).sum())
+    return total
+
+
+def _teacher_state(state):
+    return {k: v for k, v in state.items() if k.startswith("teacher.")}
+
+
+def train_every_folder(detector, out_root):
+    """Train every folder of ``detector`` (in this process, or in each of the launched ones) and
+    write ``<out_root>/<folder>/ddp.json``: what DDP synchronises, the teacher's fingerprint before
+    and after training. No checkpoint is written (saving is switched off here: it would cost more
+    than the two iterations; checkpoints under DDP are tested in tests/test_resume_random.py)."""
+    import tprd.engine.main as engine_main
+    from tprd.engine import comm
+    from tprd.engine.checkpoint import DetectionCheckpointer
+
+    record = {}
+    wrap, save = engine_main.create_ddp_model, DetectionCheckpointer.save
+
+    def recording_create_ddp_model(model, **kwargs):
+        wrapped = wrap(model, **kwargs)
+        record["model"] = model
+        record["wrapped"] = wrapped is not model
+        record["find_unused_parameters"] = bool(getattr(wrapped, "find_unused_parameters", False))
+        # DDP all-reduces the gradients of exactly the parameters that require one
+        record["synced_teacher_params"] = [n for n, p in model.teacher.named_parameters() if p.requires_grad]
+        record["synced_params"] = sum(1 for p in model.parameters() if p.requires_grad)
+        record["teacher_before"] = _checksum(_teacher_state(model.state_dict()))
+        return wrapped
+
+    engine_main.create_ddp_model = recording_create_ddp_model
+    DetectionCheckpointer.save = lambda self, name, **kwargs: None
+    try:
+        for folder in FOLDERS:
+            out = Path(out_root) / folder
+            config = REPO / "projects" / detector / "cfg_distill" / folder / CONFIG_NAMES[detector]
+            size = IMAGE_SIZE[detector]
+            opts = COMMON + TEACHER_NECK[detector] + DETERMINISTIC.get(folder, []) + [
+                f"dataloader.train.mapper.augmentation.1.short_edge_length=[{size}]",
+                f"dataloader.train.mapper.augmentation.1.max_size={size * 3 // 2}", f"train.output_dir={out}"]
+            record.clear()
+            engine_main.main(Namespace(config_file=str(config), resume=False, eval_only=False, num_gpus=1,
+                                       num_machines=1, machine_rank=0, dist_url="auto", opts=opts))
+            comm.synchronize()
+            model = record.pop("model")
+            if comm.is_main_process():
+                record["teacher_after"] = _checksum(_teacher_state(model.state_dict()))
+                record["world_size"] = comm.get_world_size()
+                (out / "ddp.json").write_text(json.dumps(record))
+            del model
+            comm.synchronize()
+    finally:
+        engine_main.create_ddp_model = wrap
+        DetectionCheckpointer.save = save
+
+
+def _metrics(folder):
+    with open(folder / "metrics.json") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["iteration"]: {k: v for k, v in r.items() if k.startswith(("loss", "distill_"))} for r in rows}
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_datasets")
+    generate_synthetic_dataset(root / "synthetic", num_train=8, num_val=2, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module", params=list(CONFIG_NAMES))
+def runs(request, datasets, tmp_path_factory):
+    """``(detector, {folder: (one-process metrics, two-process metrics, two-process ddp record)})``."""
+    detector = request.param
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(datasets)  # the spawned workers inherit it
+    try:
+        root = tmp_path_factory.mktemp(f"ddp_{detector}")
+        train_every_folder(detector, root / "one")
+        launch(train_every_folder, 2, args=(detector, str(root / "two")))
+    finally:
+        if old is None:
+            os.environ.pop("DETECTRON2_DATASETS", None)
+        else:
+            os.environ["DETECTRON2_DATASETS"] = old
+    results = {}
+    for folder in FOLDERS:
+        one, two = root / "one" / folder, root / "two" / folder
+        results[folder] = (_metrics(one), _metrics(two), json.loads((two / "ddp.json").read_text()),
+                           json.loads((one / "ddp.json").read_text()))
+    return detector, results
+
+
+def _compared_keys(detector, iteration, keys):
+    if detector != "dino":
+        return sorted(keys)
+    if iteration > 0:
+        return []  # the students differ after the first update (denoising noise drawn per process)
+    return sorted(k for k in keys if "_dn" not in k)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_two_processes_train_every_method_like_one(runs, folder):
+    detector, results = runs
+    one, two, ddp, single = results[folder]
+    where = f"{detector}/{folder}"
+    assert sorted(two) == sorted(one) == list(range(ITERS)), where
+    assert ddp["world_size"] == 2 and ddp["wrapped"] and not single["wrapped"], where
+    # the teacher: not synchronised, not updated
+    assert ddp["synced_teacher_params"] == [], where
+    assert ddp["synced_params"] > 0
+    assert ddp["teacher_after"] == ddp["teacher_before"], where
+    assert single["teacher_after"] == single["teacher_before"], where
+    for it in range(ITERS):
+        a, b = one[it], two[it]
+        assert set(a) == set(b), (where, it, set(a) ^ set(b))
+        for key in (k for k in a if k.startswith("distill_")):
+            assert math.isfinite(b[key]), (where, it, key)
+            if a[key] != 0.0:
+                assert b[key] != 0.0, (where, it, key, "zero on two processes only")
+        if folder in RANDOM:
+            continue
+        for key in _compared_keys(detector, it, a):
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (where, it, key, a[key], b[key])
+    # the methods that draw differ from one process (other draws on rank 1), but not everywhere
+    if folder in RANDOM and detector != "dino":
+        assert any(one[0][k] != two[0][k] for k in one[0] if k.startswith("distill_")), where
+
+
+def test_no_method_needs_find_unused_parameters(runs):
+    detector, results = runs
+    assert {f: r[2]["find_unused_parameters"] for f, r in results.items()} == {f: False for f in FOLDERS}, detector
