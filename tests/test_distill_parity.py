@@ -142,7 +142,7 @@ def test_replay_fails_loudly():
 def test_every_flag_is_documented_in_the_readme():
     readme = (REPO / "README.md").read_text()
     for spec in REFERENCE_FLAGS:
-        assert re.search(rf"`[^`]*\b{spec['flag']}=True`", readme), spec["flag"]
+        assert re.search(rf"`[^`]*\b{spec['flag']}={spec['value']!r}`", readme), spec["flag"]
     for method, table in LOSS_KEY_MAP.items():
         for ref, ours in table.items():
             assert f"`{ref}`" in readme and f"`{ours}`" in readme, (method, ref)
@@ -161,6 +161,18 @@ def test_reference_stage_order_changes_only_qskd_feature_terms(results):
                                 extra_overrides=["model.methods.qskd.reference_stage_order=False"])
     changed = _changed(base.losses, clean.losses)
     assert changed and changed <= {k for k in base.losses if STAGE.sub("", k) == "distill_qskd_feature"}
+
+
+@pytest.mark.parametrize("method", ["FitNet", "MGD"])
+def test_reference_processes_scales_only_the_feature_term(results, method):
+    """The reference divides FitNet's / MGD's MSE by the images of its own process (the fixture's one
+    process); our default divides by total batch / 2 on any number of processes: twice the term."""
+    key = f"distill_{method.lower()}_{method.lower()}"
+    base = results[f"deformable_detr/{method}"]
+    clean = run_distill_fixture(fixture(f"deformable_detr/{method}"),
+                                extra_overrides=[f"model.methods.{method.lower()}.reference_processes=2"])
+    assert _changed(base.losses, clean.losses) == {key}
+    assert abs(clean.losses[key] - 2.0 * base.losses[key]) <= 1e-5 * abs(base.losses[key])
 
 
 def test_skip_empty_images_changes_only_refined_terms():
