@@ -43,6 +43,9 @@ from torch import Tensor, nn
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup
 
 from .methods.base import FEATURE_NEEDS, DistillContext, DistillMethod, expand_stage_terms
+from tprd.errors import SetupError
+
+from .setup_checks import check_method_values, check_teacher_state_dict, teacher_mode_note
 
 __all__ = ["Distiller"]
 
@@ -104,7 +107,7 @@ class Distiller(nn.Module):
                 raise TypeError(f"methods must be DistillMethod instances, got {type(m).__name__}")
         names = [m.name for m in methods]
         if len(set(names)) != len(names):
-            raise ValueError(f"distillation method names must be unique (they prefix loss keys), got {names}")
+            raise SetupError(f"distillation method names must be unique (they prefix loss keys), got {names}")
         self.student = student
         self.teacher = teacher
         self.methods = nn.ModuleList(methods)
@@ -115,6 +118,9 @@ class Distiller(nn.Module):
         self.iteration: Optional[int] = None
 
         self.teacher.requires_grad_(False)
+        check_method_values(methods)  # set-up checks: tprd/distill/setup_checks.py
+        if self.teacher_train_mode:
+            logger.warning(teacher_mode_note(teacher))
         if check_pixel_stats:
             self._check_pixel_stats()
         self._check_classes()
@@ -122,12 +128,15 @@ class Distiller(nn.Module):
             if m.requires_equal_queries:
                 nq_s, nq_t = getattr(student, "num_queries", None), getattr(teacher, "num_queries", None)
                 if nq_s is not None and nq_t is not None and nq_s != nq_t:
-                    raise ValueError(
+                    raise SetupError(
                         f"method {m.name!r} pairs student and teacher queries by index and needs equal query "
                         f"counts, but the student has {nq_s} and the teacher {nq_t}: set the student's "
                         f"num_queries to {nq_t}"
                     )
-            m.check_models(student, teacher)
+            try:
+                m.check_models(student, teacher)
+            except ValueError as e:  # a teacher/student pair this method cannot use: the user's set-up
+                raise SetupError(f"method {m.name!r}: {e}") from e
         self._student_takes_targets = _accepts(student.forward_outputs, "targets")
         self.train(self.training)
 
@@ -138,7 +147,7 @@ class Distiller(nn.Module):
             if s is None or t is None:
                 continue
             if s.shape != t.shape or not torch.allclose(s, t):
-                raise ValueError(
+                raise SetupError(
                     f"student and teacher {name} differ ({s.tolist()} vs {t.tolist()}): both see the same "
                     f"normalised input, so set the same {name} in both model configs"
                 )
@@ -146,7 +155,7 @@ class Distiller(nn.Module):
     def _check_classes(self) -> None:
         cs, ct = getattr(self.student, "num_classes", None), getattr(self.teacher, "num_classes", None)
         if cs is not None and ct is not None and int(cs) != int(ct):
-            raise ValueError(
+            raise SetupError(
                 f"student has {cs} classes but the teacher {ct}: distillation needs the same label space "
                 f"(e.g. a VOC student needs a 20-class teacher)"
             )
@@ -327,6 +336,8 @@ class Distiller(nn.Module):
         for part, model in (("student", self.student), ("teacher", self.teacher)):
             sub = parts[part]
             native = set(sub) <= set(model.state_dict().keys())  # e.g. a distiller checkpoint
+            if part == "teacher" and not native:
+                check_teacher_state_dict(model, sub)  # another detector / class count, named
             if sub and not native and hasattr(model, "convert_detrex_state_dict"):
                 sub = model.convert_detrex_state_dict(sub)
             out.update({f"{part}.{k}": v for k, v in sub.items()})

@@ -1,0 +1,261 @@
+"""A user's mistakes caught before they cost a run (issue 24): datasets checked at load, the one
+error path of the engine (``error: ...``, exit 2, no traceback, nothing written), distillation
+set-ups, ``merge_weight.py`` input validation and ``tools/check_dataset.py``.
+
+Every case corrupts a copy of one tiny COCO dataset (made once per module) or builds a tiny
+checkpoint in ``tmp_path``; runs go through ``tprd.engine.main.run`` in-process, 1-2 iterations.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tprd.data import DatasetCatalog, MetadataCatalog
+from tprd.data.synthetic import generate_synthetic_dataset
+from tprd.engine.main import run
+
+REPO = Path(__file__).resolve().parents[1]
+CUSTOM = REPO / "projects/deformable_detr/configs/deformable_detr_r50_custom_coco.py"
+DISTILL = REPO / "projects/deformable_detr/cfg_distill/DETRDistill/deformable_detr_r50_distill_r18_synthetic.py"
+
+# the custom-data template shrunk to seconds on a CPU
+SMALL = [
+    "train.device=cpu", "train.max_iter=1", "train.log_period=1", "dataloader.train.total_batch_size=2",
+    "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+    "dataloader.train.mapper.augmentation.1.short_edge_length=[64]",
+    "dataloader.train.mapper.augmentation.1.max_size=80", "dataloader.train.mapper.augmentation_with_crop=None",
+    "dataloader.test.mapper.augmentation.0.short_edge_length=64", "dataloader.test.mapper.augmentation.0.max_size=80",
+    "model.transformer.encoder.num_layers=1", "model.transformer.decoder.num_layers=1", "model.aux_loss=False",
+    "model.num_queries=10", "model.select_box_nums_for_evaluation=10", "model.backbone.depth=18",
+    "model.neck.in_channels=[128,256,512]",
+]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pristine")
+    generate_synthetic_dataset(root / "my_dataset", num_train=4, num_val=2, seed=5, image_size=(64, 80))
+    return root
+
+
+@pytest.fixture
+def data(tmp_path, pristine, monkeypatch) -> Path:
+    """A fresh copy of the dataset as ``$DETECTRON2_DATASETS``; returns ``<root>/my_dataset``."""
+    root = tmp_path / "datasets"
+    shutil.copytree(pristine, root)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    monkeypatch.delenv("TPRD_DEBUG", raising=False)
+    yield root / "my_dataset"
+    DatasetCatalog.clear_preloaded()
+
+
+def _json(data: Path, split: str = "train") -> Path:
+    return data / "annotations" / f"instances_{split}.json"
+
+
+def _edit(data: Path, split: str, fn) -> None:
+    path = _json(data, split)
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def _run(tmp_path, *extra, config=CUSTOM, flags=()):
+    out = tmp_path / "run"
+    argv = ["--config-file", str(config), *flags, f"train.output_dir={out}", *SMALL, *extra]
+    return run(argv), out
+
+
+def _user_error(capsys, tmp_path, *extra, config=CUSTOM, flags=(), out_exists=False) -> str:
+    """Run, expect exit 2 with one ``error:`` line and no traceback; nothing written."""
+    with pytest.raises(SystemExit) as info:
+        _run(tmp_path, *extra, config=config, flags=flags)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    if not out_exists:
+        assert not (tmp_path / "run").exists()
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------- dataset errors
+def test_json_that_does_not_parse_names_file_line_and_column(data, tmp_path, capsys):
+    path = _json(data)
+    path.write_text('{"images": [],\n "annotations": [,]}')
+    line = _user_error(capsys, tmp_path)
+    assert str(path) in line and "line 2" in line and "column" in line
+
+
+def test_category_id_used_but_not_listed(data, tmp_path, capsys):
+    _edit(data, "train", lambda d: d["annotations"][0].update(category_id=99))
+    line = _user_error(capsys, tmp_path)
+    assert "category_id 99" in line and "categories" in line and str(_json(data)) in line
+
+
+def test_num_classes_smaller_than_the_dataset(data, tmp_path, capsys):
+    line = _user_error(capsys, tmp_path, "model.num_classes=3")
+    assert "model.num_classes=5" in line
+
+
+def test_training_set_without_annotations(data, tmp_path, capsys):
+    _edit(data, "train", lambda d: d.update(annotations=[]))
+    line = _user_error(capsys, tmp_path)
+    assert "my_dataset_train" in line and "no usable annotation" in line
+
+
+def test_missing_dataset_root(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nowhere"))
+    line = _user_error(capsys, tmp_path)
+    assert "nowhere" in line and "DETECTRON2_DATASETS" in line
+
+
+def test_missing_image_files_counted_and_named(data, tmp_path, capsys):
+    names = sorted(p.name for p in (data / "train").iterdir())
+    for name in names[:2]:
+        (data / "train" / name).unlink()
+    line = _user_error(capsys, tmp_path)
+    assert "2 of 4 image files" in line and names[0] in line and "check_dataset" in line
+
+
+def test_missing_voc_split_file(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "datasets"
+    generate_synthetic_dataset(tmp_path / "gen", num_train=2, num_val=1, seed=3, image_size=(64, 80))
+    shutil.copytree(tmp_path / "gen" / "VOC", root / "VOC2007")
+    (root / "VOC2007/ImageSets/Main/trainval.txt").unlink()
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    cfg = REPO / "projects/deformable_detr/configs/deformable_detr_r50_50ep_voc.py"
+    with pytest.raises(SystemExit):
+        run(["--config-file", str(cfg), f"train.output_dir={tmp_path / 'run'}", "train.device=cpu"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    line = err.strip().splitlines()[-1]
+    assert "VOC2007/ImageSets/Main/trainval.txt" in err and "DETECTRON2_DATASETS" in line
+
+
+def test_evaluator_of_another_layout(data, tmp_path, capsys):
+    line = _user_error(capsys, tmp_path, "dataloader.test.dataset.names=synthetic_voc_test",
+                       "dataloader.evaluator.dataset_name=synthetic_voc_test")
+    assert "synthetic_voc_test" in line and "PascalVOCDetectionEvaluator" in line
+
+
+def test_unregistered_dataset_name(data, tmp_path, capsys):
+    line = _user_error(capsys, tmp_path, "dataloader.test.dataset.names=no_such_set")
+    assert "'no_such_set' is not registered" in line
+
+
+def test_undecodable_image_during_training_names_file_and_tool(data, tmp_path, capsys):
+    name = sorted(p.name for p in (data / "train").iterdir())[0]
+    (data / "train" / name).write_bytes(b"not an image")
+    # every train image is one batch of 4 images: the broken one is read at iteration 0
+    line = _user_error(capsys, tmp_path, "dataloader.train.total_batch_size=4", out_exists=True)
+    assert name in line and "tools/check_dataset.py" in line
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+    assert "before any checkpoint was written" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_debug_shows_the_traceback(data, tmp_path, capsys):
+    _edit(data, "train", lambda d: d["annotations"][0].update(category_id=99))
+    with pytest.raises(Exception, match="category_id 99"):
+        _run(tmp_path, flags=("--debug",))
+
+
+# ------------------------------------------------------------------ skipped annotations, counted
+def _corrupt_boxes(d):
+    anns = d["annotations"]
+    anns[0]["image_id"] = 12345          # unknown image
+    anns[1]["bbox"] = [1, 2, 0, 5]       # zero width
+    anns[2]["bbox"] = [1, 2, -3, 5]      # negative width
+    anns[3]["bbox"] = [500, 500, 10, 10]  # outside its 80x64 image
+    anns[4]["bbox"] = [1, "x", 3, 4]     # not four numbers
+    return [a["id"] for a in anns[:5]]
+
+
+def test_skipped_annotations_one_warning_and_loaded_counts_what_is_used(data, tmp_path, capsys):
+    ids = []
+    _edit(data, "train", lambda d: ids.extend(_corrupt_boxes(d)))
+    total = len(json.loads(_json(data).read_text())["annotations"])
+    _, out = _run(tmp_path)
+    log = (out / "log.txt").read_text()
+    warn = [line for line in log.splitlines() if "my_dataset_train: skipped" in line]
+    assert len(warn) == 1, warn
+    assert f"skipped 5 of {total} annotations" in warn[0]
+    assert f"1 with an image_id not in images (id {ids[0]})" in warn[0]
+    assert f"2 with zero or negative size (ids {ids[1]}, {ids[2]})" in warn[0]
+    assert f"1 outside its image (id {ids[3]})" in warn[0]
+    assert "1 whose bbox is not four finite numbers" in warn[0]
+    assert f"Loaded 4 images, {total - 5} annotations" in log
+    assert (out / "model_final.pth").is_file()
+
+
+def test_strict_turns_skips_into_an_error(data, tmp_path, capsys):
+    _edit(data, "train", _corrupt_boxes)
+    line = _user_error(capsys, tmp_path, "+dataloader.train.dataset.strict=True")
+    assert "skipped 5 of" in line and "strict" in line
+
+
+def test_evaluation_scores_against_the_kept_ground_truth(data, tmp_path):
+    from tprd.evaluation import COCOEvaluator
+
+    ids = []
+    _edit(data, "val", lambda d: ids.append(d["annotations"][0]["id"]) or d["annotations"][0].update(bbox=[1, 1, 0, 0]))
+    from tprd.engine.main import load_config
+
+    load_config(str(CUSTOM))  # registers the datasets (the config does)
+    ev = COCOEvaluator("my_dataset_val")
+    kept = {a["id"] for a in ev.coco_gt.dataset["annotations"]}
+    assert ids[0] not in kept and kept
+    records = DatasetCatalog.get("my_dataset_val")
+    assert sum(len(r["classes"]) for r in records) == len(kept)
+
+
+def test_eval_only_warns_for_a_split_without_annotations(data, tmp_path, capsys):
+    _run(tmp_path)
+    _edit(data, "val", lambda d: d.update(annotations=[]))
+    ckpt = tmp_path / "run" / "model_final.pth"
+    out = tmp_path / "eval"
+    run(["--config-file", str(CUSTOM), "--eval-only", f"train.output_dir={out}", *SMALL,
+         f"train.init_checkpoint={ckpt}"])
+    log = (out / "log.txt").read_text()
+    assert "my_dataset_val has no annotation" in log and "nan" in log
+
+
+def test_eval_only_with_a_broken_test_json_writes_nothing(data, tmp_path, capsys):
+    _run(tmp_path)
+    _edit(data, "val", lambda d: d["annotations"][0].update(category_id=42))
+    ckpt = tmp_path / "run" / "model_final.pth"
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(SystemExit) as info:
+        run(["--config-file", str(CUSTOM), "--eval-only", *SMALL, f"train.init_checkpoint={ckpt}"])
+    assert info.value.code == 2
+    assert "category_id 42" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # no eval_model_final folder
+
+
+def test_voc_skips_and_unknown_class(tmp_path):
+    from tprd.data.datasets import load_voc_instances
+    from tprd.errors import DatasetError
+
+    root = tmp_path / "d"
+    generate_synthetic_dataset(root, num_train=2, num_val=1, seed=3, image_size=(64, 80))
+    voc = root / "VOC"
+    fid = (voc / "ImageSets/Main/trainval.txt").read_text().split()[0]
+    xml = voc / "Annotations" / f"{fid}.xml"
+    text = xml.read_text()
+    start = text.index("<xmax>") + len("<xmax>")
+    end = text.index("</xmax>")
+    xml.write_text(text[:start] + "-5" + text[end:])
+    from tprd.data.synthetic import SYNTHETIC_CLASSES
+
+    records = load_voc_instances(voc, "trainval", SYNTHETIC_CLASSES)
+    assert records
+    with pytest.raises(DatasetError, match="skipped 1 of"):
+        load_voc_instances(voc, "trainval", SYNTHETIC_CLASSES, strict=True)
+    with pytest.raises(DatasetError, match="not one of the dataset's"):
+        load_voc_instances(voc, "trainval", SYNTHETIC_CLASSES[:1])
