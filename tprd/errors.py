@@ -11,7 +11,7 @@ The classes derive from the built-in types the code raised before (``ValueError`
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "DatasetError", "ImageDecodeError", "DeviceError", "SetupError", "DEBUG_ENV"]
+__all__ = ["UserError", "DatasetError", "ImageDecodeError", "DeviceError", "SetupError", "MissingEntryError", "DEBUG_ENV"]
 
 #: Set to 1 to get the traceback of a user error (also ``--debug`` on the command line).
 DEBUG_ENV = "TPRD_DEBUG"
@@ -37,3 +37,10 @@ class DeviceError(UserError, RuntimeError):
 class SetupError(UserError, RuntimeError):
     """A training or distillation set-up that would run but give a wrong result (no teacher weights,
     a resumed run with another model, a negative loss weight)."""
+
+
+class MissingEntryError(UserError, KeyError):
+    """A file lacks an entry the config asks for (a checkpoint without ``ema``); a ``KeyError`` too."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

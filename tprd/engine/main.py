@@ -29,7 +29,7 @@ import torch
 from tprd.checkpoint import check_weight_file
 from tprd.config import LazyConfig, instantiate
 from tprd.data.loader import skip_train_batches
-from tprd.errors import DatasetError, DeviceError, SetupError, UserError
+from tprd.errors import DatasetError, DeviceError, MissingEntryError, UserError
 
 from . import comm, hooks
 from .checkpoint import DetectionCheckpointer, remove_leftover_temporary_files
@@ -427,7 +427,7 @@ def _eval_only(cfg, args, checkpoint_dir: str) -> Dict[str, Any]:
     if "ema" in extra:  # train.init_checkpoint: only the model was loaded by the checkpointer
         ema.load_state_dict(extra["ema"])
     if not ema.loaded:
-        raise SetupError(
+        raise MissingEntryError(
             f"train.model_ema.use_ema_weights_for_eval_only=True but the checkpoint "
             f"({init or 'last checkpoint'}) has no 'ema' entry: it was trained without "
             "train.model_ema.enabled=True; evaluate its weights without the flag"

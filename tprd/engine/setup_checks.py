@@ -93,10 +93,30 @@ def config_differences(old: Any, new: Any, prefix: str, limit: int = 12) -> List
     return out
 
 
+def _structure(node: Any) -> Any:
+    """What makes a model another model: the tree of its ``_target_`` classes (detectors, their parts,
+    the distillation methods, by their config keys). Numbers may change on a resume (a weight, a
+    schedule); a changed width or count of a part is refused by the checkpoint load anyway."""
+    if isinstance(node, abc.Mapping):
+        out = {}
+        for k, v in node.items():
+            if k == "_target_":
+                out[k] = v
+            else:
+                sub = _structure(v)
+                if sub not in (None, {}, []):
+                    out[k] = sub
+        return out
+    if isinstance(node, list):
+        items = [_structure(v) for v in node]
+        return items if any(i not in (None, {}, []) for i in items) else None
+    return None
+
+
 def check_resume_config(cfg: Any, args: Any) -> None:
-    """``--resume`` of a run whose ``config.yaml`` has another ``model`` (detector, sizes,
-    distillation methods and their settings) is refused, naming the differing keys, unless
-    ``--allow-config-change`` is given. Schedules, data and output settings may change."""
+    """``--resume`` of a run whose ``config.yaml`` has another model (the detector classes of
+    student and teacher, their parts, the set of distillation methods) is refused, naming the
+    differing keys, unless ``--allow-config-change`` is given."""
     if not getattr(args, "resume", False) or getattr(args, "eval_only", False):
         return
     output_dir = str(_get(cfg, "train.output_dir", "") or "")
@@ -111,7 +131,7 @@ def check_resume_config(cfg: Any, args: Any) -> None:
         logger.warning(f"--resume: cannot read {saved} to compare it with the given config ({e})")
         return
     new = normalize_config(cfg.get("model"))
-    diffs = config_differences(old, new, "model")
+    diffs = config_differences(_structure(old), _structure(new), "model")
     if not diffs:
         return
     if getattr(args, "allow_config_change", False):
