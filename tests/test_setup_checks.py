@@ -259,3 +259,189 @@ def test_voc_skips_and_unknown_class(tmp_path):
         load_voc_instances(voc, "trainval", SYNTHETIC_CLASSES, strict=True)
     with pytest.raises(DatasetError, match="not one of the dataset's"):
         load_voc_instances(voc, "trainval", SYNTHETIC_CLASSES[:1])
+
+
+# ------------------------------------------------------------------------------ distillation set-ups
+TEACHER_CFG = REPO / "projects/deformable_detr/configs/deformable_detr_r50_synthetic.py"
+KD_DETR = REPO / "projects/deformable_detr/cfg_distill/KD_DETR/deformable_detr_r50_distill_r18_synthetic.py"
+TINY = ["train.device=cpu", "train.max_iter=1", "train.log_period=1", "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0", "train.checkpointer.period=1"]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic_dataset(root / "synthetic", num_train=4, num_val=2, seed=2, image_size=(64, 80))
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_init(synth_root, tmp_path_factory):
+    """The README walk on the smallest scale: the synthetic teacher trained 1 iteration, a (random)
+    ResNet-18 student backbone, merged by merge_weight.py."""
+    import torchvision
+
+    import merge_weight
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DETECTRON2_DATASETS", str(synth_root))
+    work = tmp_path_factory.mktemp("teacher")
+    run(["--config-file", str(TEACHER_CFG), f"train.output_dir={work / 'teacher'}", *TINY])
+    torch.save(torchvision.models.resnet18().state_dict(), work / "r18.pth")
+    assert merge_weight.main(["--input1", str(work / "r18.pth"), "--input2", str(work / "teacher/model_final.pth"),
+                              "--output", str(work / "init.pth")]) == 0
+    mp.undo()
+    return work
+
+
+@pytest.fixture
+def synth(synth_root, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(synth_root))
+    monkeypatch.delenv("TPRD_DEBUG", raising=False)
+    return synth_root
+
+
+def _distill_error(capsys, tmp_path, *extra, config=DISTILL, flags=(), out_exists=False) -> str:
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        run(["--config-file", str(config), *flags, f"train.output_dir={out}", *TINY, *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    if not out_exists:
+        assert not out.exists()
+    return lines[0]
+
+
+def test_distiller_without_teacher_weights_is_refused(synth, tmp_path, capsys):
+    line = _distill_error(capsys, tmp_path, "train.allow_random_teacher=False")
+    assert "train.init_checkpoint" in line and "merge_weight.py" in line and "allow_random_teacher" in line
+
+
+def test_random_teacher_allowed_warns_and_the_run_writes_its_detections(synth, tmp_path):
+    out = tmp_path / "run"
+    run(["--config-file", str(DISTILL), f"train.output_dir={out}", *TINY])
+    log = (out / "log.txt").read_text()
+    assert log.count("The teacher is RANDOM") == 1
+    assert (out / "coco_instances_results.json").is_file()
+
+
+def test_distil_from_the_merged_teacher_then_resume_with_another_method(synth, tmp_path, capsys, teacher_init):
+    out = tmp_path / "run"
+    init = teacher_init / "init.pth"
+    run(["--config-file", str(DISTILL), f"train.output_dir={out}", *TINY, f"train.init_checkpoint={init}",
+         "train.max_iter=2", "train.checkpointer.period=1"])
+    log = (out / "log.txt").read_text()
+    assert "The teacher is RANDOM" not in log and "teacher complete" in log
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000000.pth")
+    saved = (out / "config.yaml").read_text()
+    metrics = (out / "metrics.json").read_text()
+    with pytest.raises(SystemExit):
+        run(["--config-file", str(KD_DETR), "--resume", f"train.output_dir={out}", *TINY, "train.max_iter=2"])
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("error: ")][0]
+    assert "model.methods.detrdistill (only in the run's config)" in line
+    assert "model.methods.kd_detr (only in the given config)" in line and "--allow-config-change" in line
+    assert (out / "config.yaml").read_text() == saved and (out / "metrics.json").read_text() == metrics
+    assert not (out / "model_final.pth").exists()
+    # the same config resumes
+    run(["--config-file", str(DISTILL), "--resume", f"train.output_dir={out}", *TINY, "train.max_iter=2"])
+    assert (out / "model_final.pth").is_file()
+    # --eval-only of the distilled student: no teacher weights needed, results next to the checkpoint
+    run(["--config-file", str(DISTILL), "--eval-only", *TINY, "train.allow_random_teacher=False",
+         f"train.init_checkpoint={out / 'model_final.pth'}"])
+    assert (out / "eval_model_final" / "coco_instances_results.json").is_file()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.methods.detrdistill.weights.class=-0.81", "model.methods.detrdistill.weights.class=-0.81"),
+    ("model.methods.detrdistill.weights.l1=1e999", "model.methods.detrdistill.weights.l1=inf"),
+    ("model.methods.detrdistill.matcher.cost_class=-1.0", "model.methods.detrdistill.matcher.cost_class=-1.0"),
+])
+def test_distillation_weights_must_be_finite_and_non_negative(synth, tmp_path, capsys, override, words):
+    line = _distill_error(capsys, tmp_path, override)
+    assert words in line and "non-negative" in line
+
+
+def test_unknown_distillation_term(synth, tmp_path, capsys):
+    line = _distill_error(capsys, tmp_path, "+model.methods.detrdistill.weights.clas=1.0")
+    assert "unknown terms ['clas']" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine(synth, tmp_path, capsys):
+    line = _distill_error(capsys, tmp_path, "train.device=cuda")
+    assert "train.device=cpu" in line
+
+
+def test_teacher_mode_logged_once_when_not_default(synth, tmp_path):
+    out = tmp_path / "run"
+    run(["--config-file", str(DISTILL), f"train.output_dir={out}", *TINY, "model.teacher_train_mode=True"])
+    log = (out / "log.txt").read_text()
+    assert log.count("model.teacher_train_mode=True: the teacher follows train()/eval()") == 1
+    assert "BatchNorm layers move" in log
+
+
+def _teacher_file(tmp_path, config, *overrides) -> Path:
+    from tprd.config import instantiate
+    from tprd.engine.main import load_config
+
+    cfg = load_config(str(config), ["train.device=cpu", *overrides])
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": instantiate(cfg.model).state_dict()}, path)
+    return path
+
+
+def test_teacher_of_another_detector_is_named(synth, tmp_path, capsys, teacher_init):
+    import merge_weight
+
+    dino = _teacher_file(tmp_path, REPO / "projects/dino/configs/dino_r50_synthetic.py")
+    assert merge_weight.main(["--input1", str(teacher_init / "r18.pth"), "--input2", str(dino),
+                              "--output", str(tmp_path / "init.pth")]) == 0
+    line = _distill_error(capsys, tmp_path, f"train.init_checkpoint={tmp_path / 'init.pth'}", out_exists=True)
+    assert "DINO" in line and "Deformable DETR" in line and "merge_weight.py" in line
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_teacher_with_another_class_count_is_named(synth, tmp_path, capsys, teacher_init):
+    import merge_weight
+
+    other = _teacher_file(tmp_path, TEACHER_CFG, "model.num_classes=8")
+    assert merge_weight.main(["--input1", str(teacher_init / "r18.pth"), "--input2", str(other),
+                              "--output", str(tmp_path / "init.pth")]) == 0
+    line = _distill_error(capsys, tmp_path, f"train.init_checkpoint={tmp_path / 'init.pth'}", out_exists=True)
+    assert "8 classes" in line and "model.teacher.num_classes" in line
+
+
+# ------------------------------------------------------------------------------------ merge_weight.py
+def _merge(capsys, a, b, out) -> tuple:
+    import merge_weight
+
+    try:
+        code = merge_weight.main(["--input1", str(a), "--input2", str(b), "--output", str(out)])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_merge_weight_refuses_wrong_inputs_and_writes_nothing(tmp_path, capsys, teacher_init):
+    r18, teacher = teacher_init / "r18.pth", teacher_init / "teacher" / "model_final.pth"
+    out = tmp_path / "init.pth"
+    code, io = _merge(capsys, teacher, r18, out)
+    assert code == 2 and "swapped" in io.err and "error: " in io.err
+    code, io = _merge(capsys, r18, r18, out)
+    assert code == 2 and "the same file" in io.err
+    sd = torch.load(teacher, weights_only=False)["model"]
+    torch.save({"weights": sd}, tmp_path / "odd.pth")
+    code, io = _merge(capsys, r18, tmp_path / "odd.pth", out)
+    assert code == 2 and "['weights']" in io.err and "model, state_dict, ema, module" in io.err
+    code, io = _merge(capsys, r18, tmp_path / "missing.pth", out)
+    assert code == 2 and "missing.pth" in io.err
+    assert "Traceback" not in io.err and not out.exists()
+    # the usual nestings are unwrapped
+    torch.save({"ema": {"module": {f"module.{k}": v for k, v in sd.items()}}}, tmp_path / "ema.pth")
+    code, io = _merge(capsys, r18, tmp_path / "ema.pth", out)
+    assert code == 0 and "unwrapped from ema / module / module. prefix" in io.out and out.is_file()

@@ -13,6 +13,7 @@ from tprd.engine.lr_scheduler import WarmupParamScheduler
 
 dataloader = get_config("common/data/synthetic_detr.py").dataloader
 dataloader.train.total_batch_size = 2
+dataloader.evaluator.output_dir = "${train.output_dir}"  # coco_instances_results.json, as detector runs
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[16, 20]),

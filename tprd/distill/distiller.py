@@ -336,7 +336,7 @@ class Distiller(nn.Module):
         for part, model in (("student", self.student), ("teacher", self.teacher)):
             sub = parts[part]
             native = set(sub) <= set(model.state_dict().keys())  # e.g. a distiller checkpoint
-            if part == "teacher" and not native:
+            if part == "teacher":
                 check_teacher_state_dict(model, sub)  # another detector / class count, named
             if sub and not native and hasattr(model, "convert_detrex_state_dict"):
                 sub = model.convert_detrex_state_dict(sub)
@@ -367,7 +367,8 @@ class Distiller(nn.Module):
     def _check_student_backbone(self, converted: Mapping[str, Tensor]) -> List[str]:
         """The student's missing keys; ``ValueError`` if any of them is a backbone key."""
         student_missing = self._missing(converted, "student")
-        backbone_missing = [k for k in student_missing if _is_backbone_key(k)]
+        # BatchNorm's num_batches_tracked is a counter, not a weight (merge_weight.py leaves it out)
+        backbone_missing = [k for k in student_missing if _is_backbone_key(k) and not k.endswith("num_batches_tracked")]
         if backbone_missing:
             from tprd.checkpoint import CheckpointMismatchError
 

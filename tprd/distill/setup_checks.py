@@ -122,6 +122,10 @@ def check_distill_config(cfg: Any, args: Any) -> List[str]:
         for i, node in enumerate(methods):
             _scan_method(node, f"model.methods.{i}", bad)
     _raise_bad(bad, "the config or its overrides")
+    if methods is not None:
+        from tprd.config import instantiate
+
+        instantiate(methods)  # small modules: their own checks (term names ...) before anything is written
 
     warnings: List[str] = []
     if getattr(args, "eval_only", False):
