@@ -445,3 +445,50 @@ def test_merge_weight_refuses_wrong_inputs_and_writes_nothing(tmp_path, capsys, 
     torch.save({"ema": {"module": {f"module.{k}": v for k, v in sd.items()}}}, tmp_path / "ema.pth")
     code, io = _merge(capsys, r18, tmp_path / "ema.pth", out)
     assert code == 0 and "unwrapped from ema / module / module. prefix" in io.out and out.is_file()
+
+
+# ------------------------------------------------------------------------------ tools/check_dataset.py
+def _check_dataset(*argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_dataset", REPO / "tools" / "check_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["check_dataset"] = module  # its worker function is pickled by name
+    spec.loader.exec_module(module)
+    return module.main(list(argv))
+
+
+def test_check_dataset_finds_every_problem_at_once(data, capsys):
+    from PIL import Image
+
+    ids = []
+    _edit(data, "train", lambda d: ids.extend(_corrupt_boxes(d)))
+    train_images = sorted(p.name for p in (data / "train").iterdir())
+    (data / "train" / train_images[0]).unlink()                      # missing
+    (data / "train" / train_images[1]).write_bytes(b"\x89PNG broken")  # does not decode
+    good = data / "train" / train_images[2]
+    raw = good.read_bytes()
+    good.write_bytes(raw[: len(raw) // 2])                           # truncated
+    Image.new("RGB", (40, 30)).save(data / "train" / train_images[3])  # another size than the json
+    _edit(data, "val", lambda d: d.update(annotations=[]))           # a test split without boxes
+    code = _check_dataset("--config-file", str(CUSTOM), "--workers", "2", "--opts", "model.num_classes=3")
+    out = capsys.readouterr().out
+    assert code == 1
+    for words in ("image files missing", train_images[0], "do not decode or are truncated", train_images[1],
+                  train_images[2], "size differs", "40x30", "with an image_id not in images",
+                  "with zero or negative size", "outside its image", "not four finite numbers",
+                  "Class count mismatch", "model.num_classes=5", "my_dataset_val (test)", "no usable annotation"):
+        assert words in out, words
+    # a clean dataset: exit 0 and nothing to report
+    shutil.rmtree(data)
+
+
+def test_check_dataset_clean_and_parse_error(data, capsys):
+    assert _check_dataset("--config-file", str(CUSTOM), "--split", "train", "--workers", "1") == 0
+    assert "no problem found" in capsys.readouterr().out
+    _json(data, "val").write_text("{ nope")
+    assert _check_dataset("--config-file", str(CUSTOM), "--split", "test") == 1
+    out = capsys.readouterr().out
+    assert "not valid JSON (line 1, column 3" in out

@@ -23,11 +23,41 @@ import torch
 
 from . import comm
 
-__all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "find_user_error", "setup_logger", "seed_all_rng", "collect_env_info"]
+__all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "find_user_error", "add_override_arguments", "override_parser", "setup_logger", "seed_all_rng", "collect_env_info"]
+
+
+class _OverrideParser(argparse.ArgumentParser):
+    """An argument parser whose config overrides may be given either way: ``--opts KEY=VALUE ...``
+    (every tool) or, after the options, as plain ``KEY=VALUE`` words; both end in ``args.opts``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        flagged = getattr(ns, "opts_flag", None)
+        if hasattr(ns, "opts_flag"):
+            del ns.opts_flag
+            ns.opts = list(flagged or []) + list(getattr(ns, "opts", None) or [])
+        return ns, rest
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, positional: bool = True) -> argparse.ArgumentParser:
+    """The one override convention of the tools: ``--opts KEY=VALUE ...`` (last on the command line)
+    and, with ``positional``, plain ``KEY=VALUE`` words after the options too (both in ``args.opts``;
+    the parser must come from :func:`override_parser` or :func:`default_argument_parser`)."""
+    parser.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=None, metavar="KEY=VALUE",
+                        help="config overrides, e.g. --opts train.device=cpu train.init_checkpoint=model.pth "
+                        "(last on the command line; plain KEY=VALUE words after the options work too)")
+    if positional:
+        parser.add_argument("opts", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def override_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """An ``argparse.ArgumentParser`` for a tool, with :func:`add_override_arguments` to call on it."""
+    return _OverrideParser(**kwargs)
 
 
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OverrideParser(
         epilog=epilog
         or (
             "Examples:\n"
@@ -77,10 +107,12 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
     parser.add_argument(
         "opts",
         help="config overrides as path.key=value pairs at the end of the command, e.g. "
-        "train.max_iter=1000 dataloader.train.total_batch_size=8",
+        "train.max_iter=1000 dataloader.train.total_batch_size=8 (or after --opts, as every tool takes them)",
         default=None,
         nargs=argparse.REMAINDER,
     )
+    parser.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=None, metavar="KEY=VALUE",
+                        help="the same overrides after --opts (last on the command line)")
     return parser
 
 
