@@ -392,8 +392,10 @@ def main(args) -> Any:
         DatasetCatalog.clear_preloaded()
         raise
     checkpoint_dir = str(_get(cfg, "train.output_dir", "") or "")  # where --resume finds checkpoints
+    fresh = bool(checkpoint_dir) and not os.path.exists(checkpoint_dir)
     if args.eval_only:
         cfg.train.output_dir = eval_only_output_dir(cfg, args)
+        fresh = True  # a new folder of this evaluation
     default_setup(cfg, args, save_config=False)
     for note in notes:
         logger.warning(note)
@@ -403,8 +405,30 @@ def main(args) -> Any:
             logger.info(f"--eval-only: results written to {cfg.train.output_dir}")
             return results
         return do_train(args, cfg)
+    except Exception as e:
+        if fresh:
+            _remove_if_only_log(str(cfg.train.output_dir), e)
+        raise
     finally:
         DatasetCatalog.clear_preloaded()
+
+
+def _remove_if_only_log(folder: str, error: BaseException) -> None:
+    """A run that made its output folder and stopped on a user error while building (model, weights,
+    loaders), before writing anything but its log, leaves no folder behind."""
+    from .defaults import find_user_error
+
+    if not comm.is_main_process() or find_user_error(error) is None or not os.path.isdir(folder):
+        return
+    if set(os.listdir(folder)) <= {"log.txt"}:
+        for name in ("tprd", "fvcore"):
+            for handler in list(logging.getLogger(name).handlers):
+                if getattr(handler, "_tprd_handler", False) and isinstance(handler, logging.FileHandler):
+                    logging.getLogger(name).removeHandler(handler)
+                    handler.close()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _eval_only(cfg, args, checkpoint_dir: str) -> Dict[str, Any]:
@@ -443,7 +467,19 @@ def run(argv: Optional[Sequence[str]] = None) -> Any:
     if getattr(args, "debug", False):
         from tprd.errors import DEBUG_ENV
 
+        previous = os.environ.get(DEBUG_ENV)
         os.environ[DEBUG_ENV] = "1"  # also seen by spawned workers
+        try:
+            return _run(args)
+        finally:
+            if previous is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = previous
+    return _run(args)
+
+
+def _run(args) -> Any:
     print("Command Line Args:", args, flush=True)
     with user_errors_exit():
         if args.num_gpus * args.num_machines > 1:
