@@ -502,3 +502,33 @@ def test_check_dataset_clean_and_parse_error(data, capsys):
     assert _check_dataset("--config-file", str(CUSTOM), "--split", "test") == 1
     out = capsys.readouterr().out
     assert "not valid JSON (line 1, column 3" in out
+
+
+# ------------------------------------------------------------------------------------- the tools
+def test_visualize_tprd_reads_the_model_from_the_run_folder(synth, tmp_path):
+    import importlib.util
+    import sys
+
+    run_dir = tmp_path / "teacher"
+    # a model override on the command line: only the run's config.yaml knows it
+    run(["--config-file", str(TEACHER_CFG), f"train.output_dir={run_dir}", *TINY, "model.num_queries=12",
+         "model.select_box_nums_for_evaluation=12"])
+    spec = importlib.util.spec_from_file_location("visualize_tprd", REPO / "tools" / "visualize_tprd.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["visualize_tprd"] = module
+    spec.loader.exec_module(module)
+    result = module.main(["--run", str(run_dir), "--out", str(tmp_path / "vis"), "--num-images", "1",
+                          "--max-images", "2", "--opts", "train.device=cpu"])
+    assert result["table"].is_file() and len(result["images"]) == 1
+
+
+def test_one_override_convention_for_the_tools():
+    from tprd.engine.defaults import add_override_arguments, default_argument_parser, override_parser
+
+    p = override_parser()
+    p.add_argument("--config-file")
+    add_override_arguments(p)
+    assert p.parse_args(["--config-file", "c.py", "--opts", "a=1", "b=2"]).opts == ["a=1", "b=2"]
+    assert p.parse_args(["--config-file", "c.py", "a=1", "b=2"]).opts == ["a=1", "b=2"]  # as before
+    assert default_argument_parser().parse_args(["--config-file", "c.py", "--resume", "--opts", "a=1"]).opts == ["a=1"]
+    assert default_argument_parser().parse_args(["--config-file", "c.py", "a=1"]).opts == ["a=1"]
