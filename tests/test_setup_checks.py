@@ -150,12 +150,15 @@ def test_unregistered_dataset_name(data, tmp_path, capsys):
     assert "'no_such_set' is not registered" in line
 
 
-def test_undecodable_image_during_training_names_file_and_tool(data, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_image_during_training_names_file_and_tool(data, tmp_path, capsys, workers):
     name = sorted(p.name for p in (data / "train").iterdir())[0]
     (data / "train" / name).write_bytes(b"not an image")
-    # every train image is one batch of 4 images: the broken one is read at iteration 0
-    line = _user_error(capsys, tmp_path, "dataloader.train.total_batch_size=4", out_exists=True)
-    assert name in line and "tools/check_dataset.py" in line
+    # every train image is one batch of 4 images: the broken one is read at iteration 0 (in a
+    # DataLoader worker, the message comes back without the worker's traceback)
+    line = _user_error(capsys, tmp_path, "dataloader.train.total_batch_size=4",
+                       f"dataloader.train.num_workers={workers}", out_exists=True)
+    assert line.startswith("error: cannot decode image file") and name in line and "tools/check_dataset.py" in line
     assert not (tmp_path / "run" / "model_final.pth").exists()
     assert "before any checkpoint was written" in (tmp_path / "run" / "log.txt").read_text()
 
@@ -224,6 +227,17 @@ def test_eval_only_warns_for_a_split_without_annotations(data, tmp_path, capsys)
          f"train.init_checkpoint={ckpt}"])
     log = (out / "log.txt").read_text()
     assert "my_dataset_val has no annotation" in log and "nan" in log
+
+
+def test_eval_only_class_count_mismatch_before_any_folder(data, tmp_path, capsys):
+    ckpt = tmp_path / "weights.pth"
+    torch.save({"model": {"x": torch.zeros(1)}}, ckpt)
+    with pytest.raises(SystemExit):
+        run(["--config-file", str(CUSTOM), "--eval-only", *SMALL, f"train.init_checkpoint={ckpt}",
+             "model.num_classes=3"])
+    err = capsys.readouterr().err
+    assert "model.num_classes=5" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["datasets", "weights.pth"]  # no eval_weights folder
 
 
 def test_eval_only_with_a_broken_test_json_writes_nothing(data, tmp_path, capsys):

@@ -483,9 +483,16 @@ def _run(args) -> Any:
     print("Command Line Args:", args, flush=True)
     with user_errors_exit():
         if args.num_gpus * args.num_machines > 1:
-            # config, overrides and init file checked here once: an error is one message, not one
-            # traceback per spawned worker
-            check_init_file(load_config(args.config_file, args.opts), args)
+            # the set-up checks (config, overrides, init file, datasets ...) here once: an error is one
+            # message, not one traceback per spawned worker
+            from tprd.data import DatasetCatalog
+
+            from .setup_checks import check_setup
+
+            try:
+                check_setup(load_config(args.config_file, args.opts), args)
+            finally:
+                DatasetCatalog.clear_preloaded()  # each worker loads its own
         return launch(
             main,
             args.num_gpus,
