@@ -546,3 +546,24 @@ def test_one_override_convention_for_the_tools():
     assert p.parse_args(["--config-file", "c.py", "a=1", "b=2"]).opts == ["a=1", "b=2"]  # as before
     assert default_argument_parser().parse_args(["--config-file", "c.py", "--resume", "--opts", "a=1"]).opts == ["a=1"]
     assert default_argument_parser().parse_args(["--config-file", "c.py", "a=1"]).opts == ["a=1"]
+
+
+@pytest.mark.parametrize("detector, schedule", [("dino", "4scale_12ep"), ("dab_detr", "50ep")])
+def test_walkthrough_chain_for_the_other_detectors(synth, tmp_path, detector, schedule):
+    """Train the synthetic teacher (1 iteration), merge it, distil from it: the README's walk with
+    the other detectors' files."""
+    import torchvision
+
+    import merge_weight
+
+    teacher_cfg = REPO / f"projects/{detector}/configs/{detector}_r50_synthetic.py"
+    distill_cfg = REPO / f"projects/{detector}/cfg_distill/DETRDistill_TPRD/{detector}_r50_distill_r18_synthetic.py"
+    run(["--config-file", str(teacher_cfg), f"train.output_dir={tmp_path / 'teacher'}", *TINY])
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    assert merge_weight.main(["--input1", str(tmp_path / "r18.pth"), "--input2",
+                              str(tmp_path / "teacher" / "model_final.pth"), "--output", str(tmp_path / "init.pth")]) == 0
+    out = tmp_path / "distill"
+    run(["--config-file", str(distill_cfg), f"train.output_dir={out}", *TINY,
+         f"train.init_checkpoint={tmp_path / 'init.pth'}", "train.allow_random_teacher=False"])
+    log = (out / "log.txt").read_text()
+    assert "teacher complete" in log and (out / "coco_instances_results.json").is_file()

@@ -22,5 +22,4 @@ train = _cpu.train
 lr_multiplier = _cpu.lr_multiplier
 
 model = _distill.teacher
-model.device = "${train.device}"
 train.output_dir = "./output/dab_detr_r50_synthetic"
