@@ -567,3 +567,32 @@ def test_walkthrough_chain_for_the_other_detectors(synth, tmp_path, detector, sc
          f"train.init_checkpoint={tmp_path / 'init.pth'}", "train.allow_random_teacher=False"])
     log = (out / "log.txt").read_text()
     assert "teacher complete" in log and (out / "coco_instances_results.json").is_file()
+
+
+def test_a_real_bug_keeps_its_traceback(data, tmp_path, monkeypatch):
+    import tprd.engine.main as engine_main
+
+    def broken(cfg):
+        raise ZeroDivisionError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(engine_main, "build_model", broken)
+    with pytest.raises(ZeroDivisionError):
+        _run(tmp_path)
+
+
+def test_user_error_found_behind_the_config_wrapper():
+    from tprd.config import InstantiationError
+    from tprd.engine.defaults import find_user_error
+    from tprd.errors import DatasetError
+
+    cause = DatasetError("the user's file")
+    try:
+        try:
+            raise cause
+        except DatasetError as e:
+            raise InstantiationError("Error instantiating x", path="dataloader.train") from e
+    except InstantiationError as wrapped:
+        assert find_user_error(wrapped) is cause
+    assert find_user_error(InstantiationError("bug inside a target")) is None
+    assert find_user_error(InstantiationError("no such _target_", user_error=True)) is not None
+    assert find_user_error(KeyError("x")) is None
