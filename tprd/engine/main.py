@@ -394,8 +394,9 @@ def main(args) -> Any:
     checkpoint_dir = str(_get(cfg, "train.output_dir", "") or "")  # where --resume finds checkpoints
     fresh = bool(checkpoint_dir) and not os.path.exists(checkpoint_dir)
     if args.eval_only:
+        given = _on_command_line(args.opts, "train.output_dir") and bool(checkpoint_dir)
+        fresh = not (given and os.path.exists(checkpoint_dir))  # else a new folder of this evaluation
         cfg.train.output_dir = eval_only_output_dir(cfg, args)
-        fresh = True  # a new folder of this evaluation
     default_setup(cfg, args, save_config=False)
     for note in notes:
         logger.warning(note)
