@@ -297,9 +297,10 @@ def resolve_dataset_names(names: Union[str, Sequence[str]]) -> List[str]:
 # --------------------------------------------------------------------------------------------
 def _require(path: Path, what: str, name: str, layout: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(
-            f"Dataset {name!r}: {what} {str(path)!r} does not exist.\nExpected layout:\n{layout}\n"
-            f"Dataset root: {_root_hint()}."
+        raise FileNotFoundError(  # one line: the engine reports it as "error: ..."
+            f"Dataset {name!r}: {what} {str(path)!r} does not exist. Expected layout: "
+            + "; ".join(part.strip() for part in layout.splitlines())
+            + f". Dataset root: {_root_hint()}."
         )
 
 
