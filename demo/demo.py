@@ -28,13 +28,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    p = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE", help="detector or distillation config")
     p.add_argument("--input", nargs="+", required=True, help="image files, or one folder of images")
     p.add_argument("--output", required=True, help="folder for the drawn images")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="lowest score drawn (default 0.5)")
     p.add_argument("--teacher", action="store_true", help="run the teacher of a distillation config")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides key=value ...")
+    add_override_arguments(p)
     return p.parse_args(argv)
 
 

@@ -233,6 +233,7 @@ def test_paper_budget_plan(tmp_path, monkeypatch):
     assert "model.teacher.transformer.encoder.num_layers=3" in dd.overrides
     # pretrained backbones: frozen BN and the configs' backbone lr factor stay
     assert not any("backbone.norm=BN" in o or "lr_factor_func" in o for o in none.overrides + dd.overrides)
+    assert "model.backbone.norm=FrozenBN" in none.overrides and "model.student.backbone.freeze_at=1" in dd.overrides
     # the generated config builds the 24-class, 6-stage model
     from tprd.engine.main import load_config
 

@@ -40,7 +40,9 @@ TASKS = ("parameter", "flop", "speed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    p = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="detector or distillation config")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="what to report")
     p.add_argument("--part", choices=("student", "teacher", "both"), default="both",
@@ -51,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-iters", type=int, default=20, help="timed iterations (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations (default 3)")
     p.add_argument("--max-depth", type=int, default=2, help="module depth of the tables (default 2)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    add_override_arguments(p)
     return p.parse_args(argv)
 
 

@@ -115,7 +115,9 @@ def distill_iteration(distiller, data, device) -> Dict[str, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    parser = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=512)
@@ -124,13 +126,13 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("opts", nargs="*", help="config overrides, e.g. model.student.num_queries=100")
+    add_override_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config), args.opts)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config), args.opts or [])
     cfg.model.profile = True
     distiller = instantiate(cfg.model).to(device)
     student, teacher = distiller.student, distiller.teacher

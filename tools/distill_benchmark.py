@@ -241,7 +241,9 @@ def model_overrides(prefix: str, teacher: bool, student_cfg: Any, regime: str = 
     (Deformable DETR; DINO and DAB-DETR always refine) and no dropout. Measured in
     benchmarks/distill_synthetic.md ("Choosing the teacher")."""
     if regime == "paper":
-        out = [f"{prefix}num_classes={PAPER.num_classes}",
+        # pretrained backbones: frozen BN and stem, as on COCO (the synthetic bases train BN from scratch)
+        out = [f"{prefix}backbone.norm=FrozenBN", f"{prefix}backbone.freeze_at=1",
+               f"{prefix}num_classes={PAPER.num_classes}",
                f"{prefix}transformer.encoder.num_layers={PAPER.encoder_layers}",
                f"{prefix}transformer.decoder.num_layers={PAPER.decoder_layers}"]
         for key, value in (("num_queries", PAPER.num_queries), ("select_box_nums_for_evaluation", PAPER.num_queries),

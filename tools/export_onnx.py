@@ -29,7 +29,9 @@ OPSET = 17
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    p = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="detector or distillation config")
     p.add_argument("--checkpoint", required=True, help="weights (.pth / .pkl)")
     p.add_argument("--output", required=True, help="the .onnx file to write")
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="batch of the example input (the axis stays dynamic)")
     p.add_argument("--teacher", action="store_true", help="export the teacher of a distillation config")
     p.add_argument("--verify", action="store_true", help="compare onnxruntime (CPU) with PyTorch")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    add_override_arguments(p)
     return p.parse_args(argv)
 
 

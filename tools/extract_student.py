@@ -26,13 +26,15 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    p = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="distillation checkpoint (.pth / .pkl)")
     p.add_argument("--output", required=True, help="file to write (.pth)")
     p.add_argument("--format", choices=("tprd", "detrex"), default="tprd", help="key naming of the output")
     p.add_argument("--ema", action="store_true", help="extract the EMA weights of the checkpoint")
     p.add_argument("--config-file", default="", help="optional: check the result against this config's student")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for --config-file (key=value)")
+    add_override_arguments(p)
     return p.parse_args(argv)
 
 

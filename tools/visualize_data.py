@@ -23,13 +23,15 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    p = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="detector or distillation config")
     p.add_argument("--source", choices=("annotation", "dataloader"), default="dataloader",
                    help="raw annotations, or the training loader's augmented samples")
     p.add_argument("--output-dir", required=True, help="folder for the images")
     p.add_argument("--num-images", type=int, default=20, help="how many images to write (default 20)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    add_override_arguments(p)
     return p.parse_args(argv)
 
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """A picture of TPRD: what the refinement does to a teacher's per-stage predictions.
 
-    python tools/visualize_tprd.py --config CONFIG.py --checkpoint TEACHER.pth --out DIR \\
-        [--num-images 4] [--max-images N] [key=value ...]
+    python tools/visualize_tprd.py --run RUN_DIR --out DIR [--num-images 4] [--max-images N] [--opts key=value ...]
+    python tools/visualize_tprd.py --config CONFIG.py --checkpoint TEACHER.pth --out DIR [--opts key=value ...]
+
+``--run`` takes a training run's folder: the model is read from its ``config.yaml`` (exactly as
+trained, command-line overrides included, e.g. the benchmark's teacher folder) and the weights
+from its ``model_final.pth``.
 
 ``CONFIG`` is the teacher's detector config (e.g. ``projects/dino/configs/dino_r50_4scale_12ep.py``
 with an official detrex checkpoint on COCO, or the benchmark's ``OUT/configs/teacher.py`` with its
@@ -175,18 +179,56 @@ def draw_image(path: Path, image: torch.Tensor, res: Dict[str, Any], b: int, cla
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="teacher detector config, or a distillation config")
-    p.add_argument("--checkpoint", required=True, help="teacher checkpoint (ours or detrex), or a merged init file")
+    from tprd.engine.defaults import add_override_arguments, override_parser
+
+    p = override_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=None,
+                   help="a training run's folder: its config.yaml is the config (the model exactly as trained, "
+                   "overrides included) and its model_final.pth (else its last checkpoint) the checkpoint")
+    p.add_argument("--config", default=None, help="teacher detector config, or a distillation config (or a run folder)")
+    p.add_argument("--checkpoint", default=None, help="teacher checkpoint (ours or detrex), or a merged init file")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--num-images", type=int, default=4, help="images drawn (default 4)")
     p.add_argument("--max-images", type=int, default=0, help="images in the statistics (default 0: all)")
     p.add_argument("--max-negatives", type=int, default=10, help="suppressed negatives drawn per image")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p.parse_args(argv)
+    add_override_arguments(p)
+    args = p.parse_args(argv)
+    if args.run is None and args.config and Path(args.config).is_dir():
+        args.run = Path(args.config)
+    if args.run is not None:
+        config, checkpoint = run_files(args.run)
+        args.config = str(config)
+        args.checkpoint = args.checkpoint or str(checkpoint)
+    if not args.config or not args.checkpoint:
+        p.error("give --run RUN_DIR, or --config and --checkpoint")
+    args.overrides = list(args.opts or [])
+    return args
+
+
+def run_files(run: Path):
+    """``(config.yaml, checkpoint)`` of a training run's folder (model_final.pth, else the checkpoint
+    named by last_checkpoint); a folder without them is a user error naming what is missing."""
+    from tprd.errors import UserError
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{run} is not a training run's folder: it has no config.yaml")
+    checkpoint = run / "model_final.pth"
+    if not checkpoint.is_file() and (run / "last_checkpoint").is_file():
+        checkpoint = run / (run / "last_checkpoint").read_text().strip()
+    if not checkpoint.is_file():
+        raise UserError(f"{run} holds no checkpoint (model_final.pth or last_checkpoint); pass --checkpoint")
+    return config, checkpoint
 
 
 def main(argv=None) -> Dict[str, Any]:
+    from tprd.engine.defaults import user_errors_exit
+
+    with user_errors_exit():
+        return _main(argv)
+
+
+def _main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     cfg, teacher = load_teacher(args.config, args.checkpoint, args.overrides)
     device = next(teacher.parameters()).device

@@ -14,6 +14,7 @@ from tprd.engine.lr_scheduler import WarmupParamScheduler
 
 dataloader = get_config("common/data/synthetic_detr.py").dataloader
 dataloader.train.total_batch_size = 2
+dataloader.evaluator.output_dir = "${train.output_dir}"  # coco_instances_results.json, as detector runs
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[16, 20]),
@@ -22,7 +23,8 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train = get_config("common/train.py").train
-train.init_checkpoint = ""
+train.init_checkpoint = ""  # a trained teacher: merge_weight.py output (README, CPU walkthrough)
+train.allow_random_teacher = True  # a pipeline check runs without one, warning that the teacher is random
 train.device = "cpu"
 train.max_iter = 20
 train.eval_period = 0

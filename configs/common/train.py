@@ -11,6 +11,9 @@ train = dict(
     # fine-tuning from a detector of another class count: leave the class heads (class_embed,
     # DINO's label_enc) as initialised instead of refusing their shape mismatch
     init_skip_class_heads=False,
+    # distillation only: without train.init_checkpoint the teacher would be random, which is refused
+    # unless this is True (the synthetic smoke configs; every run then warns that the teacher is random)
+    allow_random_teacher=False,
     max_iter=90000,
     # mixed precision: dtype "float16" (with a GradScaler) or "bfloat16"
     amp=dict(enabled=False, dtype="float16"),

@@ -15,17 +15,95 @@ Unlike the reference, the un-prefixed student keys are not duplicated and every 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Union
 
 import torch
 from torch import Tensor
 
+from tprd.errors import UserError
+
 from .detrex import read_checkpoint
-from .files import atomic_torch_save
+from .files import atomic_torch_save, read_weight_file
 from ..modeling.backbone import ResNet, torchvision_to_detectron2_resnet_keys
 
 StateDict = Dict[str, Tensor]
+
+
+#: Entries a checkpoint may nest its weights under (checked in this order at each level).
+NESTINGS = ("model", "state_dict", "ema", "module")
+
+
+class MergeInputError(UserError):
+    """An input of ``merge_weight.py`` that is not what it expects; nothing is written."""
+
+
+def read_nested_state_dict(path: Union[str, os.PathLike]) -> tuple[StateDict, List[str]]:
+    """The flat state dict of a weight file whose tensors may be nested under :data:`NESTINGS`
+    (``{"model": ...}``, ``{"ema": {"module": ...}}``, keys prefixed ``module.`` by DDP), and the
+    entries unwrapped. A file whose weights are under another entry is refused, naming its entries."""
+    import numpy as np
+
+    data = read_weight_file(path)
+    trail: List[str] = []
+    while True:
+        if not isinstance(data, Mapping):
+            raise MergeInputError(f"{os.fspath(path)}: holds a {type(data).__name__}, not a state dict")
+        if any(isinstance(v, (Tensor, np.ndarray)) for v in data.values()):
+            break
+        nested = [k for k in NESTINGS if isinstance(data.get(k), Mapping)]
+        if not nested:
+            where = "/".join(trail) or "the top level"
+            raise MergeInputError(
+                f"{os.fspath(path)}: no weights found at {where}: its entries are {list(data)[:10]}; the weights "
+                f"must be a state dict, possibly nested under one of {', '.join(NESTINGS)}. Save the model's "
+                "state_dict (torch.save(model.state_dict(), path)) or unwrap it first"
+            )
+        trail.append(nested[0])
+        data = data[nested[0]]
+    state = read_checkpoint(dict(data))
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+        trail.append("module. prefix")
+    return state, trail
+
+
+_DETECTOR = re.compile(r"(Deformable DETR|DINO|DAB-DETR)")
+
+
+def check_merge_inputs(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], input1: str, input2: str,
+                       output: str = "") -> None:
+    """``merge_weight.py``'s inputs: ``input1`` a backbone, ``input2`` a detector of a known kind,
+    two different files, an output that is neither; :class:`MergeInputError` otherwise."""
+    from .loading import describe_state_dict
+
+    def same(a: str, b: str) -> bool:
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return os.path.abspath(a) == os.path.abspath(b)
+
+    if same(input1, input2):
+        raise MergeInputError(f"--input1 and --input2 are the same file ({input1}): input1 is the student's backbone, "
+                              "input2 the teacher detector")
+    if output and (same(output, input1) or same(output, input2)):
+        raise MergeInputError(f"--output {output} would overwrite an input; write the merged file elsewhere")
+    d1, d2 = describe_state_dict(student), describe_state_dict(teacher)
+    backbone1, backbone2 = d1.startswith("a backbone-only"), d2.startswith("a backbone-only")
+    student_merged = bool(student) and all(k.startswith("student.") for k in student)
+    swapped = " The inputs look swapped: --input1 is the backbone, --input2 the teacher." if backbone2 and _DETECTOR.search(d1) else ""
+    if not (backbone1 or student_merged):
+        raise MergeInputError(
+            f"--input1 {input1} looks like {d1}, not a backbone: --input1 must be the student's ImageNet ResNet "
+            f"(torchvision resnet18-f37072fd.pth or a detectron2 R-18).{swapped}"
+        )
+    if not _DETECTOR.search(d2) or d2.startswith("a distillation"):
+        raise MergeInputError(
+            f"--input2 {input2} looks like {d2}, not a teacher detector: --input2 must be a Deformable DETR, DINO or "
+            "DAB-DETR checkpoint (detrex, or one trained with this toolbox, e.g. <run>/model_final.pth)."
+            + (" The inputs look swapped." if backbone2 and not backbone1 else "")
+        )
 
 
 def load_state_dict_file(path: Union[str, os.PathLike]) -> StateDict:

@@ -31,10 +31,14 @@ TARGET_KEY = "_target_"
 class InstantiationError(RuntimeError):
     """Building a lazy node failed; the message names the target and the config path."""
 
-    def __init__(self, message: str, target: Optional[str] = None, path: str = ""):
+    def __init__(self, message: str, target: Optional[str] = None, path: str = "", user_error: bool = False):
         super().__init__(message)
         self.target = target
         self.path = path
+        #: True when the config itself is at fault (a ``_target_`` that cannot be found, arguments
+        #: the target does not take): the engine reports it as one line (tprd/engine/defaults.py).
+        #: Errors raised by the target are this error's ``__cause__`` and judged on their own.
+        self.user_error = user_error
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +268,7 @@ def _call(node: abc.Mapping, path: str) -> Any:
                 f"Cannot instantiate {target!r} at config path {where!r}: {e}",
                 target=target,
                 path=path,
+                user_error=True,
             ) from e
     else:
         target_obj = target
@@ -287,6 +292,7 @@ def _call(node: abc.Mapping, path: str) -> Any:
                 path=path,
             )
         kwargs[k] = _build(v, _join(path, k))
+    _check_arguments(target_obj, kwargs, name, where, path)
     try:
         return target_obj(**kwargs)
     except InstantiationError:
@@ -296,4 +302,24 @@ def _call(node: abc.Mapping, path: str) -> Any:
             f"Error instantiating {name!r} at config path {where!r}: {type(e).__name__}: {e}",
             target=name,
             path=path,
+        ) from e
+
+
+def _check_arguments(target: Any, kwargs: dict, name: str, where: str, path: str) -> None:
+    """Config keys the target does not take, or required arguments the config lacks, are an error
+    in the config: say so before calling (an error inside the target stays the target's)."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        accepted = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+        raise InstantiationError(
+            f"Cannot instantiate {name!r} at config path {where!r}: {e}; it takes: {', '.join(accepted) or 'nothing'}. "
+            f"Check the keys under {where!r} in the config and the overrides.",
+            target=name,
+            path=path,
+            user_error=True,
         ) from e

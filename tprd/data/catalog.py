@@ -43,6 +43,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from tprd.errors import DatasetError
+
 __all__ = [
     "DatasetCatalog",
     "MetadataCatalog",
@@ -202,22 +204,79 @@ class _DatasetCatalog(dict):
             raise KeyError(f"dataset {name!r} is already registered; DatasetCatalog.remove({name!r}) first")
         self[name] = func
 
-    def get(self, name: str) -> List[Dict[str, Any]]:  # type: ignore[override]
+    def get(self, name: str, strict: bool = False) -> List[Dict[str, Any]]:  # type: ignore[override]
+        """The records of ``name`` (loaded and checked, :mod:`tprd.data.checks`; ``strict``: skipped
+        annotations are an error). Records loaded ahead by :meth:`preload` are handed out once,
+        with the log lines of their loading."""
         if name not in self:
-            raise KeyError(
+            raise DatasetNotRegisteredError(
                 f"dataset {name!r} is not registered. Registered datasets: {', '.join(sorted(self))}. "
                 "Add a COCO-format json with tprd.data.register_coco_instances(name, json_file, image_root)."
             )
-        records = dict.__getitem__(self, name)()
+        preloaded = self._preloaded.pop((name, bool(strict)), None)
+        if preloaded is not None:
+            records, log_records = preloaded
+            for record in log_records:
+                logging.getLogger(record.name).handle(record)
+            return records
+        from .checks import strict_loading
+
+        with strict_loading(strict):
+            records = dict.__getitem__(self, name)()
         if not isinstance(records, list):
             raise TypeError(f"the loader of dataset {name!r} returned {type(records).__name__}, expected a list")
         return records
+
+    @property
+    def _preloaded(self) -> Dict[Tuple[str, bool], Any]:
+        cache = self.__dict__.get("_preload_cache")
+        if cache is None:
+            cache = self.__dict__["_preload_cache"] = {}
+        return cache
+
+    def preload(self, name: str, strict: bool = False) -> List[Dict[str, Any]]:
+        """Load and check ``name`` now, before the run's logging is set up (the engine does so for
+        every dataset of the config before it writes anything); the next :meth:`get` of it returns
+        these records and logs what loading logged."""
+        buffer = _BufferHandler()
+        data_logger = logging.getLogger("tprd.data")
+        previous = data_logger.propagate
+        data_logger.addHandler(buffer)
+        data_logger.propagate = False
+        try:
+            records = self.get(name, strict=strict)
+        finally:
+            data_logger.removeHandler(buffer)
+            data_logger.propagate = previous
+        self._preloaded[(name, bool(strict))] = (records, buffer.records)
+        return records
+
+    def clear_preloaded(self) -> None:
+        self._preloaded.clear()
 
     def list(self) -> List[str]:
         return list(self.keys())
 
     def remove(self, name: str) -> None:
         self.pop(name, None)
+        for key in [k for k in self._preloaded if k[0] == name]:
+            self._preloaded.pop(key, None)
+
+
+class _BufferHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class DatasetNotRegisteredError(DatasetError, KeyError):
+    """A dataset name that is not registered (a ``KeyError`` as before, and a user error)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 DatasetCatalog = _DatasetCatalog()
@@ -243,9 +302,10 @@ def resolve_dataset_names(names: Union[str, Sequence[str]]) -> List[str]:
 # --------------------------------------------------------------------------------------------
 def _require(path: Path, what: str, name: str, layout: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(
-            f"Dataset {name!r}: {what} {str(path)!r} does not exist.\nExpected layout:\n{layout}\n"
-            f"Dataset root: {_root_hint()}."
+        raise FileNotFoundError(  # one line: the engine reports it as "error: ..."
+            f"Dataset {name!r}: {what} {str(path)!r} does not exist. Expected layout: "
+            + "; ".join(part.strip() for part in layout.splitlines())
+            + f". Dataset root: {_root_hint()}."
         )
 
 
@@ -299,12 +359,16 @@ def prepare_dataset(name: str) -> Metadata:
 # --------------------------------------------------------------------------------------------
 def _coco_meta_from_json(json_file: Union[str, Path]) -> Dict[str, Any]:
     """Class names and id mappings from a COCO json's ``categories`` (sorted by id, detectron2)."""
-    path = Path(json_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file {str(path)!r} does not exist (needed for its categories)")
-    with open(path) as f:
-        cats = json.load(f).get("categories", [])
-    return _coco_meta_from_categories([(int(c["id"]), str(c["name"])) for c in cats])
+    from .checks import check_coco_json
+
+    if not Path(json_file).is_file():
+        raise FileNotFoundError(
+            f"COCO annotation file {str(json_file)!r} does not exist (needed for its categories). "
+            f"Dataset root: {_root_hint()}; a registration with a relative path is taken from {os.getcwd()}"
+        )
+    # the same checks as loading (without looking for the image files): a broken json is one message
+    data = check_coco_json(json_file, "", check_files=False)
+    return _coco_meta_from_categories([(int(c["id"]), str(c["name"])) for c in data.dataset["categories"]])
 
 
 def _coco_meta_from_categories(cats: Sequence[Tuple[int, str]]) -> Dict[str, Any]:
@@ -385,7 +449,7 @@ def _voc_loader(name: str) -> Callable[[], List[Dict[str, Any]]]:
         from .datasets import load_voc_instances
 
         meta = prepare_dataset(name)
-        return load_voc_instances(meta.dirname, meta.split, meta.thing_classes)
+        return load_voc_instances(meta.dirname, meta.split, meta.thing_classes, dataset_name=name)
 
     return load
 

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tprd.errors import DatasetError, ImageDecodeError
+
 __all__ = [
     "load_coco_json",
     "load_voc_instances",
@@ -69,95 +71,70 @@ def read_image(path: _PathLike) -> torch.Tensor:
 
     path = str(path)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"image file {path!r} does not exist")
+        raise FileNotFoundError(
+            f"image file {path!r} does not exist; run tools/check_dataset.py --config-file <config> to find every "
+            "missing or broken image"
+        )
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             arr = np.array(im.convert("RGB"), dtype=np.uint8)  # writable copy
     except Exception as e:  # Pillow raises several exception types for broken files
-        raise OSError(f"cannot read image file {path!r}: {e}") from e
+        raise ImageDecodeError(
+            f"cannot decode image file {path!r} ({type(e).__name__}: {e}); replace or remove it, and run "
+            "tools/check_dataset.py --config-file <config> to find every such file"
+        ) from None
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
 # COCO
 # --------------------------------------------------------------------------------------------
-def load_coco_json(json_file: _PathLike, image_root: _PathLike, metadata: Optional[Any] = None) -> List[Dict[str, Any]]:
+def load_coco_json(
+    json_file: _PathLike, image_root: _PathLike, metadata: Optional[Any] = None, strict: Optional[bool] = None
+) -> List[Dict[str, Any]]:
     """Records of every image of a COCO instances json (images without annotations included).
 
-    Category ids are mapped to contiguous labels in sorted-id order. ``metadata``: a dataset's
-    :class:`~tprd.data.catalog.Metadata` (``MetadataCatalog.get(name)``; anything with ``name``,
-    ``get`` and ``set``). When it already has ``thing_dataset_id_to_contiguous_id`` (built-in
-    COCO), the json's categories must agree with it; otherwise the json's categories are stored in
-    it.
+    The json is checked first (:func:`tprd.data.checks.check_coco_json`: parse errors with line and
+    column, unknown category ids, missing image files are errors; annotations with an unknown
+    ``image_id`` or a box that is not four finite numbers, of zero or negative size or outside its
+    image are skipped, counted in one warning, or an error with ``strict=True`` (default: the
+    ``strict_loading`` context)). Category ids are mapped to contiguous labels in sorted-id order.
+    ``metadata``: a dataset's :class:`~tprd.data.catalog.Metadata` (``MetadataCatalog.get(name)``;
+    anything with ``name``, ``get`` and ``set``). When it already has
+    ``thing_dataset_id_to_contiguous_id`` (built-in COCO), the json's categories must agree with
+    it; otherwise the json's categories are stored in it. The log line "Loaded N images, M
+    annotations" counts what is used.
     """
-    from pycocotools.coco import COCO
+    from .checks import check_coco_json, coco_records, strict_loading, is_strict
 
     json_file = Path(json_file)
-    if not json_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file {str(json_file)!r} does not exist")
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            coco = COCO(str(json_file))
-        except Exception as e:
-            raise ValueError(f"cannot parse COCO annotation file {str(json_file)!r}: {e}") from e
+    name = metadata.name if metadata is not None else json_file.name
+    data = check_coco_json(json_file, image_root, name=name)
+    with strict_loading(is_strict() if strict is None else strict):
+        data.skips.report(name, str(json_file))
 
-    cat_ids = sorted(coco.getCatIds())
+    cat_ids = sorted(c["id"] for c in data.dataset["categories"])
     id_map = {cid: i for i, cid in enumerate(cat_ids)}
     if metadata is not None:
         meta = metadata
         known = meta.get("thing_dataset_id_to_contiguous_id")
         if known is not None:
             if set(known) != set(cat_ids):
-                raise ValueError(
+                raise DatasetError(
                     f"categories of {str(json_file)!r} (ids {cat_ids}) differ from those of dataset "
                     f"{meta.name!r} (ids {sorted(known)})"
                 )
             id_map = dict(known)
         else:
-            names = [c["name"] for c in coco.loadCats(cat_ids)]
+            names = {c["id"]: c["name"] for c in data.dataset["categories"]}
             meta.set(
-                thing_classes=names,
+                thing_classes=[names[c] for c in cat_ids],
                 thing_dataset_id_to_contiguous_id=id_map,
                 thing_contiguous_id_to_dataset_id={v: k for k, v in id_map.items()},
             )
-
-    image_ids = sorted(coco.imgs.keys())
-    anns = coco.dataset.get("annotations", [])
-    n = len(anns)
-    ann_img = np.fromiter((a["image_id"] for a in anns), dtype=np.int64, count=n)
-    ann_box = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(n, 4)
-    unknown = {a["category_id"] for a in anns} - set(id_map)
-    if unknown:
-        raise ValueError(f"{str(json_file)!r}: annotations use category ids {sorted(unknown)} not in its categories")
-    ann_cls = np.fromiter((id_map[a["category_id"]] for a in anns), dtype=np.int64, count=n)
-    ann_crowd = np.fromiter((bool(a.get("iscrowd", 0) or a.get("ignore", 0)) for a in anns), dtype=bool, count=n)
-    xyxy = np.concatenate([ann_box[:, :2], ann_box[:, :2] + ann_box[:, 2:]], axis=1).astype(np.float32)
-
-    # Group annotations by image with one stable sort (keeps json order within an image).
-    order = np.argsort(ann_img, kind="stable")
-    sorted_img = ann_img[order]
-    ids_arr = np.asarray(image_ids, dtype=np.int64)
-    starts = np.searchsorted(sorted_img, ids_arr, side="left")
-    ends = np.searchsorted(sorted_img, ids_arr, side="right")
-
-    root = Path(image_root)
-    records = []
-    for img_id, s, e in zip(image_ids, starts.tolist(), ends.tolist()):
-        info = coco.imgs[img_id]
-        sel = order[s:e]
-        records.append(
-            {
-                "file_name": str(root / info["file_name"]),
-                "height": int(info["height"]),
-                "width": int(info["width"]),
-                "image_id": int(img_id),
-                "boxes": xyxy[sel],
-                "classes": ann_cls[sel],
-                "iscrowd": ann_crowd[sel],
-            }
-        )
-    logger.info("Loaded %d images, %d annotations from %s", len(records), n, json_file)
+    records = coco_records(data, id_map)
+    logger.info("Loaded %d images, %d annotations from %s", len(records), len(data.dataset["annotations"]), json_file)
     return records
 
 
@@ -173,11 +150,16 @@ def _voc_image_ids(file_ids: Sequence[str]) -> List[int]:
     return list(range(len(file_ids)))
 
 
-def load_voc_instances(dirname: _PathLike, split: str, class_names: Sequence[str]) -> List[Dict[str, Any]]:
+def load_voc_instances(
+    dirname: _PathLike, split: str, class_names: Sequence[str], strict: Optional[bool] = None,
+    dataset_name: Optional[str] = None, check_files: bool = True,
+) -> List[Dict[str, Any]]:
     """Records of a VOC-layout folder: ``ImageSets/Main/<split>.txt`` lists the file ids.
 
     Difficult objects are kept (flag ``difficult``); training uses them, as detectron2 does, and
-    the VOC evaluator ignores them.
+    the VOC evaluator ignores them. Checked as :func:`load_coco_json` (:mod:`tprd.data.checks`):
+    missing xml or image files, bad xml and unknown class names are errors; objects whose box is
+    not four numbers, of zero or negative size or outside the image are skipped and counted.
     """
     dirname = Path(dirname)
     split_file = dirname / "ImageSets" / "Main" / f"{split}.txt"
@@ -186,37 +168,64 @@ def load_voc_instances(dirname: _PathLike, split: str, class_names: Sequence[str
             f"VOC split file {str(split_file)!r} does not exist (expected {dirname}/Annotations, "
             f"{dirname}/ImageSets/Main/{split}.txt, {dirname}/JPEGImages)"
         )
+    from .checks import Skips, check_box, is_strict, missing_image_files, raise_missing_images, strict_loading
+
     file_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     class_index = {c: i for i, c in enumerate(class_names)}
     image_ids = _voc_image_ids(file_ids)
+    source = f"{dirname}/Annotations (split {split})"
+    name = dataset_name or f"{dirname.name} ({split})"
+    missing_xml = [fid for fid in file_ids if not (dirname / "Annotations" / f"{fid}.xml").is_file()]
+    if missing_xml:
+        raise FileNotFoundError(
+            f"{len(missing_xml)} of {len(file_ids)} VOC annotations listed in {str(split_file)!r} do not exist in "
+            f"{str(dirname / 'Annotations')!r}: {', '.join(f + '.xml' for f in missing_xml[:5])}"
+            + (", ..." if len(missing_xml) > 5 else "")
+        )
+    if check_files:
+        raise_missing_images(missing_image_files([f"{fid}.jpg" for fid in file_ids], dirname / "JPEGImages"),
+                             len(file_ids), name, dirname / "JPEGImages", str(split_file))
+    skips = Skips()
     records = []
     for fid, img_id in zip(file_ids, image_ids):
         xml_path = dirname / "Annotations" / f"{fid}.xml"
         try:
             tree = ET.parse(xml_path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"VOC annotation {str(xml_path)!r} (listed in {str(split_file)!r}) does not exist") from None
         except ET.ParseError as e:
-            raise ValueError(f"cannot parse VOC annotation {str(xml_path)!r}: {e}") from e
+            line, column = getattr(e, "position", (0, 0))
+            raise DatasetError(f"cannot parse VOC annotation {str(xml_path)!r}: bad XML at line {line}, column {column + 1}") from None
         size = tree.find("size")
         try:
             height, width = int(float(size.findtext("height"))), int(float(size.findtext("width")))
+            if height <= 0 or width <= 0:
+                raise ValueError
         except (AttributeError, TypeError, ValueError):
-            raise ValueError(f"VOC annotation {str(xml_path)!r} has no valid <size><height>/<width>") from None
+            raise DatasetError(f"VOC annotation {str(xml_path)!r} has no valid <size><height>/<width> (positive numbers)") from None
         boxes, classes, difficult = [], [], []
-        for obj in tree.findall("object"):
+        for k, obj in enumerate(tree.findall("object")):
             name = (obj.findtext("name") or "").strip()
             if name not in class_index:
-                raise ValueError(f"{str(xml_path)!r}: unknown class {name!r}; known classes: {list(class_names)}")
+                raise DatasetError(
+                    f"{str(xml_path)!r}: object {k} has the class {name!r}, which is not one of the dataset's "
+                    f"{len(class_names)} classes {list(class_names)}; fix the name or register the dataset with it"
+                )
+            skips.total += 1
             bnd = obj.find("bndbox")
             try:
-                boxes.append([float(bnd.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+                box = [float(bnd.findtext(c)) for c in ("xmin", "ymin", "xmax", "ymax")]
             except (AttributeError, TypeError, ValueError):
-                raise ValueError(f"{str(xml_path)!r}: object {name!r} has no valid <bndbox>") from None
+                skips.add("not_finite", f"{fid}#{k}")
+                continue
+            box[0] -= 1.0  # 1-based inclusive pixel indices -> continuous 0-based (detectron2)
+            box[1] -= 1.0
+            reason = check_box(box, width, height)
+            if reason:
+                skips.add(reason, f"{fid}#{k}")
+                continue
+            boxes.append(box)
             classes.append(class_index[name])
             difficult.append(int(float(obj.findtext("difficult") or 0)) == 1)
         box = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        box[:, :2] -= 1.0  # 1-based inclusive pixel indices -> continuous 0-based (detectron2)
         records.append(
             {
                 "file_name": str(dirname / "JPEGImages" / f"{fid}.jpg"),
@@ -230,7 +239,9 @@ def load_voc_instances(dirname: _PathLike, split: str, class_names: Sequence[str
                 "difficult": np.asarray(difficult, dtype=bool),
             }
         )
-    logger.info("Loaded %d images from %s (%s)", len(records), dirname, split)
+    with strict_loading(is_strict() if strict is None else strict):
+        skips.report(name, source, what="objects")
+    logger.info("Loaded %d images, %d objects from %s (%s)", len(records), skips.total - skips.count, dirname, split)
     return records
 
 

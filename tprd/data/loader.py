@@ -31,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from .catalog import MetadataCatalog, resolve_dataset_names
 from .catalog import DatasetCatalog
 from .datasets import DatasetFromList, MapDataset, filter_empty_records
+from tprd.errors import DatasetError
 
 __all__ = [
     "get_detection_dataset",
@@ -80,11 +81,14 @@ def _shared_seed(seed: Optional[int]) -> int:
 # --------------------------------------------------------------------------------------------
 # Datasets by name
 # --------------------------------------------------------------------------------------------
-def get_detection_dataset_dicts(names: Union[str, Sequence[str]], filter_empty: bool = True) -> List[Dict[str, Any]]:
+def get_detection_dataset_dicts(
+    names: Union[str, Sequence[str]], filter_empty: bool = True, strict: bool = False
+) -> List[Dict[str, Any]]:
     """The records of the named datasets, concatenated (detectron2's function of the same name).
 
-    ``filter_empty`` drops images without non-crowd boxes (use it for training sets). All
-    datasets must share the same ``thing_classes``.
+    ``filter_empty`` drops images without non-crowd boxes (use it for training sets; a training
+    set without any annotation is an error). ``strict``: annotations that loading would skip (see
+    :mod:`tprd.data.checks`) are an error instead. All datasets must share the same ``thing_classes``.
     """
     names = resolve_dataset_names(names)
     # Check the class lists before loading anything (loading COCO train takes a while).
@@ -96,27 +100,50 @@ def get_detection_dataset_dicts(names: Union[str, Sequence[str]], filter_empty: 
         if classes is None:
             classes = part_classes
         elif part_classes is not None and list(part_classes) != list(classes):
-            raise ValueError(f"datasets {names} have different thing_classes; they cannot be concatenated")
+            raise DatasetError(
+                f"datasets {names} have different thing_classes ({list(classes)} vs {list(part_classes)}); "
+                "they cannot be concatenated"
+            )
     records: List[Dict[str, Any]] = []
-    for name in names:
-        part = DatasetCatalog.get(name)
-        if not part:
-            raise ValueError(f"dataset {name!r} has no images")
+    parts = [DatasetCatalog.get(name, strict=strict) for name in names]
+    check_dataset_parts(names, parts, filter_empty)
+    for name, part in zip(names, parts):
+        if not any(len(r.get("classes", ())) for r in part):
+            logger.warning(
+                "%s has no annotation: evaluating on it gives no AP (nan); use a split with boxes to measure "
+                "the model", name,
+            )
         records.extend(part)
     if filter_empty:
         records = filter_empty_records(records)
         if not records:
-            raise ValueError(f"no image of {names} has an annotation")
+            raise DatasetError(f"no image of {names} has a non-crowd annotation, so they cannot train a detector")
     return records
 
 
-def get_detection_dataset(names: Union[str, Sequence[str]], filter_empty: bool = True) -> DatasetFromList:
+def check_dataset_parts(names: Sequence[str], parts: Sequence[List[Dict[str, Any]]], filter_empty: bool) -> None:
+    """Errors of loaded datasets: one without images; with ``filter_empty`` (training) one without
+    any usable annotation."""
+    for name, part in zip(names, parts):
+        if not part:
+            raise DatasetError(f"dataset {name!r} has no images; check its annotation file or split file")
+        if filter_empty and not any(len(r.get("classes", ())) for r in part):
+            raise DatasetError(
+                f"dataset {name!r} has no usable annotation in its {len(part)} images, so it cannot train a "
+                "detector (a training set needs boxes; see the warning above for skipped ones). Check its "
+                "annotation file, or the dataset names of dataloader.train"
+            )
+
+
+def get_detection_dataset(
+    names: Union[str, Sequence[str]], filter_empty: bool = True, strict: bool = False
+) -> DatasetFromList:
     """:func:`get_detection_dataset_dicts` as a (memory-compact) map-style dataset.
 
     The result has ``names`` (the list of dataset names) as an attribute.
     """
     names = resolve_dataset_names(names)
-    ds = DatasetFromList(get_detection_dataset_dicts(names, filter_empty=filter_empty))
+    ds = DatasetFromList(get_detection_dataset_dicts(names, filter_empty=filter_empty, strict=strict))
     ds.names = names
     return ds
 

@@ -48,6 +48,9 @@ from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup
 from tprd.utils.events import current_event_storage
 
 from .methods.base import FEATURE_NEEDS, DistillContext, DistillMethod, expand_stage_terms
+from tprd.errors import SetupError
+
+from .setup_checks import check_method_values, check_teacher_state_dict, teacher_mode_note
 
 __all__ = ["Distiller"]
 
@@ -94,7 +97,7 @@ class Distiller(nn.Module):
                 raise TypeError(f"methods must be DistillMethod instances, got {type(m).__name__}")
         names = [m.name for m in methods]
         if len(set(names)) != len(names):
-            raise ValueError(f"distillation method names must be unique (they prefix loss keys), got {names}")
+            raise SetupError(f"distillation method names must be unique (they prefix loss keys), got {names}")
         self.student = student
         self.teacher = teacher
         self.methods = nn.ModuleList(methods)
@@ -103,6 +106,9 @@ class Distiller(nn.Module):
         self.timings: Dict[str, float] = {}
 
         self.teacher.requires_grad_(False)
+        check_method_values(methods)  # set-up checks: tprd/distill/setup_checks.py
+        if self.teacher_train_mode:
+            logger.warning(teacher_mode_note(teacher))
         if check_pixel_stats:
             self._check_pixel_stats()
         self._check_classes()
@@ -110,12 +116,15 @@ class Distiller(nn.Module):
             if m.requires_equal_queries:
                 nq_s, nq_t = student.num_queries, teacher.num_queries
                 if nq_s != nq_t:
-                    raise ValueError(
+                    raise SetupError(
                         f"method {m.name!r} pairs student and teacher queries by index and needs equal query "
                         f"counts, but the student has {nq_s} and the teacher {nq_t}: set the student's "
                         f"num_queries to {nq_t}"
                     )
-            m.check_models(student, teacher)
+            try:
+                m.check_models(student, teacher)
+            except ValueError as e:  # a teacher/student pair this method cannot use: the user's set-up
+                raise SetupError(f"method {m.name!r}: {e}") from e
         self.train(self.training)
 
     # ------------------------------------------------------------------ construction checks
@@ -127,7 +136,7 @@ class Distiller(nn.Module):
         for name, (s, t) in pairs.items():
             s, t = s.detach().float().flatten().cpu(), t.detach().float().flatten().cpu()
             if s.shape != t.shape or not torch.allclose(s, t):
-                raise ValueError(
+                raise SetupError(
                     f"student and teacher {name} differ ({s.tolist()} vs {t.tolist()}): both see the same "
                     f"normalised input, so set the same {name} in both model configs"
                 )
@@ -135,7 +144,7 @@ class Distiller(nn.Module):
     def _check_classes(self) -> None:
         cs, ct = self.student.num_classes, self.teacher.num_classes
         if int(cs) != int(ct):
-            raise ValueError(
+            raise SetupError(
                 f"student has {cs} classes but the teacher {ct}: distillation needs the same label space "
                 f"(e.g. a VOC student needs a 20-class teacher)"
             )
@@ -297,6 +306,8 @@ class Distiller(nn.Module):
         for part, model in (("student", self.student), ("teacher", self.teacher)):
             sub = parts[part]
             native = set(sub) <= set(model.state_dict().keys())  # e.g. a distiller checkpoint
+            if part == "teacher":
+                check_teacher_state_dict(model, sub)  # another detector / class count, named
             if sub and not native:
                 sub = model.convert_detrex_state_dict(sub)
             out.update({f"{part}.{k}": v for k, v in sub.items()})
@@ -356,7 +367,8 @@ class Distiller(nn.Module):
     def _check_student_backbone(self, converted: Mapping[str, Tensor]) -> List[str]:
         """The student's missing keys; ``ValueError`` if any of them is a backbone key."""
         student_missing = self._missing(converted, "student")
-        backbone_missing = [k for k in student_missing if _is_backbone_key(k)]
+        # BatchNorm's num_batches_tracked is a counter, not a weight (merge_weight.py leaves it out)
+        backbone_missing = [k for k in student_missing if _is_backbone_key(k) and not k.endswith("num_batches_tracked")]
         if backbone_missing:
             from tprd.checkpoint import CheckpointMismatchError
 

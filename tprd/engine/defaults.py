@@ -23,11 +23,41 @@ import torch
 
 from . import comm
 
-__all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "setup_logger", "seed_all_rng", "collect_env_info"]
+__all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "find_user_error", "add_override_arguments", "override_parser", "setup_logger", "seed_all_rng", "collect_env_info"]
+
+
+class _OverrideParser(argparse.ArgumentParser):
+    """An argument parser whose config overrides may be given either way: ``--opts KEY=VALUE ...``
+    (every tool) or, after the options, as plain ``KEY=VALUE`` words; both end in ``args.opts``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        flagged = getattr(ns, "opts_flag", None)
+        if hasattr(ns, "opts_flag"):
+            del ns.opts_flag
+            ns.opts = list(flagged or []) + list(getattr(ns, "opts", None) or [])
+        return ns, rest
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, positional: bool = True) -> argparse.ArgumentParser:
+    """The one override convention of the tools: ``--opts KEY=VALUE ...`` (last on the command line)
+    and, with ``positional``, plain ``KEY=VALUE`` words after the options too (both in ``args.opts``;
+    the parser must come from :func:`override_parser` or :func:`default_argument_parser`)."""
+    parser.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=None, metavar="KEY=VALUE",
+                        help="config overrides, e.g. --opts train.device=cpu train.init_checkpoint=model.pth "
+                        "(last on the command line; plain KEY=VALUE words after the options work too)")
+    if positional:
+        parser.add_argument("opts", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def override_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """An ``argparse.ArgumentParser`` for a tool, with :func:`add_override_arguments` to call on it."""
+    return _OverrideParser(**kwargs)
 
 
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OverrideParser(
         epilog=epilog
         or (
             "Examples:\n"
@@ -53,6 +83,18 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
         "train.output_dir); results go to <checkpoint dir>/eval_<checkpoint name>/ unless "
         "train.output_dir is given on the command line",
     )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even when the model or distillation methods of the given config "
+        "differ from the run's config.yaml (refused otherwise, naming the differing keys)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of errors in your files and values (same as TPRD_DEBUG=1); by default "
+        "they are one line 'error: ...' and exit code 2",
+    )
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs)")
     parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")
@@ -65,34 +107,84 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
     parser.add_argument(
         "opts",
         help="config overrides as path.key=value pairs at the end of the command, e.g. "
-        "train.max_iter=1000 dataloader.train.total_batch_size=8",
+        "train.max_iter=1000 dataloader.train.total_batch_size=8 (or after --opts, as every tool takes them)",
         default=None,
         nargs=argparse.REMAINDER,
     )
+    parser.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=None, metavar="KEY=VALUE",
+                        help="the same overrides after --opts (last on the command line)")
     return parser
 
 
 def _user_errors() -> tuple:
     from tprd.checkpoint import CheckpointFileError, CheckpointMismatchError
     from tprd.config import ConfigLoadError, ConfigOverrideError
+    from tprd.errors import UserError
 
-    return (ConfigLoadError, ConfigOverrideError, CheckpointFileError, CheckpointMismatchError, FileNotFoundError)
+    return (ConfigLoadError, ConfigOverrideError, CheckpointFileError, CheckpointMismatchError, FileNotFoundError,
+            UserError)
 
 
-#: Errors in what the user gave (config file, overrides, weight files): reported by
-#: :func:`user_errors_exit` as a message, without a traceback.
+#: Errors in what the user gave (config file, overrides, weight files, data, device): reported by
+#: :func:`user_errors_exit` as a message, without a traceback. Everything else is a bug.
 USER_ERRORS = _user_errors()
+
+
+def find_user_error(error: BaseException) -> Optional[BaseException]:
+    """The user error behind ``error``, or None when ``error`` is a bug.
+
+    ``error`` itself when it is one of :data:`USER_ERRORS`; through the wrappers that building a
+    config adds (:class:`~tprd.config.InstantiationError`, whose cause is the real error) the
+    wrapped one; an ``InstantiationError`` that is about the config itself (a ``_target_`` that
+    does not exist, an argument the target does not take) is one too.
+    """
+    from tprd.config import InstantiationError
+
+    seen = set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS):
+            return current
+        if not isinstance(current, InstantiationError):
+            return None
+        if getattr(current, "user_error", False):
+            return current
+        current = current.__cause__
+    return None
+
+
+def user_error_message(error: BaseException) -> str:
+    """The text of a user error: its message; for one re-raised by a torch DataLoader worker
+    (whose message holds the worker's traceback) the original message only."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(error).__name__
+        cut = last.find(name + ": ")
+        text = last[cut + len(name) + 2:] if cut >= 0 else last
+    return text
+
+
+def debug_enabled() -> bool:
+    from tprd.errors import DEBUG_ENV
+
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 @contextlib.contextmanager
 def user_errors_exit(exit_code: int = 2):
-    """Turn :data:`USER_ERRORS` raised inside into ``error: <message>`` on stderr as the last line(s)
-    of output and exit with ``exit_code``; other exceptions keep their traceback."""
+    """Turn a user error raised inside (see :func:`find_user_error`) into ``error: <message>`` on
+    stderr as the last line(s) of output and exit with ``exit_code``; other exceptions keep their
+    traceback, and so do user errors when ``TPRD_DEBUG=1`` (``--debug``) is set."""
     try:
         yield
-    except USER_ERRORS as e:
+    except Exception as e:
+        found = find_user_error(e)
+        if found is None or debug_enabled():
+            raise
         sys.stdout.flush()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {user_error_message(found)}", file=sys.stderr, flush=True)
         raise SystemExit(exit_code) from None
 
 
@@ -178,14 +270,15 @@ def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def default_setup(cfg: Any, args: Any) -> None:
+def default_setup(cfg: Any, args: Any, save_config: bool = True) -> None:
     """Per-run setup on every process:
 
     1. create ``train.output_dir`` (main process);
     2. logging to the console (main process) and ``output_dir/log.txt``;
     3. log the environment, the command line and the config file;
     4. seed python/numpy/torch with ``train.seed + rank`` (a negative seed: random);
-    5. save the full config as ``output_dir/config.yaml`` (main process);
+    5. save the full config as ``output_dir/config.yaml`` (main process; ``save_config=False``
+       leaves that to the caller, see :func:`save_run_config`);
     6. ``torch.backends.cudnn.benchmark = train.cudnn_benchmark`` (default False).
     """
     output_dir = _get(cfg, "train.output_dir")
@@ -203,12 +296,8 @@ def default_setup(cfg: Any, args: Any) -> None:
         with open(config_file, "r", encoding="utf-8") as f:
             logger.info(f"Contents of config file {config_file}:\n{f.read()}")
 
-    if comm.is_main_process() and output_dir:
-        from tprd.config import LazyConfig
-
-        path = os.path.join(output_dir, "config.yaml")
-        LazyConfig.save(cfg, path)
-        logger.info(f"Full config saved to {path}")
+    if save_config:
+        save_run_config(cfg)
 
     seed = _get(cfg, "train.seed", -1)
     seed = seed_all_rng(None if seed is None or seed < 0 else int(seed) + rank)
@@ -216,3 +305,16 @@ def default_setup(cfg: Any, args: Any) -> None:
 
     if not (hasattr(args, "eval_only") and args.eval_only):
         torch.backends.cudnn.benchmark = bool(_get(cfg, "train.cudnn_benchmark", False))
+
+
+def save_run_config(cfg: Any) -> None:
+    """Write the full config as ``<train.output_dir>/config.yaml`` (main process). The engine calls
+    it once the model, the data and the weights are built and checked, so a run that stops on an
+    error in them leaves an earlier run's ``config.yaml`` as it was."""
+    output_dir = _get(cfg, "train.output_dir")
+    if comm.is_main_process() and output_dir:
+        from tprd.config import LazyConfig
+
+        path = os.path.join(output_dir, "config.yaml")
+        LazyConfig.save(cfg, path)
+        logging.getLogger("tprd").info(f"Full config saved to {path}")

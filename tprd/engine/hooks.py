@@ -234,7 +234,12 @@ class PeriodicCheckpointer(HookBase):
 
     def after_train(self):
         if self.trainer.failed:
-            logger.warning("Training stopped with an error: no checkpoint saved.")
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+            if last:
+                logger.warning(f"Training stopped with an error; the last checkpoint is {last} "
+                               "(--resume continues from it once the error is fixed).")
+            else:
+                logger.warning("Training stopped with an error before any checkpoint was written.")
             return
         if self.trainer.iter >= self.trainer.max_iter and self.trainer.start_iter < self.trainer.max_iter:
             # Stored iteration = the last iteration run.

@@ -29,10 +29,11 @@ import torch
 from tprd.checkpoint import check_weight_file
 from tprd.config import LazyConfig, instantiate
 from tprd.data.loader import skip_train_batches
+from tprd.errors import DatasetError, DeviceError, MissingEntryError, UserError
 
 from . import comm, hooks
 from .checkpoint import DetectionCheckpointer, remove_leftover_temporary_files
-from .defaults import default_argument_parser, default_setup, user_errors_exit
+from .defaults import default_argument_parser, default_setup, save_run_config, user_errors_exit
 from .ema import EMAHook, ModelEMA
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .launch import launch
@@ -89,7 +90,7 @@ def load_config(config_file: str, opts: Optional[Sequence[str]] = None):
     """The config with the command-line overrides applied; an empty ``train.output_dir`` becomes
     :func:`default_output_dir` of the file."""
     if not config_file:
-        raise ValueError("--config-file is required (e.g. projects/deformable_detr/configs/deformable_detr_r18_synthetic.py).")
+        raise UserError("--config-file is required (e.g. projects/deformable_detr/configs/deformable_detr_r18_synthetic.py).")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file {config_file!r} does not exist (relative paths are taken from {os.getcwd()}).")
     cfg = LazyConfig.load(config_file)
@@ -106,7 +107,7 @@ def _device(cfg) -> torch.device:
     name = str(_get(cfg, "train.device", "cuda"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise DeviceError(
             f"train.device={name!r} but CUDA is not available on this machine; add the override "
             "train.device=cpu to run on the CPU."
         )
@@ -173,12 +174,12 @@ def check_num_classes(cfg, split: str = "train") -> None:
     if not counts:
         return
     if len(set(counts.values())) > 1:
-        raise ValueError(f"The datasets of dataloader.{split}.dataset.names have different class counts: {counts}.")
+        raise DatasetError(f"The datasets of dataloader.{split}.dataset.names have different class counts: {counts}.")
     n = next(iter(counts.values()))
     wrong = [(p, v) for p, v in _find_key(cfg.model, "num_classes", "model") if v is not None and int(v) != n]
     if wrong:
         fix = " ".join(f"{p}={n}" for p, _ in wrong)
-        raise ValueError(
+        raise DatasetError(
             f"Class count mismatch: dataset(s) {list(counts)} have {n} classes but "
             + ", ".join(f"{p}={v}" for p, v in wrong)
             + f". Override on the command line: {fix}"
@@ -239,7 +240,7 @@ def _amp_dtype(cfg) -> torch.dtype:
     table = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:
-        raise ValueError(f"train.amp.dtype must be float16 or bfloat16, got {name!r}.")
+        raise UserError(f"train.amp.dtype must be float16 or bfloat16, got {name!r}.")
     return table[name]
 
 
@@ -300,6 +301,7 @@ def do_train(args, cfg) -> Dict[str, Any]:
         skip_class_heads=bool(_get(cfg, "train.init_skip_class_heads", False)),
     )
 
+    save_run_config(cfg)  # model, data and weights are built and checked: the run's config.yaml
     eval_hook = hooks.EvalHook(int(_get(cfg, "train.eval_period", 0) or 0), lambda: do_test(cfg, model, ema))
     ckpt_cfg = _get(cfg, "train.checkpointer", {}) or {}
     log_period = int(_get(cfg, "train.log_period", 20) or 20)
@@ -396,18 +398,62 @@ def check_init_file(cfg, args) -> None:
 
 
 def main(args) -> Any:
-    """Per-process entry: config, setup, then ``--eval-only`` evaluation or training."""
+    """Per-process entry: config, set-up checks, setup, then ``--eval-only`` evaluation or training.
+
+    The checks that can fail on the user's files and values (device, init file, a resumed run's
+    config, the distillation set-up, datasets, class counts: :func:`tprd.engine.setup_checks.check_setup`)
+    run before the output folder, ``log.txt`` or ``config.yaml`` are written; ``config.yaml`` is
+    written once the model, the data and the weights are built too.
+    """
+    from tprd.data import DatasetCatalog
+
+    from .setup_checks import check_setup
+
     cfg = load_config(args.config_file, args.opts)
-    check_init_file(cfg, args)
+    try:
+        notes = check_setup(cfg, args)
+    except BaseException:
+        DatasetCatalog.clear_preloaded()
+        raise
     checkpoint_dir = str(_get(cfg, "train.output_dir", "") or "")  # where --resume finds checkpoints
+    fresh = bool(checkpoint_dir) and not os.path.exists(checkpoint_dir)
     if args.eval_only:
+        given = _on_command_line(args.opts, "train.output_dir") and bool(checkpoint_dir)
+        fresh = not (given and os.path.exists(checkpoint_dir))  # else a new folder of this evaluation
         cfg.train.output_dir = eval_only_output_dir(cfg, args)
-    default_setup(cfg, args)
-    if args.eval_only:
-        results = _eval_only(cfg, args, checkpoint_dir)
-        logger.info(f"--eval-only: results written to {cfg.train.output_dir}")
-        return results
-    return do_train(args, cfg)
+    default_setup(cfg, args, save_config=False)
+    for note in notes:
+        logger.warning(note)
+    try:
+        if args.eval_only:
+            results = _eval_only(cfg, args, checkpoint_dir)
+            logger.info(f"--eval-only: results written to {cfg.train.output_dir}")
+            return results
+        return do_train(args, cfg)
+    except Exception as e:
+        if fresh:
+            _remove_if_only_log(str(cfg.train.output_dir), e)
+        raise
+    finally:
+        DatasetCatalog.clear_preloaded()
+
+
+def _remove_if_only_log(folder: str, error: BaseException) -> None:
+    """A run that made its output folder and stopped on a user error while building (model, weights,
+    loaders), before writing anything but its log, leaves no folder behind."""
+    from .defaults import find_user_error
+
+    if not comm.is_main_process() or find_user_error(error) is None or not os.path.isdir(folder):
+        return
+    if set(os.listdir(folder)) <= {"log.txt"}:
+        for name in ("tprd", "fvcore"):
+            for handler in list(logging.getLogger(name).handlers):
+                if getattr(handler, "_tprd_handler", False) and isinstance(handler, logging.FileHandler):
+                    logging.getLogger(name).removeHandler(handler)
+                    handler.close()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _eval_only(cfg, args, checkpoint_dir: str) -> Dict[str, Any]:
@@ -424,12 +470,13 @@ def _eval_only(cfg, args, checkpoint_dir: str) -> Dict[str, Any]:
     if not init and not (args.resume and checkpointer.has_checkpoint()):
         logger.warning("--eval-only without train.init_checkpoint: evaluating randomly initialised weights.")
     extra = checkpointer.resume_or_load(init, resume=args.resume, strict=True, config_file=args.config_file)
+    save_run_config(cfg)
     if ema is None:
         return do_test(cfg, model)
     if "ema" in extra:  # train.init_checkpoint: only the model was loaded by the checkpointer
         ema.load_state_dict(extra["ema"])
     if not ema.loaded:
-        raise KeyError(
+        raise MissingEntryError(
             f"train.model_ema.use_ema_weights_for_eval_only=True but the checkpoint "
             f"({init or 'last checkpoint'}) has no 'ema' entry: it was trained without "
             "train.model_ema.enabled=True; evaluate its weights without the flag"
@@ -442,12 +489,35 @@ def _eval_only(cfg, args, checkpoint_dir: str) -> Dict[str, Any]:
 def run(argv: Optional[Sequence[str]] = None) -> Any:
     """Parse the command line (``sys.argv`` by default) and launch :func:`main`."""
     args = default_argument_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        from tprd.errors import DEBUG_ENV
+
+        previous = os.environ.get(DEBUG_ENV)
+        os.environ[DEBUG_ENV] = "1"  # also seen by spawned workers
+        try:
+            return _run(args)
+        finally:
+            if previous is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = previous
+    return _run(args)
+
+
+def _run(args) -> Any:
     print("Command Line Args:", args, flush=True)
     with user_errors_exit():
         if args.num_gpus * args.num_machines > 1:
-            # config, overrides and init file checked here once: an error is one message, not one
-            # traceback per spawned worker
-            check_init_file(load_config(args.config_file, args.opts), args)
+            # the set-up checks (config, overrides, init file, datasets ...) here once: an error is one
+            # message, not one traceback per spawned worker
+            from tprd.data import DatasetCatalog
+
+            from .setup_checks import check_setup
+
+            try:
+                check_setup(load_config(args.config_file, args.opts), args)
+            finally:
+                DatasetCatalog.clear_preloaded()  # each worker loads its own
         return launch(
             main,
             args.num_gpus,

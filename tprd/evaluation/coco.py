@@ -175,7 +175,9 @@ class COCOEvaluator(DatasetEvaluator):
         self.dataset_name = _resolve_dataset_name(dataset_name)
         self._metadata = prepare_dataset(self.dataset_name)
         if self._metadata.get("json_file") is None:
-            raise ValueError(
+            from tprd.errors import UserError
+
+            raise UserError(
                 f"dataset {self.dataset_name!r} has no COCO json_file; register it with "
                 "register_coco_instances (VOC-layout sets use PascalVOCDetectionEvaluator)"
             )
@@ -189,10 +191,26 @@ class COCOEvaluator(DatasetEvaluator):
     # ------------------------------------------------------------------ gt / id mapping
     @property
     def coco_gt(self):
+        """The ground truth the training loader keeps (:func:`tprd.data.checks.check_coco_json`:
+        annotations with an unknown image or an unusable box are left out, with the loader's warning)."""
         if self._coco_gt is None:
-            COCO, _ = _coco_classes(self.engine)
+            from tprd.data.checks import check_coco_json, strict_loading
+
+            data = check_coco_json(self._metadata.json_file, self._metadata.get("image_root", ""),
+                                   name=self.dataset_name, check_files=False)
+            with strict_loading(False):  # a strict test loader has stopped the run already
+                data.skips.report(f"{self.dataset_name} (evaluation ground truth)", str(self._metadata.json_file))
+            if not data.dataset["annotations"]:
+                logger.warning(
+                    "%s has no annotation in %s: its AP is undefined (nan); evaluate on a split with boxes",
+                    self.dataset_name, self._metadata.json_file,
+                )
+            COCO, _ = _coco_classes(self.engine)  # the engine's COCO class: its COCOeval takes it
+            coco = COCO()
+            coco.dataset = data.dataset
             with contextlib.redirect_stdout(io.StringIO()):
-                self._coco_gt = COCO(str(self._metadata.json_file))
+                coco.createIndex()
+            self._coco_gt = coco
         return self._coco_gt
 
     def _label_to_category(self) -> np.ndarray:
@@ -247,6 +265,7 @@ class COCOEvaluator(DatasetEvaluator):
         if not predictions:
             logger.warning("COCOEvaluator(%s) received no predictions; was the loader empty?", self.dataset_name)
             return {}
+        self.coco_gt  # the ground truth's warnings (skipped annotations, none at all) come first
         results = self._results_json(predictions)
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)

@@ -158,7 +158,9 @@ class PascalVOCDetectionEvaluator(DatasetEvaluator):
         self.dataset_name = _resolve_dataset_name(dataset_name)
         meta = prepare_dataset(self.dataset_name)
         if meta.get("evaluator_type") != "voc":
-            raise ValueError(f"dataset {self.dataset_name!r} is not a VOC-layout dataset (evaluator_type={meta.get('evaluator_type')!r})")
+            from tprd.errors import UserError
+
+            raise UserError(f"dataset {self.dataset_name!r} is not a VOC-layout dataset (evaluator_type={meta.get('evaluator_type')!r}); COCO-format sets use COCOEvaluator")
         self._class_names = list(meta.thing_classes)
         self._is_2007 = int(meta.get("year", 0)) == 2007
         self._distributed = bool(distributed)
@@ -176,9 +178,19 @@ class PascalVOCDetectionEvaluator(DatasetEvaluator):
 
     def _ground_truth(self) -> Dict[str, Any]:
         if self._gt is None:
-            from tprd.data.catalog import DatasetCatalog
+            from tprd.data.catalog import MetadataCatalog
+            from tprd.data.checks import strict_loading
+            from tprd.data.datasets import load_voc_instances
 
-            records = DatasetCatalog.get(self.dataset_name)
+            # the records the loader keeps (same skipped objects, same warning); images not needed
+            meta = MetadataCatalog.get(self.dataset_name)
+            with strict_loading(False):
+                records = load_voc_instances(meta.dirname, meta.split, meta.thing_classes,
+                                             dataset_name=f"{self.dataset_name} (evaluation ground truth)",
+                                             check_files=False)
+            if not any(len(r["classes"]) for r in records):
+                logger.warning("%s has no annotated object: its AP is undefined (nan); evaluate on a split with boxes",
+                               self.dataset_name)
             ids = [int(r["image_id"]) for r in records]
             counts = [len(r["classes"]) for r in records]
             self._gt = {

@@ -271,7 +271,9 @@ class DistillMethod(nn.Module):
         unknown = sorted(set(weights) - set(self.terms))
         missing = sorted(set(self.terms) - set(weights))
         if unknown or missing:
-            raise ValueError(
+            from tprd.errors import SetupError
+
+            raise SetupError(
                 f"{type(self).__name__} weights: unknown terms {unknown}, missing terms {missing}; "
                 f"expected exactly {list(self.terms)}"
             )

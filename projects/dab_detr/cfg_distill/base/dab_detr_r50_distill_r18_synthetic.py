@@ -1,7 +1,8 @@
 """DAB-DETR R50 -> R18 distillation on the synthetic shapes, small enough for a CPU.
 
 A smoke / tutorial setting, not a benchmark: 5 classes, 30 queries, width 64, 1 encoder + 2 decoder
-layers in both models, batch 2, 20 iterations, no pretrained weights (the teacher is random). The
+layers in both models, batch 2, 20 iterations, no pretrained weights (the teacher is random unless train.init_checkpoint is a merge_weight.py file of
+the trained synthetic teacher). The
 method configs' ``..._synthetic.py`` variants import this file and take ``model.methods`` from their
 COCO config.
 """
@@ -26,6 +27,11 @@ for detector in (model.student, model.teacher):
         part.feedforward_dim = 2 * DIM
         part.num_layers = layers
 del detector, part, layers  # loop variables are not config entries
+# both backbones train from scratch here: trainable BatchNorm (FrozenBN would be the identity). The
+# teacher, trained alone, is projects/dab_detr/configs/dab_detr_r50_synthetic.py (README, CPU walkthrough)
+for _detector in (model.student, model.teacher):
+    _detector.backbone.norm = "BN"
+    _detector.backbone.freeze_at = 0
 
 # data, schedule and training loop: the CPU smoke setting of the three detectors (batch 2, 20 it)
 _cpu = get_config("common/synthetic_cpu_distill.py")  # "_": not a config entry

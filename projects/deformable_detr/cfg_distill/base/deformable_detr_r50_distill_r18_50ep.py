@@ -34,6 +34,7 @@ model = L(Distiller)(
 del student, teacher
 
 dataloader = get_config("common/coco_training.py").dataloader  # batch 16, 16 workers
+dataloader.evaluator.output_dir = "${train.output_dir}"  # coco_instances_results.json, as detector runs
 optimizer = get_config("common/optim.py").AdamW
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_50ep
 train = get_config("common/coco_training.py").train  # eval + checkpoints every 5000
