@@ -23,7 +23,8 @@ setup(
     ],
     extras_require={
         # ninja: builds the opt-in C++ MSDA kernel (msda_backend="cpp") with the system C++ compiler
-        "dev": ["pytest>=7", "ninja"],
+        # (faster-coco-eval: the test suite checks that both COCO engines give the same AP)
+        "dev": ["pytest>=7", "ninja", "faster-coco-eval"],
         "cpp": ["ninja"],
         # tools/export_onnx.py (TorchScript-based torch.onnx exporter: no onnxscript needed)
         "export": ["onnx", "onnxruntime"],
