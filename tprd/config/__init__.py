@@ -6,6 +6,7 @@
 {'a': 1}
 """
 from .instantiate import InstantiationError, dotted_name, instantiate, locate
+from .select import select_value
 from .lazy import (
     ConfigLoadError,
     ConfigOverrideError,
@@ -18,6 +19,7 @@ from .lazy import (
 )
 
 __all__ = [
+    "select_value",
     "LazyCall",
     "L",
     "LazyConfig",

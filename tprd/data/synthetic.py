@@ -219,7 +219,6 @@ def render_synthetic_sample(
     n_target = int(rng.integers(1, max_objects + 1))
     visible: List[np.ndarray] = []
     labels: List[int] = []
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for _ in range(n_target):
         for _attempt in range(20):
             label = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
@@ -236,17 +235,28 @@ def render_synthetic_sample(
                     break
             if not ok:
                 continue
-            bg_mean = img[mask].mean(axis=0)
-            colour = _object_colour(rng, bg_mean)
-            # Gentle linear shading across the object for some texture.
-            theta = rng.uniform(0.0, 2.0 * math.pi)
-            ramp = (math.cos(theta) * xx + math.sin(theta) * yy) / max(h, w)
-            shade = 1.0 + rng.uniform(0.0, 0.3) * (ramp - ramp[mask].mean())
-            img[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0.0, 255.0)
+            colour = _object_colour(rng, img[mask].mean(axis=0))
+            _paint(rng, img, mask, colour, 0.3)
             visible = [m & ~mask for m in visible]
             visible.append(mask)
             labels.append(label)
             break
+    return _finish(rng, img, visible, labels)
+
+
+def _paint(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, colour: np.ndarray, shading: float) -> None:
+    """Paint ``colour`` into ``img`` where ``mask``, with a gentle linear shading across the object
+    (a random direction, up to ``shading`` relative) for some texture."""
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0.0, 2.0 * math.pi)
+    ramp = (math.cos(theta) * xx + math.sin(theta) * yy) / max(h, w)
+    shade = 1.0 + rng.uniform(0.0, shading) * (ramp - ramp[mask].mean())
+    img[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0.0, 255.0)
+
+
+def _finish(rng: np.random.Generator, img: np.ndarray, visible: List[np.ndarray], labels: List[int]):
+    """Pixel noise, uint8 image, and each object's tight box of its visible pixels."""
     img = img + rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     boxes = np.zeros((len(visible), 4), dtype=np.float32)
@@ -300,7 +310,6 @@ def render_paper_sample(
     n_target = int(rng.integers(2, max(2, max_objects) + 1))
     visible: List[np.ndarray] = []
     labels: List[int] = []
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     colours = list(PAPER_COLOURS)
     for _ in range(n_target):
         for _attempt in range(20):
@@ -315,21 +324,12 @@ def render_paper_sample(
             if not ok:
                 continue
             colour = _family_colour(rng, family, img[mask].mean(axis=0))
-            theta = rng.uniform(0.0, 2.0 * math.pi)
-            ramp = (math.cos(theta) * xx + math.sin(theta) * yy) / max(h, w)
-            shade = 1.0 + rng.uniform(0.0, 0.25) * (ramp - ramp[mask].mean())
-            img[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0.0, 255.0)
+            _paint(rng, img, mask, colour, 0.25)
             visible = [m & ~mask for m in visible]
             visible.append(mask)
             labels.append(label)
             break
-    img = img + rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    boxes = np.zeros((len(visible), 4), dtype=np.float32)
-    for i, m in enumerate(visible):
-        rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
-        boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return image, boxes, np.asarray(labels, dtype=np.int64)
+    return _finish(rng, img, visible, labels)
 
 
 #: ``style`` -> name of its renderer in this module (looked up at call time)

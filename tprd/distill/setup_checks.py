@@ -17,6 +17,7 @@ import re
 from collections import abc
 from typing import TYPE_CHECKING, Any, List, Mapping, Optional
 
+from tprd.config.select import select_value
 from tprd.errors import SetupError
 
 if TYPE_CHECKING:
@@ -42,18 +43,7 @@ _SCALE_KEYS = {"alpha", "beta", "gamma", "lambda_", "soft_costs", "weights"}
 _POSITIVE_KEYS = {"temperature", "tau"}
 
 
-def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if isinstance(node, abc.Mapping) or hasattr(node, "keys"):
-            if part not in node:
-                return default
-            node = node[part]
-        else:
-            return default
-        if node is None:
-            return default
-    return node
+_get = select_value  # one dotted config entry, or a default
 
 
 def is_distiller_config(cfg: Any) -> bool:

@@ -328,6 +328,16 @@ def _non_target(x: Tensor, target: Tensor) -> Tensor:
     return x.gather(-1, cols)
 
 
+def _pair_logits(student_logits: Tensor, teacher_logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """Checked ``[P,C]`` student logits (float32 or wider) and the detached teacher logits in that dtype."""
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"expected equal [P,C] logits, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    s = _at_least_float32(student_logits)
+    return s, teacher_logits.detach().to(s.dtype)
+
+
 def decoupled_kd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -357,12 +367,7 @@ def decoupled_kd(
     Returns:
         per-pair loss ``[P]`` (float32 or wider); the caller aggregates (Σ/(B·N), B5 weights, mean).
     """
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(
-            f"expected equal [P,C] logits, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    s = _at_least_float32(student_logits)
-    t = teacher_logits.detach().to(s.dtype)
+    s, t = _pair_logits(student_logits, teacher_logits)
     positive_mask = positive_mask.to(device=s.device, dtype=torch.bool)
     target_class = target_class.to(device=s.device, dtype=torch.long)
     target = torch.where(positive_mask, target_class, torch.zeros_like(target_class))
@@ -407,12 +412,7 @@ def sigmoid_decoupled_kd(
     gradient equals that of the soft-BCE prediction KD (they differ by the teacher's entropy).
     Same arguments and result shape as :func:`decoupled_kd`.
     """
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(
-            f"expected equal [P,C] logits, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    s = _at_least_float32(student_logits)
-    t = teacher_logits.detach().to(s.dtype)
+    s, t = _pair_logits(student_logits, teacher_logits)
     # binary KL in log space: log σ(z) = −softplus(−z), log(1−σ(z)) = −softplus(z)
     r = torch.sigmoid(t)
     kl = r * (F.softplus(-s) - F.softplus(-t)) + (1.0 - r) * (F.softplus(s) - F.softplus(t))

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from tprd.checkpoint import check_weight_file
-from tprd.config import LazyConfig, instantiate
+from tprd.config import LazyConfig, instantiate, select_value
 from tprd.data.loader import skip_train_batches
 from tprd.errors import DatasetError, DeviceError, MissingEntryError, UserError
 
@@ -56,18 +56,7 @@ __all__ = [
 logger = logging.getLogger("tprd.engine")
 
 
-def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if isinstance(node, abc.Mapping) or hasattr(node, "keys"):
-            if part not in node:
-                return default
-            node = node[part]
-        else:
-            return default
-        if node is None:
-            return default
-    return node
+_get = select_value  # one dotted config entry, or a default
 
 
 def default_output_dir(config_file: str) -> str:

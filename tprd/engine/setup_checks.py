@@ -14,6 +14,7 @@ import os
 from collections import abc
 from typing import Any, Dict, List, Optional, Tuple
 
+from tprd.config.select import select_value
 from tprd.errors import SetupError
 
 __all__ = ["check_setup", "check_resume_config", "config_differences", "preload_datasets"]
@@ -21,18 +22,7 @@ __all__ = ["check_setup", "check_resume_config", "config_differences", "preload_
 logger = logging.getLogger("tprd.engine")
 
 
-def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if isinstance(node, abc.Mapping) or hasattr(node, "keys"):
-            if part not in node:
-                return default
-            node = node[part]
-        else:
-            return default
-        if node is None:
-            return default
-    return node
+_get = select_value  # one dotted config entry, or a default
 
 
 # ---------------------------------------------------------------------------------------- datasets
