@@ -6,7 +6,8 @@ For each detector (Deformable DETR, DAB-DETR, DINO) a module-scoped run trains e
 started by :func:`tprd.engine.launch.launch` (what ``train_net.py --num-gpus 2`` calls; one process
 pair trains all the folders of a detector one after the other, which keeps the test time down).
 Shrunk for speed: ResNet-18 teacher, 32x40 images (DINO 48x60; all of one size, so no process pads its batch
-differently), total batch 4, no evaluation, student dropout 0.
+differently), total batch 4, no evaluation, student dropout 0, frozen batch norm (plain BatchNorm
+normalises each process's own images).
 
 Checked per folder:
 
@@ -50,6 +51,10 @@ COMMON = [
     # no augmentation (every image of one size, see IMAGE_SIZE; the synthetic images are 128x160)
     "dataloader.train.mapper.augmentation_with_crop=None", "+dataloader.train.mapper.augmentation.0.p=0.0",
     "model.teacher.backbone.depth=18",
+    # the synthetic bases train BatchNorm from scratch; plain (not synchronised) BatchNorm normalises
+    # each process's own images, which legitimately moves the values: compare with frozen BN, as the
+    # COCO configs use it
+    "model.student.backbone.norm=FrozenBN", "model.teacher.backbone.norm=FrozenBN",
 ] + [f"model.student.transformer.{part}.{kind}_dropout=0.0" for part in ("encoder", "decoder") for kind in ("attn", "ffn")]
 # short side of the training images: 32x40 (DINO 48x60: its 30 encoder proposals need 30 tokens)
 IMAGE_SIZE = {"deformable_detr": 32, "dab_detr": 32, "dino": 48}
