@@ -602,16 +602,6 @@ def _load_json(path: Path, name: str) -> Any:
     return json.loads(p.read_text())
 
 
-def _train_inputs(batched_inputs):
-    out = []
-    for x in batched_inputs:
-        x = dict(x)
-        if "gt_boxes_xyxy" in x and "gt_boxes" not in x:
-            x["gt_boxes"] = x.pop("gt_boxes_xyxy")
-        out.append(x)
-    return out
-
-
 def _parameter_map(model: nn.Module, keys: Sequence[Sequence], alias_groups: Sequence[Sequence[str]]) -> Dict[str, str]:
     """Reference key -> our parameter/buffer name, by converting marker tensors (every key, or alias
     group, a distinct constant) through the distiller's own checkpoint converter."""
@@ -739,6 +729,8 @@ def run_distill_fixture(
     model.zero_grad(set_to_none=True)
     torch.manual_seed(int(forward.get("forward_seed", 0)))
     replay = DrawReplay(fixture["draws"].get("draws", []), draw_transform)
+    from .parity import _train_inputs  # the fixtures' input layout, shared with the detector parity
+
     inputs = _train_inputs(fixture["input"]["batched_inputs"])
     try:
         with replay:
