@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..layers.mlp import MLP
 from ..layers.box_ops import inverse_sigmoid
 from ..layers.activation_checkpoint import run_layer, set_layer_options
+from ..layers.lean_dropout import Dropout, ReLUDropout
 from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from .criterion import SetCriterion
 from .detector import (
@@ -95,11 +96,11 @@ class FFN(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(embed_dim, feedforward_dim)
         self.linear2 = nn.Linear(feedforward_dim, embed_dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.relu_dropout = ReLUDropout(dropout)  # relu + dropout keeping one tensor for backward
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x)))))
+        return self.dropout2(self.linear2(self.relu_dropout(self.linear1(x))))
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -109,7 +110,7 @@ class DeformableEncoderLayer(nn.Module):
                  num_levels=4, num_points=4):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
-        self.dropout = nn.Dropout(attn_dropout)
+        self.dropout = Dropout(attn_dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
         self.ffn = FFN(embed_dim, feedforward_dim, ffn_dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
@@ -131,7 +132,7 @@ class DeformableDecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=attn_dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(embed_dim)
         self.cross_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
-        self.dropout = nn.Dropout(attn_dropout)
+        self.dropout = Dropout(attn_dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
         self.ffn = FFN(embed_dim, feedforward_dim, ffn_dropout)
         self.norm3 = nn.LayerNorm(embed_dim)
