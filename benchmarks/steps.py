@@ -8,7 +8,8 @@ one **distillation step** (``distiller(batch)`` + backward) of DETRDistill_TPRD 
 (R50 teacher -> R18 student, the full-size configs, random weights), on 2 random 512x512 images
 with 7 random boxes each. Variants:
 
-* ``before``: the grid_sample MSDA path (``set_msda_backend("grid_sample")``), today's code path;
+* ``before``: the grid_sample MSDA path (``set_msda_backend("grid_sample")``) and plain dropout
+  (``set_lean_dropout(False)``): the code path before the MSDA kernels and the lean dropout;
 * ``after``: the default backend (``"auto"``: the C++ kernel on CPU when it builds, else the
   MSDA autograd Function);
 * ``after+ckpt``: the same with ``use_checkpoint=True`` on the student (the teacher runs without
@@ -57,6 +58,9 @@ def build(kind: str, config: str, variant: str):
 
     backend = {"before": "grid_sample", "pytorch": "pytorch", "cpp": "cpp", "cpp+ckpt": "cpp"}.get(variant, "auto")
     set_msda_backend(backend)
+    from tprd.layers.lean_dropout import set_lean_dropout
+
+    set_lean_dropout(variant != "before")  # the old path: plain dropout keeping its float noise
     cfg = LazyConfig.load(config)
     if kind == "student":
         cfg.model.device = "cpu"

@@ -82,3 +82,18 @@ def test_plain_path_outside_training():
         torch.manual_seed(0)
         b = F.dropout(F.relu(x), 0.2, True)
     assert torch.equal(a, b)
+
+
+def test_switch_off_gives_the_plain_expressions():
+    from tprd.layers.lean_dropout import set_lean_dropout
+
+    x = torch.randn(64, 1024, requires_grad=True)
+    w = torch.nn.Linear(1024, 256)
+    plain = _saved_bytes(lambda t: w(F.dropout(F.relu(t), 0.1, True)), x)
+    set_lean_dropout(False)
+    try:
+        off = _saved_bytes(lambda t: w(relu_dropout(t, 0.1, True)), x)
+    finally:
+        set_lean_dropout(True)
+    assert off == plain
+    assert _saved_bytes(lambda t: w(relu_dropout(t, 0.1, True)), x) < plain

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dropout", "ReLUDropout", "dropout", "relu_dropout"]
+__all__ = ["Dropout", "ReLUDropout", "dropout", "relu_dropout", "set_lean_dropout"]
+
+_ENABLED = True
+
+
+def set_lean_dropout(enabled: bool) -> None:
+    """Use the lean paths (default) or the plain ``F.dropout`` expressions (benchmarks compare)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
 
 
 def _scale(p: float, like: Tensor) -> Tensor:
@@ -64,7 +72,7 @@ class _ReLUDropout(torch.autograd.Function):
 
 
 def _lean(x: Tensor, p: float, training: bool) -> bool:
-    return training and 0.0 < p < 1.0 and torch.is_grad_enabled() and x.requires_grad
+    return _ENABLED and training and 0.0 < p < 1.0 and torch.is_grad_enabled() and x.requires_grad
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
