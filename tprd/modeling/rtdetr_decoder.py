@@ -297,7 +297,7 @@ class TransformerDecoder(nn.Module):
 
 
 def generate_anchors(spatial_shapes: Sequence[Tuple[int, int]], grid_size: float = 0.05, eps: float = 0.01,
-                     dtype=torch.float32, device="cpu") -> Tuple[Tensor, Tensor]:
+                     dtype=torch.float32, device=None) -> Tuple[Tensor, Tensor]:
     """One anchor per token: normalised cell centre, size ``grid_size * 2^level``, in logit space
     ``[1,S,4]`` (``+inf`` where any coordinate is within ``eps`` of 0 or 1), and the valid mask
     ``[1,S,1]`` (bool); levels in order, tokens in raster order."""
@@ -308,7 +308,9 @@ def generate_anchors(spatial_shapes: Sequence[Tuple[int, int]], grid_size: float
         xy = (torch.stack([gx, gy], dim=-1).unsqueeze(0) + 0.5) / torch.tensor([w, h], dtype=dtype)
         wh = torch.ones_like(xy) * grid_size * (2.0 ** lvl)
         out.append(torch.cat([xy, wh], dim=-1).reshape(-1, h * w, 4))
-    anchors = torch.cat(out, dim=1).to(device)
+    anchors = torch.cat(out, dim=1)
+    if device is not None:
+        anchors = anchors.to(device)
     valid = ((anchors > eps) * (anchors < 1 - eps)).all(-1, keepdim=True)
     anchors = torch.log(anchors / (1 - anchors))
     return torch.where(valid, anchors, torch.inf), valid
