@@ -139,3 +139,31 @@ def test_discrete_method_freezes_offsets():
     model.eval()
     with torch.no_grad():
         assert len(model(_inputs())) == 2
+
+
+def test_matcher_match_stages_equals_per_stage_matching():
+    from tprd.modeling.rtdetr_criterion import RTDETRHungarianMatcher
+
+    g = torch.Generator().manual_seed(1)
+    logits, boxes = torch.randn(3, 2, 10, 5, generator=g), torch.rand(3, 2, 10, 4, generator=g) * 0.4 + 0.2
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .6, .3, .2]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    matcher = RTDETRHungarianMatcher({"cost_class": 2, "cost_bbox": 5, "cost_giou": 2})
+    stages = matcher.match_stages(logits, boxes, targets)
+    for l in range(3):
+        for (a, b), (c, d) in zip(stages[l], matcher(logits[l], boxes[l], targets)):
+            assert torch.equal(a, c) and torch.equal(b, d)
+    assert stages[0][1][0].numel() == 0
+
+
+def test_training_without_ground_truth():
+    """An image without boxes, and a batch without any (one dummy denoising slot), train."""
+    model = _model().train()
+    inputs = _inputs()
+    inputs[1]["gt_boxes"], inputs[1]["gt_classes"] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    sum(model(inputs).values()).backward()
+    for x in inputs:
+        x["gt_boxes"], x["gt_classes"] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    losses = model(inputs)
+    assert len(losses) == 15 and float(losses["loss_bbox"]) == 0.0
+    sum(losses.values()).backward()

@@ -128,6 +128,12 @@ class RTDETRHungarianMatcher(nn.Module):
             matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return (matches, costs) if return_costs else matches
 
+    @torch.no_grad()
+    def match_stages(self, logits: Tensor, boxes: Tensor, targets: Sequence[Dict[str, Tensor]]) -> List[List[Match]]:
+        """Match every stage of ``logits [L,B,Q,C]`` / ``boxes [L,B,Q,4]`` on its own (the interface of
+        :meth:`tprd.modeling.matcher.HungarianMatcher.match_stages`)."""
+        return [self(logits[l], boxes[l], targets) for l in range(logits.shape[0])]
+
     def extra_repr(self) -> str:
         return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
                 f"use_focal_loss={self.use_focal_loss}, alpha={self.alpha}, gamma={self.gamma}")
