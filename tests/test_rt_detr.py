@@ -165,5 +165,5 @@ def test_training_without_ground_truth():
     for x in inputs:
         x["gt_boxes"], x["gt_classes"] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
     losses = model(inputs)
-    assert len(losses) == 15 and float(losses["loss_bbox"]) == 0.0
+    assert len(losses) == 15 and losses["loss_bbox"].item() == 0.0
     sum(losses.values()).backward()
