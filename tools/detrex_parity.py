@@ -8,6 +8,11 @@ config's ``_target_``), fills the weights with the ``crc32-randn-v1`` rule, load
 runs ``input.pt`` (eval, or training with losses, matches and gradients when ``"mode": "train"``)
 and, when ``outputs.pt`` exists, prints the largest difference of every compared quantity. Exits 1
 when anything is beyond tolerance. ``--dump`` writes our results in the ``outputs.pt`` layout.
+
+An RT-DETRv2 fixture (recognised from ``config.json``) is run by
+:func:`tprd.checkpoint.rtdetr_parity.run_rtdetr_fixture`, which reads only ``config.json``,
+``keys.json``, ``fill_checksums.json`` and ``input.pt``; ``--dump`` writes the keys of its ``outputs.pt``
+(training: with ``losses`` under the reference's names). Exits 1 when the fill or the strict load fails.
 """
 import argparse
 import sys
@@ -18,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tprd.checkpoint.parity import run_fixture  # noqa: E402
+from tprd.checkpoint.rtdetr_parity import is_rtdetr_fixture, run_rtdetr_fixture  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,6 +34,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if is_rtdetr_fixture(args.fixture):
+        result = run_rtdetr_fixture(args.fixture)
+        print(result.report())
+        if args.dump:
+            torch.save(result.dump, args.dump)
+            print(f"wrote {args.dump}")
+        return 0 if result.ok else 1
     result = run_fixture(args.fixture)
     print(result.report())
     if args.dump:

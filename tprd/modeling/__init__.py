@@ -5,4 +5,5 @@ from .deformable_detr import DeformableDETR, DeformableTransformer  # noqa: F401
 from .detector import DETRDetector, MultiScaleDETRDetector  # noqa: F401
 from .dino import DINO  # noqa: F401
 from .matcher import HungarianMatcher  # noqa: F401
+from .rt_detr import RTDETR  # noqa: F401
 from .postprocess import detector_postprocess, postprocess, select_topk  # noqa: F401

@@ -1,0 +1,174 @@
+"""Load official RT-DETRv2 checkpoints (lyuwenyu/RT-DETR ``rtdetrv2_pytorch``) into
+:class:`~tprd.modeling.rt_detr.RTDETR` (docs/rt_detr.md).
+
+Our module names equal the reference's, so the checkpoint's keys load 1:1, strictly. A file (or an
+already loaded dict) nests the weights as the reference's loaders expect them:
+``ckpt["ema"]["module"]`` when an ``"ema"`` entry exists (the EMA weights, behind every released
+number), else ``ckpt["model"]``; a flat state dict is accepted as it is.
+
+Buffers that are constants of the configuration travel in the checkpoints too:
+``decoder.anchors [1,S,4]`` / ``decoder.valid_mask [1,S,1]`` (computed for the model's
+``eval_spatial_size``, 640x640 in every official file: S = 8400) and
+``decoder.decoder.layers.<i>.cross_attn.num_points_scale``. As in the reference, a strict load needs a
+model built with the same ``eval_spatial_size``; ``constant_buffers="model"`` instead keeps the
+model's own values (after checking that the checkpoint's ``num_points_scale`` agree), so a
+checkpoint loads into a model cached for another size. ``num_batches_tracked`` entries of
+frozen-BN layers (R50/R101 backbones) are dropped, as the reference's ``FrozenBatchNorm2d`` does.
+
+:func:`fill_rtdetr_state_dict` is the ``crc32-randn-v1`` fill of the RT-DETRv2 parity fixtures
+(``tests/fixtures/reference/rtdetr_parity``): the detrex rule, with ``denoising_class_embed.weight``
+drawn at unit std and the constant buffers kept at their constructed values.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .detrex import CheckpointMismatchError, LoadReport, compare_state_dict
+from .files import CheckpointFileError, read_weight_file
+from .fill import fill_value
+
+__all__ = [
+    "load_rtdetr_checkpoint",
+    "read_rtdetr_checkpoint",
+    "rtdetr_key_report",
+    "fill_rtdetr_state_dict",
+    "RTDETR_CONSTANT_BUFFERS",
+]
+
+StateSource = Union[str, os.PathLike, Mapping[str, Any]]
+
+#: leaf names of the buffers that are constants of the configuration (not learned)
+RTDETR_CONSTANT_BUFFERS = ("anchors", "valid_mask", "num_points_scale")
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def read_rtdetr_checkpoint(source: StateSource) -> Dict[str, Tensor]:
+    """The model state dict of an RT-DETR checkpoint file or loaded dict: ``["ema"]["module"]`` if
+    there is an ``"ema"`` entry, else ``["model"]``, else the mapping itself (a flat state dict)."""
+    name = "<mapping>" if isinstance(source, Mapping) else os.fspath(source)
+    data = source if isinstance(source, Mapping) else read_weight_file(source)
+    if not isinstance(data, Mapping):
+        raise CheckpointFileError(f"checkpoint {name}: holds a {type(data).__name__}, not a dict", name)
+    if "ema" in data:
+        ema = data["ema"]
+        if not (isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping)):
+            raise CheckpointFileError(f"checkpoint {name}: 'ema' has no 'module' state dict "
+                                      f"(keys: {sorted(ema) if isinstance(ema, Mapping) else type(ema).__name__})",
+                                      name)
+        data = ema["module"]
+    elif "model" in data and isinstance(data["model"], Mapping):
+        data = data["model"]
+    state = {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    if not state:
+        raise CheckpointFileError(f"checkpoint {name}: no tensors found (top-level keys: {sorted(data)[:10]})", name)
+    return state
+
+
+def _frozen_bn_prefixes(model: nn.Module) -> List[str]:
+    from ..modeling.presnet import FrozenBatchNorm2d
+
+    return [name + "." if name else "" for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+
+
+def load_rtdetr_checkpoint(model: nn.Module, path_or_dict: StateSource, strict: bool = True,
+                           constant_buffers: str = "strict") -> LoadReport:
+    """Load an official RT-DETRv2 checkpoint into ``model`` (an :class:`RTDETR`).
+
+    ``strict``: any missing / unexpected key or shape mismatch raises
+    :class:`~tprd.checkpoint.detrex.CheckpointMismatchError` naming the keys (nothing is loaded);
+    otherwise the matching entries load and the report lists the rest.
+    ``constant_buffers``: ``"strict"`` (the reference: the checkpoint's ``anchors`` / ``valid_mask`` /
+    ``num_points_scale`` must fit and are loaded) or ``"model"`` (keep the model's own values; the
+    checkpoint's are checked for consistency where possible and otherwise ignored).
+    Returns the :class:`~tprd.checkpoint.detrex.LoadReport`.
+    """
+    if constant_buffers not in ("strict", "model"):
+        raise ValueError(f"constant_buffers must be 'strict' or 'model', got {constant_buffers!r}")
+    source = "" if isinstance(path_or_dict, Mapping) else os.fspath(path_or_dict)
+    state = dict(read_rtdetr_checkpoint(path_or_dict))
+    for prefix in _frozen_bn_prefixes(model):
+        state.pop(prefix + "num_batches_tracked", None)
+    own = model.state_dict()
+    if constant_buffers == "model":
+        for key in [k for k in state if _leaf(k) in RTDETR_CONSTANT_BUFFERS]:
+            value = state.pop(key)
+            if _leaf(key) == "num_points_scale" and key in own and (
+                    value.shape != own[key].shape or not torch.equal(value.to(own[key].dtype), own[key])):
+                raise CheckpointMismatchError(
+                    f"checkpoint {source or '<state dict>'}: {key} = {value.tolist()} but the model has "
+                    f"{own[key].tolist()}: the number of sampling points per level (num_points) differs")
+        state.update({k: v for k, v in own.items() if _leaf(k) in RTDETR_CONSTANT_BUFFERS})
+    report, loadable = compare_state_dict(model, state, source)
+    if strict and not report.ok:
+        hint = ""
+        if any(_leaf(k) in ("anchors", "valid_mask") for k, _, _ in report.shape_mismatch) or any(
+                _leaf(k) in ("anchors", "valid_mask") for k in report.missing + report.unexpected):
+            hint = ("\ndecoder.anchors / valid_mask are cached for the model's eval_spatial_size (the official "
+                    "checkpoints: [640, 640]); build the model with that size, or load with "
+                    "constant_buffers='model' to keep the model's own anchors.")
+        raise CheckpointMismatchError(
+            report.summary() + hint
+            + "\nThe checkpoint does not fit this model: check num_classes, the backbone depth, the number of "
+            "decoder layers and hidden_dim (use the config of the checkpoint's name), or load with strict=False.")
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def rtdetr_key_report(model: nn.Module, key_rows: Iterable[Sequence]) -> LoadReport:
+    """Compare the model's state-dict keys and shapes with ``[key, shape, dtype]`` rows (an official
+    key list, ``rtdetr_keys/*.json``) without any weights. ``num_batches_tracked`` of frozen-BN layers
+    is ignored, as on loading."""
+    frozen = tuple(_frozen_bn_prefixes(model))
+    own = model.state_dict(keep_vars=True)
+    report = LoadReport(source="key list")
+    listed = {}
+    for key, shape, _ in key_rows:
+        if key.endswith("num_batches_tracked") and key[: -len("num_batches_tracked")] in frozen:
+            continue
+        listed[key] = tuple(shape)
+    report.missing = [k for k in own if k not in listed]
+    report.unexpected = [k for k in listed if k not in own]
+    for k, shape in listed.items():
+        if k in own:
+            if tuple(own[k].shape) != shape:
+                report.shape_mismatch.append((k, shape, tuple(own[k].shape)))
+            else:
+                report.matched.append(k)
+    return report
+
+
+def _unit_std(key: str, unit_std_suffixes: Sequence[str]) -> bool:
+    return any(key == s or key.endswith("." + s) for s in unit_std_suffixes)
+
+
+def fill_rtdetr_state_dict(model: nn.Module, keys: Optional[Iterable[Sequence]] = None,
+                           unit_std_suffixes: Sequence[str] = ("denoising_class_embed.weight", "tgt_embed.weight"),
+                           exempt_leaves: Sequence[str] = ("anchors", "num_points_scale")) -> Dict[str, Tensor]:
+    """The ``crc32-randn-v1`` values of every floating state-dict entry of ``model`` (or of the
+    ``[key, shape, dtype]`` rows ``keys``), in RT-DETR's variant: keys ending in one of
+    ``unit_std_suffixes`` are drawn at unit std; floating buffers whose leaf is in ``exempt_leaves``
+    keep the model's constructed values; non-floating entries are not returned."""
+    own = model.state_dict()
+    rows = keys if keys is not None else [(k, list(v.shape), str(v.dtype)) for k, v in own.items()]
+    out: Dict[str, Tensor] = {}
+    for key, shape, dtype in sorted(rows, key=lambda r: r[0]):
+        if "float" not in str(dtype):
+            continue
+        if _leaf(key) in exempt_leaves:
+            out[key] = own[key].detach().clone()
+            continue
+        value = fill_value(key, shape)
+        if _unit_std(key, unit_std_suffixes) and len(shape) > 1:  # the rule's N(0, 1) draw, unscaled
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(zlib.crc32(key.encode("utf-8")))
+            value = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+        out[key] = value
+    return out
