@@ -15,6 +15,8 @@ with 7 random boxes each. Variants:
 * ``after+ckpt``: the same with ``use_checkpoint=True`` on the student (the teacher runs without
   gradients, so checkpointing does not apply to it);
 * ``after+enc``: the same with ``use_checkpoint="encoder"`` (only the encoder layers checkpointed);
+* ``after+attn``: the same with ``use_checkpoint="encoder_attention"`` (only the attention block of
+  each encoder layer checkpointed);
 * ``pytorch``: the pure-PyTorch MSDA Function (the CPU path without a compiler);
 * ``cpp`` and ``cpp+ckpt``: the C++ MSDA kernel asked for explicitly (``set_msda_backend("cpp")``),
   without and with ``use_checkpoint``.
@@ -47,7 +49,7 @@ ROWS = {
     "MGD_TPRD step": ("distill", DISTILL.format("MGD_TPRD")),
     "CrossKD_TPRD step": ("distill", DISTILL.format("CrossKD_TPRD")),
 }
-VARIANTS = ("before", "after", "after+ckpt", "after+enc", "pytorch", "cpp", "cpp+ckpt")
+VARIANTS = ("before", "after", "after+ckpt", "after+enc", "after+attn", "pytorch", "cpp", "cpp+ckpt")
 
 
 def build(kind: str, config: str, variant: str):
@@ -66,7 +68,8 @@ def build(kind: str, config: str, variant: str):
         cfg.model.device = "cpu"
     model = instantiate(cfg.model)
     student = model.student if kind == "distill" else model
-    use_checkpoint = True if variant.endswith("+ckpt") else "encoder" if variant.endswith("+enc") else False
+    use_checkpoint = {"+ckpt": True, "+enc": "encoder", "+attn": "encoder_attention"}.get(
+        variant[variant.find("+"):] if "+" in variant else "", False)
     set_layer_options(student, use_checkpoint=use_checkpoint)
     return model.train()
 

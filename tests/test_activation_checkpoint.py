@@ -89,3 +89,38 @@ def test_encoder_only_checkpointing_recomputes_the_encoder_alone():
     assert not model.transformer.encoder.use_checkpoint and model.transformer.decoder.use_checkpoint
     with pytest.raises(ValueError, match="use_checkpoint must be one of"):
         set_layer_options(model, use_checkpoint="backbone")
+
+
+@pytest.mark.parametrize("build", [
+    lambda: (test_deformable_detr.tiny_model(with_box_refine=True), test_deformable_detr.batch()),
+    lambda: (test_dino.tiny_model(), test_dino.batch()),
+], ids=["deformable_detr", "dino"])
+def test_encoder_attention_checkpointing_recomputes_attention_blocks_only(build):
+    model, data = build()
+    model = with_dropout(model).train()
+    plain_losses, plain_grads = losses_and_grads(model, data, seed=5)
+    set_layer_options(model, use_checkpoint="encoder_attention")
+    encoder, decoder = model.transformer.encoder, model.transformer.decoder
+    assert encoder.use_checkpoint == "attention" and not decoder.use_checkpoint
+    calls = {"attention": 0, "ffn": 0, "decoder": 0}
+
+    def count(key):
+        return lambda *a: calls.__setitem__(key, calls[key] + 1)
+
+    encoder.layers[0].self_attn.register_forward_pre_hook(count("attention"))
+    encoder.layers[0].ffn.register_forward_pre_hook(count("ffn"))
+    decoder.layers[0].register_forward_pre_hook(count("decoder"))
+    losses, grads = losses_and_grads(model, data, seed=5)
+    assert calls == {"attention": 2, "ffn": 1, "decoder": 1}
+    for k in plain_losses:
+        assert torch.equal(plain_losses[k], losses[k]), k
+    assert plain_grads.keys() == grads.keys()
+    for n in plain_grads:
+        assert torch.allclose(plain_grads[n], grads[n], rtol=0, atol=1e-7), n
+
+
+def test_encoder_attention_falls_back_to_whole_layers_elsewhere():
+    model = test_dab_detr.tiny_model(criterion=test_dab_detr._criterion())
+    set_layer_options(model, use_checkpoint="encoder_attention")
+    assert model.transformer.encoder.use_checkpoint is True
+    assert not model.transformer.decoder.use_checkpoint

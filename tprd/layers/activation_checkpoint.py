@@ -28,7 +28,11 @@ def run_layer(layer: nn.Module, *args: Any, use_checkpoint: bool = False, **kwar
 #: What ``use_checkpoint`` may say: every layer (``True``), none (``False``), or only the layers of
 #: the encoder / the decoder (an encoder layer holds the activations of every image token, a
 #: decoder layer those of the queries only, so ``"encoder"`` gets most of the memory cut).
-CHECKPOINT_CHOICES = (True, False, "encoder", "decoder")
+#: ``"encoder_attention"``: in encoders that support it (``"attention"`` in their
+#: ``CHECKPOINT_PARTS``: the deformable encoders of Deformable DETR and DINO), only the attention block
+#: of each layer is recomputed, keeping the FFN's activations (cheap to keep after the lean dropout,
+#: costly to recompute); other encoders checkpoint their whole layers.
+CHECKPOINT_CHOICES = (True, False, "encoder", "decoder", "encoder_attention")
 
 
 def _part(module: nn.Module) -> str:
@@ -47,12 +51,16 @@ def set_layer_options(model: nn.Module, use_checkpoint=None, msda_backend: Optio
         check_msda_backend(msda_backend)
     if isinstance(use_checkpoint, str) and use_checkpoint.lower() in ("true", "false"):
         use_checkpoint = use_checkpoint.lower() == "true"
-    if use_checkpoint is not None and not (isinstance(use_checkpoint, bool) or use_checkpoint in ("encoder", "decoder")):
-        raise ValueError(f"use_checkpoint must be one of True, False, 'encoder', 'decoder'; got {use_checkpoint!r}")
+    if use_checkpoint is not None and not (isinstance(use_checkpoint, bool) or use_checkpoint in CHECKPOINT_CHOICES):
+        raise ValueError("use_checkpoint must be one of True, False, 'encoder', 'decoder', 'encoder_attention'; "
+                         f"got {use_checkpoint!r}")
     for module in model.modules():
         if use_checkpoint is not None and hasattr(module, "use_checkpoint"):
             if isinstance(use_checkpoint, bool):
                 module.use_checkpoint = use_checkpoint
+            elif use_checkpoint == "encoder_attention":
+                attention = "attention" in getattr(module, "CHECKPOINT_PARTS", ())
+                module.use_checkpoint = _part(module) == "encoder" and ("attention" if attention else True)
             else:
                 module.use_checkpoint = _part(module) == use_checkpoint
         if msda_backend is not None and isinstance(module, MultiScaleDeformableAttention):

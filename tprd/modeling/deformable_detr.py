@@ -115,12 +115,19 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = FFN(embed_dim, feedforward_dim, ffn_dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        """``src``, ``pos`` ``[B,S,D]``; ``reference_points [B,S,L,2]``; ``padding_mask [B,S]``."""
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                checkpoint_attention: bool = False):
+        """``src``, ``pos`` ``[B,S,D]``; ``reference_points [B,S,L,2]``; ``padding_mask [B,S]``.
+        ``checkpoint_attention``: recompute the attention block in backward (keeps its input only)."""
+        src = run_layer(self.attention_block, src, pos, reference_points, spatial_shapes, level_start_index,
+                        padding_mask, use_checkpoint=checkpoint_attention)
+        return self.norm2(src + self.ffn(src))
+
+    def attention_block(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        """``norm1(src + dropout(self_attn(src)))``."""
         attn = self.self_attn(src, src, reference_points, spatial_shapes, level_start_index,
                               query_pos=pos, value_padding_mask=padding_mask)
-        src = self.norm1(src + self.dropout(attn))
-        return self.norm2(src + self.ffn(src))
+        return self.norm1(src + self.dropout(attn))
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -162,6 +169,8 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableTransformerEncoder(nn.Module):
     """``num_layers`` encoder layers (detrex ``DeformableDetrTransformerEncoder`` arguments)."""
 
+    CHECKPOINT_PARTS = ("attention",)  # use_checkpoint="encoder_attention" recomputes attention blocks only
+
     def __init__(self, embed_dim=256, num_heads=8, feedforward_dim=1024, attn_dropout=0.1, ffn_dropout=0.1,
                  num_layers=6, post_norm=False, num_feature_levels=4, num_points=4):
         super().__init__()
@@ -173,7 +182,9 @@ class DeformableTransformerEncoder(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(embed_dim) if post_norm else None
-        self.use_checkpoint = False  # activation checkpointing of each layer (set by the detector)
+        # Activation checkpointing (set by the detector): each layer (True), or each layer's
+        # attention block only ("attention": most of the memory cut for a small share of the recompute).
+        self.use_checkpoint = False
 
     @staticmethod
     def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
@@ -194,9 +205,10 @@ class DeformableTransformerEncoder(nn.Module):
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         """``src``/``pos`` ``[B,S,D]`` -> memory ``[B,S,D]``."""
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        attention_only = self.use_checkpoint == "attention"
         for layer in self.layers:
             src = run_layer(layer, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
-                            use_checkpoint=self.use_checkpoint)
+                            attention_only, use_checkpoint=self.use_checkpoint is True)
         return self.norm(src) if self.norm is not None else src
 
 
