@@ -2,7 +2,7 @@
 
 The 16 public fixtures of ``tests/fixtures/reference/distill_parity`` (or
 ``$TPRD_REFERENCE_DIR/distill_parity``) run once, in one module-scoped pass (about 5-15 s each on
-one CPU thread), through ``tprd.checkpoint.distill_parity`` -- the functions of
+one CPU thread), through ``tprd.testing.distill_parity`` -- the functions of
 ``tools/distill_parity.py``. Further tests: the recorded random draws are really used, each
 reference-compatibility flag changes exactly the terms it claims, the reference's own method
 modules load through the init-checkpoint path.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import DISTILL_PARITY_DIR, REPO
-from tprd.checkpoint.distill_parity import (
+from tprd.testing.distill_parity import (
     LOSS_KEY_MAP,
     REFERENCE_FLAGS,
     DrawReplay,
@@ -256,7 +256,7 @@ def test_reference_distiller_checkpoint_resumes_through_load_state_dict():
 
 
 def test_key_mapping_and_verdict():
-    from tprd.checkpoint.distill_parity import DistillParityResult, map_loss_key
+    from tprd.testing.distill_parity import DistillParityResult, map_loss_key
 
     ours = {"loss_giou_enc": 0, "distill_kd_detr_general_giou_3": 0, "distill_kd_detr_specific_l1": 0}
     assert map_loss_key("KD_DETR", "auxilary_loss_giou_3", ours) == "distill_kd_detr_general_giou_3"

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tprd.checkpoint.parity import run_fixture  # noqa: E402
+from tprd.testing.parity import run_fixture  # noqa: E402
 
 
 def main(argv=None) -> int:
