@@ -1,6 +1,6 @@
 """Loading ``train.init_checkpoint`` into a plain detector: pick the key naming, check, load, report.
 
-Two policies (README, "detrex workflow"):
+Two policies (docs/workflow.md, "The detrex workflow"):
 
 * **evaluation** (``strict=True``, ``--eval-only``): every model tensor must load. Missing model keys
   or shape mismatches are a :class:`~tprd.checkpoint.CheckpointMismatchError` before any inference,

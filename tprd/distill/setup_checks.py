@@ -32,7 +32,7 @@ __all__ = [
 RANDOM_TEACHER_WARNING = (
     "The teacher is RANDOM (no train.init_checkpoint; train.allow_random_teacher=True): this run checks the "
     "pipeline, its distillation signal is meaningless. Train a teacher and merge it with merge_weight.py "
-    "(README, CPU walkthrough) to distil for real"
+    "(docs/workflow.md, CPU walkthrough) to distil for real"
 )
 
 #: Method settings that scale a loss or a cost: finite and >= 0. Temperatures: finite and > 0.
