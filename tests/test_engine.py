@@ -600,7 +600,6 @@ class DetrexNamedDummy(nn.Module):
 
 
 class DetrexNamedDummyAdapter(DetrexAdapter):
-    family = "detrex_named_dummy"
     name = "dummy"
     model_class = DetrexNamedDummy
 
@@ -613,7 +612,7 @@ def dummy_adapter(monkeypatch):
     """The dummy's adapter in the registry for one test (the way a new detector registers)."""
     from tprd.checkpoint import detrex
 
-    monkeypatch.setitem(detrex.ADAPTERS, DetrexNamedDummyAdapter.family, DetrexNamedDummyAdapter())
+    monkeypatch.setitem(detrex.ADAPTERS, DetrexNamedDummy.family, DetrexNamedDummyAdapter())
 
 
 def test_init_checkpoint_in_detrex_naming_is_converted(tmp_path, dummy_adapter):

@@ -14,12 +14,13 @@ tools) asks this registry instead of testing the detector:
 * :func:`adapter_for_keys` -- by the keys of a state dict (in either naming);
 * :func:`load_detrex_checkpoint` -- read, rename and load strictly, reporting every key.
 
-A new detector registers by adding its adapter instance to :data:`_BUILTIN` below (or, from
-outside the package, with :func:`register`).
+A new detector registers by adding an instance of its adapter to :data:`_BUILTIN` below (its
+place there is the order in which :func:`adapter_for_keys` tries the signatures).
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, Mapping, Optional, Type, Union
 
 from torch import nn
@@ -33,11 +34,9 @@ from .dino import DINOAdapter
 __all__ = [
     "DetrexAdapter",
     "ADAPTERS",
-    "register",
     "adapter_for",
     "adapter_for_config",
     "adapter_for_keys",
-    "families",
     "load_detrex_checkpoint",
 ]
 
@@ -47,27 +46,6 @@ _BUILTIN = (DINOAdapter(), DABDETRAdapter(), DeformableDETRAdapter())
 
 #: detector family -> its adapter (the one registry)
 ADAPTERS: Dict[str, DetrexAdapter] = {a.family: a for a in _BUILTIN}
-
-
-def register(adapter: DetrexAdapter, *, first: bool = False) -> DetrexAdapter:
-    """Add ``adapter`` under its family (replacing one of that family); ``first``: try its
-    signature before the others in :func:`adapter_for_keys`."""
-    if not adapter.family:
-        raise ValueError(f"{type(adapter).__name__} has no family")
-    ADAPTERS.pop(adapter.family, None)
-    if first:
-        rest = dict(ADAPTERS)
-        ADAPTERS.clear()
-        ADAPTERS[adapter.family] = adapter
-        ADAPTERS.update(rest)
-    else:
-        ADAPTERS[adapter.family] = adapter
-    return adapter
-
-
-def families() -> tuple:
-    """The registered detector families, in registry order."""
-    return tuple(ADAPTERS)
 
 
 def _family_of(what: Union[str, nn.Module, Type[nn.Module]]) -> Optional[str]:
@@ -106,8 +84,6 @@ def adapter_for_config(cfg: Mapping[str, Any]) -> DetrexAdapter:
 def adapter_for_keys(keys) -> Optional[DetrexAdapter]:
     """The first adapter (registry order) whose signature matches the keys of a state dict, in our
     naming or detrex's; ``None`` when none does."""
-    import re
-
     joined = "\n".join(keys)
     for adapter in ADAPTERS.values():
         if re.search(adapter.signature, joined, re.M):

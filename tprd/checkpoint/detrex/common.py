@@ -46,26 +46,34 @@ __all__ = [
 
 
 class DetrexAdapter:
-    """How one detector family meets detrex. A subclass sets the class attributes and implements
-    :meth:`build`, :meth:`to_ours` and :meth:`to_detrex`; the rest have defaults.
+    """How one detector family meets detrex. A subclass sets :attr:`model_class`, :attr:`name` and
+    :attr:`signature` and implements :meth:`build`, :meth:`to_ours` and :meth:`to_detrex`; the rest
+    have defaults.
 
     Attributes:
-        family: the detector's :attr:`~tprd.modeling.detector.DETRDetector.family` (the registry key).
-        name: the name people use (``"DINO"``); error messages and :func:`describe` use it.
-        model_class: our detector class.
-        detrex_targets: class names of the detrex ``_target_`` this adapter builds from a config
-            (compared lower-case without underscores, e.g. ``"DeformableDETR"``).
+        model_class: our detector class; its declared ``family`` is the adapter's :attr:`family`,
+            the registry key.
+        name: the name people use (``"DINO"``); error messages and :meth:`describe` use it.
+        detrex_targets: class names of the detrex ``_target_`` this adapter builds from a config,
+            compared lower-case without underscores (default: our class's name, e.g.
+            ``"DeformableDETR"``, which is detrex's).
         signature: a regular expression (``re.M``, on the newline-joined keys) that only a state
             dict of this family matches, in either naming; :func:`~tprd.checkpoint.detrex.adapter_for_keys`
             tries the adapters in registry order, so a family whose keys are a subset of another's
             comes after it.
     """
 
-    family: str = ""
-    name: str = ""
     model_class: Type[nn.Module]
-    detrex_targets: Sequence[str] = ()
+    name: str = ""
     signature: str = r"(?!)"
+
+    @property
+    def family(self) -> str:
+        return self.model_class.family
+
+    @property
+    def detrex_targets(self) -> Sequence[str]:
+        return (self.model_class.__name__,)
 
     def build(self, cfg: Mapping[str, Any]) -> nn.Module:
         """Our detector from a resolved detrex LazyConfig dict (a parity fixture's ``reduced_config``)."""

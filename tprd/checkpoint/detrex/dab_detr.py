@@ -44,10 +44,8 @@ __all__ = ["DABDETRAdapter"]
 class DABDETRAdapter(DetrexAdapter):
     """DAB-DETR <-> detrex ``DABDETR`` (single-scale, res5 only)."""
 
-    family = "dab_detr"
     name = "DAB-DETR"
     model_class = DABDETR
-    detrex_targets = ("DABDETR",)
     signature = r"^(anchor_box_embed|refpoint_embed)\."
 
     def build(self, cfg: Mapping[str, Any]) -> DABDETR:

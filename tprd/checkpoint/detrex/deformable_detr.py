@@ -156,10 +156,8 @@ def deformable_detrex_names(key: str, per_stage_heads: bool, num_pred: int,
 class DeformableDETRAdapter(DetrexAdapter):
     """Deformable DETR (plain, box refinement, two-stage) <-> detrex ``DeformableDETR``."""
 
-    family = "deformable_detr"
     name = "Deformable DETR"
     model_class = DeformableDETR
-    detrex_targets = ("DeformableDETR",)
     signature = r"^(query_embedding|transformer\.level_embeds|transformer\.reference_points|transformer\.enc_output)"
 
     def build(self, cfg: Mapping[str, Any]) -> DeformableDETR:

@@ -30,10 +30,8 @@ class DINOAdapter(DetrexAdapter):
     """DINO <-> detrex ``DINO``: per-stage heads always; detrex saves the heads again as
     ``transformer.decoder.{class,bbox}_embed.*``, which collapse onto ``{class,bbox}_embed.*``."""
 
-    family = "dino"
     name = "DINO"
     model_class = DINO
-    detrex_targets = ("DINO",)
     signature = r"^label_enc\."
 
     def build(self, cfg: Mapping[str, Any]) -> DINO:
