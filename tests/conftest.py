@@ -30,7 +30,7 @@ def parity_dir() -> Path:
 def filled_fixture_model(name: str):
     """The detector of parity fixture ``name`` built from its detrex config, filled with the
     crc32-randn-v1 rule and loaded strictly (fill checksums verified), in eval mode."""
-    from tprd.checkpoint.parity import build_model, fill_model, load_fixture
+    from tprd.testing.parity import build_model, fill_model, load_fixture
 
     folder = PARITY_DIR / name
     if not folder.is_dir():

@@ -30,6 +30,7 @@ from tprd.config import LazyConfig, instantiate
 from tprd.data.synthetic import generate_synthetic_dataset
 from tprd.engine.main import load_config
 from tprd.engine.predictor import TensorDetector, build_detector
+from tprd.checkpoint.detrex import adapter_for
 
 DISTILL = str(REPO / "projects/deformable_detr/cfg_distill/DETRDistill_TPRD/deformable_detr_r50_distill_r18_synthetic.py")
 DETECTOR = str(REPO / "projects/deformable_detr/configs/deformable_detr_r18_synthetic.py")
@@ -140,7 +141,7 @@ def test_detrex_naming_gives_the_official_key_list(name, config, overrides):
     official = {k: tuple(shape) for k, shape, _ in json.loads(keys_file.read_text())}
     assert set(detrex) == set(official)
     assert all(tuple(detrex[k].shape) == official[k] for k in official)
-    back = type(model).convert_detrex_state_dict(detrex)
+    back = adapter_for(model).to_ours(detrex)
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
@@ -152,7 +153,7 @@ def test_extract_from_a_reference_format_checkpoint(distilled, tmp_path):
     flat = {}
     for part in ("student", "teacher"):
         sub = getattr(distiller, part).state_dict()
-        flat.update({f"{part}.{k}": v for k, v in DeformableDETR.to_detrex_state_dict(sub).items()})
+        flat.update({f"{part}.{k}": v for k, v in adapter_for(DeformableDETR).to_detrex(sub).items()})
     ref_file = tmp_path / "reference.pth"
     torch.save(flat, ref_file)
     out = tmp_path / "student.pth"

@@ -5,7 +5,7 @@ import math
 import torch
 import torchvision
 
-from tprd.checkpoint.fill import fill_state_dict
+from tprd.testing.fill import fill_state_dict
 from tprd.layers.position_embedding import PositionEmbeddingSine, get_sine_pos_embed
 from tprd.modeling.backbone import (
     ChannelMapper,

@@ -9,15 +9,12 @@ import torch
 import torchvision
 
 from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO
-from tprd.checkpoint import (
-    CheckpointMismatchError,
-    fill_state_dict,
-    load_detrex_checkpoint,
-    load_torchvision_backbone,
-)
+from tprd.checkpoint import CheckpointMismatchError, load_detrex_checkpoint, load_torchvision_backbone
+from tprd.checkpoint.detrex import adapter_for
 from tprd.config import LazyConfig, instantiate
 from tprd.modeling.backbone import ResNet
 from tprd.modeling.deformable_detr import DeformableDETR
+from tprd.testing.fill import fill_state_dict
 
 DEFORMABLE_R50 = "projects/deformable_detr/configs/models/deformable_detr_r50.py"
 # key list -> (config file, overrides)
@@ -53,10 +50,10 @@ def alias_groups(model, keys):
     """detrex keys that hold one shared tensor, from the model's key map; for models without one,
     detrex's known sharing: ``transformer.decoder.X`` is ``X`` (heads handed to the decoder) and an
     FFN's ``activation`` is also ``layers.0.1`` (PReLU module registered twice)."""
-    fn = getattr(type(model), "detrex_key_map", None)
+    key_map = adapter_for(model).key_map(keys)
     groups = defaultdict(list)
-    if fn is not None:
-        for k, ours in fn(keys).items():
+    if key_map is not None:
+        for k, ours in key_map.items():
             groups[ours].append(k)
     else:
         keyset = set(keys)
@@ -86,9 +83,9 @@ def test_official_key_list_loads_strictly(name):
     trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
     assert sum(trainable.values()) == summary["num_params_trainable"]
     # values landed where the key map says (spot check on a few keys)
-    fn = getattr(type(model), "detrex_key_map", None)
-    if fn is not None:
-        kmap, own = fn(keys), model.state_dict()
+    kmap = adapter_for(model).key_map(keys)
+    if kmap is not None:
+        own = model.state_dict()
         for k in keys[:: max(1, len(keys) // 25)]:
             assert torch.equal(own[kmap[k]], sd[k]), k
 
@@ -119,7 +116,7 @@ def fixture_state():
 def _fixture_model(cfg, **changes):
     reduced = dict(cfg["reduced_config"], **changes)
     torch.manual_seed(0)
-    return DeformableDETR.from_detrex_config(reduced)
+    return adapter_for(DeformableDETR).build(reduced)
 
 
 def test_checkpoint_file_formats(tmp_path, fixture_state):
@@ -160,18 +157,15 @@ def test_shared_head_aliases_must_agree(fixture_state):
     bad = dict(sd)
     bad["class_embed.1.bias"] = sd["class_embed.1.bias"] + 1
     with pytest.raises(ValueError, match="class_embed.1.bias"):
-        DeformableDETR.convert_detrex_state_dict(bad)
+        adapter_for(DeformableDETR).to_ours(bad)
 
 
 def test_marker_key_map_fallback_agrees(fixture_state):
-    """The parity tool's generic (marker) key map equals the model's own detrex_key_map."""
-    from tprd.checkpoint.parity import _key_map, load_fixture
-
-    class NoKeyMap(DeformableDETR):
-        detrex_key_map = None
+    """The parity tool's generic (marker) key map equals the adapter's own key_map."""
+    from tprd.testing.parity import load_fixture, marker_key_map
 
     fixture = load_fixture(PARITY_DIR / "deformable_detr")
-    model = NoKeyMap.from_detrex_config(fixture["config"]["reduced_config"])
-    generic = _key_map(model, fixture)
-    own = DeformableDETR.detrex_key_map([k for k, _, _ in fixture["keys"]])
+    adapter = adapter_for(DeformableDETR)
+    generic = marker_key_map(fixture["keys"], fixture["config"].get("alias_groups", []), adapter.to_ours)
+    own = adapter.key_map([k for k, _, _ in fixture["keys"]])
     assert generic == own

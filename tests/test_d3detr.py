@@ -1,4 +1,4 @@
-"""D³ETR (docs/methods.md#d3etr): attention terms by hand and under a permutation, identical models give
+"""D³ETR (docs/methods.md#d3detr): attention terms by hand and under a permutation, identical models give
 zero distances on all three detectors (DINO's denoising queries excluded), gradients reach the
 student's attention."""
 import copy
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tprd.distill import D3ETR, Distiller
+from tprd.distill import D3DETR, Distiller
 from tprd.distill.methods.d3detr import cross_attention_kd, self_attention_kd
 
 from test_distiller import batch, run_with_stats, tiny_dab, tiny_deformable, tiny_dino
@@ -62,10 +62,10 @@ def test_self_and_cross_attention_terms_by_hand():
 def test_identical_models_give_zero_distances(make, refine):
     teacher = make(seed=2)
     student = copy.deepcopy(teacher)
-    distiller = Distiller(student, teacher, [D3ETR(refine=refine)]).train()
+    distiller = Distiller(student, teacher, [D3DETR(refine=refine)]).train()
     losses, stats = run_with_stats(distiller, batch())
     d = {k: v for k, v in losses.items() if k.startswith("distill_d3detr_")}
-    assert len(d) == 2 * len(D3ETR.terms)  # two stages
+    assert len(d) == 2 * len(D3DETR.terms)  # two stages
     for key, value in d.items():
         if "class" not in key:  # weighted values; the soft-BCE class term is the teacher's entropy
             # GIoU of a box with itself is area / (area + 1e-6) (detrex's epsilon): small, not 0, for tiny boxes
@@ -84,7 +84,7 @@ def test_attention_terms_reach_the_students_attention_only():
     with torch.no_grad():
         for p in student.transformer.decoder.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    distiller = Distiller(student, teacher, [D3ETR()]).train()
+    distiller = Distiller(student, teacher, [D3DETR()]).train()
     losses = distiller(batch())
     layer = student.transformer.decoder.layers[1]
     for key, params in (("distill_d3detr_self_attn", [layer.self_attn.in_proj_weight]),
@@ -97,8 +97,8 @@ def test_attention_terms_reach_the_students_attention_only():
 
 def test_zero_weight_group_is_not_decoded():
     teacher, student = tiny_deformable(seed=2), tiny_deformable(seed=1)
-    weights = {t: (0.0 if t.startswith("fixed_") else 1.0) for t in D3ETR.terms}
-    distiller = Distiller(student, teacher, [D3ETR(weights=weights)]).train()
+    weights = {t: (0.0 if t.startswith("fixed_") else 1.0) for t in D3DETR.terms}
+    distiller = Distiller(student, teacher, [D3DETR(weights=weights)]).train()
     losses = distiller(batch())
     assert not any(k.startswith("distill_d3detr_fixed_") for k in losses)
     assert "distill_d3detr_self_attn" in losses
@@ -134,7 +134,7 @@ def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_pat
     main(args)
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     last = [m for m in metrics if "total_loss" in m][-1]
-    for term in D3ETR.terms:
+    for term in D3DETR.terms:
         assert f"distill_d3detr_{term}" in last and f"distill_d3detr_{term}_0" in last, term
     assert all(math.isfinite(v) for k, v in last.items() if k.startswith(("loss_", "distill_", "total_loss")))
     tprd = [k for k in last if k.startswith("tprd_d3detr_")]
@@ -143,8 +143,8 @@ def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_pat
 
 def test_without_attention_weights_no_maps_are_computed():
     teacher, student = tiny_deformable(seed=2), tiny_deformable(seed=1)
-    weights = {t: (0.0 if t.endswith("attn") else 1.0) for t in D3ETR.terms}
-    method = D3ETR(weights=weights)
+    weights = {t: (0.0 if t.endswith("attn") else 1.0) for t in D3DETR.terms}
+    method = D3DETR(weights=weights)
     distiller = Distiller(student, teacher, [method]).train()
     seen = {}
     forward = student.forward_outputs

@@ -16,6 +16,7 @@ from tprd.modeling.dab_detr import (
     DabDetrTransformerEncoder,
 )
 from tprd.modeling.outputs import QueryGroup
+from tprd.checkpoint.detrex import adapter_for
 
 from conftest import DETREX_KEYS_DIR, PARITY_DIR, REPO, filled_fixture_model
 
@@ -55,10 +56,10 @@ def test_fill_checksums_after_conversion(fixture_model):
     """Every detrex key's value reaches our model (aliases included) with the fixture's checksums."""
     sums = json.loads((FIXTURE / "fill_checksums.json").read_text())
     ours = fixture_model.state_dict()
-    mapped = DABDETR.convert_detrex_state_dict({k: torch.zeros(1) for k in sums})
+    mapped = adapter_for(DABDETR).to_ours({k: torch.zeros(1) for k in sums})
     assert len(set(mapped)) == len(ours)
     for key, (s, sa, first) in sums.items():
-        new = next(iter(DABDETR.convert_detrex_state_dict({key: torch.zeros(1)})))
+        new = next(iter(adapter_for(DABDETR).to_ours({key: torch.zeros(1)})))
         t = ours[new].double()
         assert math.isclose(t.sum().item(), s, rel_tol=1e-6, abs_tol=1e-6), key
         assert math.isclose(t.abs().sum().item(), sa, rel_tol=1e-6, abs_tol=1e-6), key
@@ -146,7 +147,7 @@ def test_detrex_key_lists_load_strictly(config, keys):
     model = instantiate(cfg.model)
     rows = json.loads((DETREX_KEYS_DIR / keys).read_text())
     sd = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in rows}
-    converted = DABDETR.convert_detrex_state_dict(sd)
+    converted = adapter_for(DABDETR).to_ours(sd)
     result = model.load_state_dict(converted, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     # aliases collapse: 2 per layer pair of the PReLU (12) + 6 bbox_embed entries
@@ -160,14 +161,14 @@ def test_detrex_key_lists_load_strictly(config, keys):
 def test_convert_rejects_diverging_aliases():
     sd = {"bbox_embed.layers.0.bias": torch.zeros(3), "transformer.decoder.bbox_embed.layers.0.bias": torch.ones(3)}
     with pytest.raises(ValueError, match="shared tensor"):
-        DABDETR.convert_detrex_state_dict(sd)
+        adapter_for(DABDETR).to_ours(sd)
     # an alias alone is renamed, not dropped
     only = {"transformer.decoder.bbox_embed.layers.0.bias": torch.ones(3)}
-    assert list(DABDETR.convert_detrex_state_dict(only)) == ["bbox_embed.layers.0.bias"]
+    assert list(adapter_for(DABDETR).to_ours(only)) == ["bbox_embed.layers.0.bias"]
 
 
 def test_convert_key_names():
-    conv = DABDETR.convert_detrex_state_dict(
+    conv = adapter_for(DABDETR).to_ours(
         {
             "backbone.res2.0.conv1.norm.running_var": torch.ones(1),
             "transformer.encoder.layers.3.attentions.0.attn.in_proj_weight": torch.ones(1),

@@ -20,6 +20,7 @@ from tprd.modeling.dino import (
 )
 from tprd.modeling.matcher import HungarianMatcher
 from tprd.modeling.outputs import QueryGroup
+from tprd.checkpoint.detrex import adapter_for
 
 FIXTURE = PARITY_DIR / "dino"
 ATOL = RTOL = 1e-4
@@ -57,7 +58,7 @@ def test_fill_checksums_reach_the_model(fixture_model):
     """Every detrex key (aliases included) lands in our model with the fixture's fill checksums."""
     sums = json.loads((FIXTURE / "fill_checksums.json").read_text())
     ours = fixture_model.state_dict()
-    key_map = DINO.detrex_key_map(list(sums))
+    key_map = adapter_for(DINO).key_map(list(sums))
     assert set(key_map.values()) == set(ours)  # nothing of ours is left unfilled
     for key, (s, sa, first) in sums.items():
         t = ours[key_map[key]].double()
@@ -88,7 +89,7 @@ def test_parity_intermediates(fixture_model, fixture_run):
         _close(f"backbone.{name}", out.taps["backbone"][name], t)
     for i, t in enumerate(ref["neck"]):
         _close(f"neck[{i}]", out.taps["neck"][i], t)
-    ours = fixture_model.parity_intermediates(out)["transformer_outputs"]
+    ours = adapter_for(fixture_model).parity_intermediates(fixture_model, out)["transformer_outputs"]
     names = ("inter_states", "init_reference", "inter_references", "enc_state", "enc_reference")
     for name, o, r in zip(names, ours, ref["transformer_outputs"]):
         _close(name, o, r)
@@ -170,7 +171,7 @@ def test_detrex_key_lists_load_strictly(config, keys, params, trainable):
     model = instantiate(cfg.model)
     rows = json.loads((DETREX_KEYS_DIR / keys).read_text())
     sd = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in rows}
-    converted = DINO.convert_detrex_state_dict(sd)
+    converted = adapter_for(DINO).to_ours(sd)
     result = model.load_state_dict(converted, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     # the 7 class heads (2 keys) and 7 box MLPs (6 keys) are also listed under transformer.decoder
@@ -182,7 +183,7 @@ def test_detrex_key_lists_load_strictly(config, keys, params, trainable):
 
 
 def test_convert_key_names_and_aliases():
-    conv = DINO.convert_detrex_state_dict(
+    conv = adapter_for(DINO).to_ours(
         {
             "backbone.res2.0.conv1.norm.running_var": torch.ones(1),
             "transformer.encoder.layers.1.attentions.0.value_proj.weight": torch.ones(1),
@@ -212,7 +213,7 @@ def test_convert_key_names_and_aliases():
         "label_enc.weight",
     ]
     with pytest.raises(ValueError, match="same tensor"):
-        DINO.convert_detrex_state_dict(
+        adapter_for(DINO).to_ours(
             {"class_embed.0.bias": torch.zeros(2), "transformer.decoder.class_embed.0.bias": torch.ones(2)}
         )
 

@@ -2,7 +2,7 @@
 
 The 16 public fixtures of ``tests/fixtures/reference/distill_parity`` (or
 ``$TPRD_REFERENCE_DIR/distill_parity``) run once, in one module-scoped pass (about 5-15 s each on
-one CPU thread), through ``tprd.checkpoint.distill_parity`` -- the functions of
+one CPU thread), through ``tprd.testing.distill_parity`` -- the functions of
 ``tools/distill_parity.py``. Further tests: the recorded random draws are really used, each
 reference-compatibility flag changes exactly the terms it claims, the reference's own method
 modules load through the init-checkpoint path.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import DISTILL_PARITY_DIR, REPO
-from tprd.checkpoint.distill_parity import (
+from tprd.testing.distill_parity import (
     LOSS_KEY_MAP,
     REFERENCE_FLAGS,
     DrawReplay,
@@ -140,7 +140,10 @@ def test_replay_fails_loudly():
 # reference-compatibility flags: each changes exactly the terms it claims
 # ------------------------------------------------------------------------------------------------
 def test_every_flag_is_documented_in_the_readme():
+    """In docs/parity.md, which the README links as the parity documentation."""
     readme = (REPO / "README.md").read_text()
+    assert "docs/parity.md" in readme and "docs/differences.md" in readme
+    readme = (REPO / "docs" / "parity.md").read_text()
     for spec in REFERENCE_FLAGS:
         assert re.search(rf"`[^`]*\b{spec['flag']}={spec['value']!r}`", readme), spec["flag"]
     for method, table in LOSS_KEY_MAP.items():
@@ -256,7 +259,7 @@ def test_reference_distiller_checkpoint_resumes_through_load_state_dict():
 
 
 def test_key_mapping_and_verdict():
-    from tprd.checkpoint.distill_parity import DistillParityResult, map_loss_key
+    from tprd.testing.distill_parity import DistillParityResult, map_loss_key
 
     ours = {"loss_giou_enc": 0, "distill_kd_detr_general_giou_3": 0, "distill_kd_detr_specific_l1": 0}
     assert map_loss_key("KD_DETR", "auxilary_loss_giou_3", ours) == "distill_kd_detr_general_giou_3"

@@ -27,6 +27,7 @@ from tprd.modeling.deformable_detr import (
 )
 from tprd.modeling.matcher import HungarianMatcher
 from tprd.utils.events import EventStorage
+from tprd.checkpoint.detrex import adapter_for
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -281,7 +282,7 @@ def test_construction_errors_are_actionable():
 # init checkpoints (merge_weight.py output)
 # ------------------------------------------------------------------------------------------------
 def _fixture_models():
-    from tprd.checkpoint.fill import fill_state_dict
+    from tprd.testing.fill import fill_state_dict
 
     if not PARITY.is_dir():
         pytest.fail(f"parity fixture not found at {PARITY}")
@@ -289,8 +290,8 @@ def _fixture_models():
     keys = json.loads((PARITY / "keys.json").read_text())
     detrex_sd = fill_state_dict(keys, config.get("alias_groups", []))
     torch.manual_seed(0)
-    teacher = DeformableDETR.from_detrex_config(config["reduced_config"])
-    student = DeformableDETR.from_detrex_config(config["reduced_config"])
+    teacher = adapter_for(DeformableDETR).build(config["reduced_config"])
+    student = adapter_for(DeformableDETR).build(config["reduced_config"])
     return student, teacher, detrex_sd
 
 
@@ -309,7 +310,7 @@ def test_merged_init_checkpoint_loads_teacher_and_student_backbone_completely(tm
     distiller = Distiller(student, teacher, [KDDETR(general_points=4)])
     report = distiller.load_init_checkpoint(str(path))
 
-    want_teacher = DeformableDETR.convert_detrex_state_dict(detrex_sd)
+    want_teacher = adapter_for(DeformableDETR).to_ours(detrex_sd)
     got_teacher = teacher.state_dict()
     assert set(want_teacher) == set(got_teacher)
     for k, v in want_teacher.items():

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from tprd.checkpoint.detrex import DetrexAdapter
 from tprd.data import DatasetCatalog, MetadataCatalog
 from tprd.engine import comm
 from tprd.engine.checkpoint import DetectionCheckpointer
@@ -588,19 +589,33 @@ def test_two_process_run_matches_single_process(tmp_path):
 
 
 class DetrexNamedDummy(nn.Module):
-    """A model whose detrex checkpoints name ``head.*`` as ``class_embed.*``."""
+    """A model whose detrex checkpoints name ``head.*`` as ``class_embed.*`` (its adapter says so)."""
+
+    family = "detrex_named_dummy"
 
     def __init__(self):
         super().__init__()
         self.head = nn.Linear(3, 2)
         self.other = nn.Linear(2, 2)
 
-    @staticmethod
-    def convert_detrex_state_dict(state_dict):
+
+class DetrexNamedDummyAdapter(DetrexAdapter):
+    name = "dummy"
+    model_class = DetrexNamedDummy
+
+    def to_ours(self, state_dict):
         return {k.replace("class_embed.", "head."): v for k, v in state_dict.items()}
 
 
-def test_init_checkpoint_in_detrex_naming_is_converted(tmp_path):
+@pytest.fixture
+def dummy_adapter(monkeypatch):
+    """The dummy's adapter in the registry for one test (the way a new detector registers)."""
+    from tprd.checkpoint import detrex
+
+    monkeypatch.setitem(detrex.ADAPTERS, DetrexNamedDummy.family, DetrexNamedDummyAdapter())
+
+
+def test_init_checkpoint_in_detrex_naming_is_converted(tmp_path, dummy_adapter):
     model = DetrexNamedDummy()
     torch.save({"model": {"class_embed.weight": torch.full((2, 3), 2.0), "class_embed.bias": torch.ones(2)}},
                tmp_path / "detrex.pth")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from conftest import DETREX_KEYS_DIR, REPO
-from tprd.checkpoint.fill import fill_value
+from tprd.testing.fill import fill_value
 from tprd.checkpoint.merge import load_state_dict_file, merge_weights
 
 

@@ -1,14 +1,9 @@
-"""Every fixture under tests/fixtures/reference/parity (or $TPRD_PARITY_DIR) through the parity tool.
-
-A fixture whose detector module cannot be imported yet (DAB-DETR, DINO while they are being
-written) is skipped with that reason; once the module imports, the fixture runs and must match.
-"""
-import importlib
-
+"""Every fixture under tests/fixtures/reference/parity (or $TPRD_PARITY_DIR) through the parity tool."""
 import pytest
 
 from conftest import PARITY_DIR
-from tprd.checkpoint.parity import MODEL_CLASSES, load_fixture, model_class_for, run_fixture
+from tprd.checkpoint.detrex import ADAPTERS, adapter_for, adapter_for_config
+from tprd.testing.parity import load_fixture, run_fixture
 
 FIXTURES = sorted(p for p in PARITY_DIR.iterdir() if (p / "config.json").is_file()) if PARITY_DIR.is_dir() else []
 
@@ -22,24 +17,20 @@ def test_parity_fixtures_present():
 @pytest.mark.parametrize("fixture_dir", FIXTURES, ids=[p.name for p in FIXTURES])
 def test_fixture_parity(fixture_dir):
     fixture = load_fixture(fixture_dir)
-    reduced = fixture["config"]["reduced_config"]
-    try:
-        model_class_for(reduced)
-    except ImportError as e:  # the module is not there yet: run once it imports
-        pytest.skip(f"{fixture_dir.name}: detector module not importable yet ({e})")
+    adapter_for_config(fixture["config"]["reduced_config"])  # every fixture's detector has an adapter
     result = run_fixture(fixture_dir)
     assert result.has_reference, f"{fixture_dir.name} has no outputs.pt"
     assert result.ok, result.report()
 
 
-def test_model_registry_names_importable_modules():
-    for spec in MODEL_CLASSES.values():
-        module, cls = spec.split(":")
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        assert hasattr(mod, cls), f"{module} has no {cls}"
+def test_adapter_registry_is_keyed_by_the_detectors_family():
+    for family, adapter in ADAPTERS.items():
+        assert adapter.family == family == adapter.model_class.family
+        assert adapter_for(adapter.model_class) is adapter
+        for target in adapter.detrex_targets:
+            assert adapter_for_config({"_target_": f"projects.x.modeling.{target}"}) is adapter
+    with pytest.raises(ValueError, match="no tprd model for detrex target"):
+        adapter_for_config({"_target_": "detrex.modeling.Unknown"})
 
 
 @pytest.mark.parametrize("name", ["deformable_detr", "deformable_detr_train"])

@@ -167,3 +167,10 @@ def test_training_without_ground_truth():
     losses = model(inputs)
     assert len(losses) == 15 and losses["loss_bbox"].item() == 0.0
     sum(losses.values()).backward()
+
+
+def test_coco_category_ids_match_the_catalog():
+    from tprd.data.catalog import COCO_CATEGORIES
+    from tprd.modeling.rtdetr_criterion import COCO_CATEGORY_IDS
+
+    assert list(COCO_CATEGORY_IDS) == [cid for cid, _ in COCO_CATEGORIES]

@@ -70,7 +70,7 @@ def test_r18_checkpoint_loads_strictly(nesting):
 
 def test_anchor_size_mismatch_is_explained_and_can_keep_the_models_anchors():
     from tprd.checkpoint import load_rtdetr_checkpoint
-    from tprd.checkpoint.detrex import CheckpointMismatchError
+    from tprd.checkpoint import CheckpointMismatchError
 
     rows = _key_rows("rtdetrv2_r18vd_120e_coco")
     sd = _checkpoint_from_keys(rows)

@@ -33,7 +33,7 @@ def _inputs_only(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tprd.checkpoint.rtdetr_parity import run_rtdetr_fixture
+    from tprd.testing.rtdetr_parity import run_rtdetr_fixture
 
     out = {}
     for name in FIXTURES:
@@ -50,7 +50,7 @@ def test_fill_and_strict_load(results, name):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_matches_reference(results, name):
-    from tprd.checkpoint.rtdetr_parity import compare_rtdetr_fixture
+    from tprd.testing.rtdetr_parity import compare_rtdetr_fixture
 
     src, result = results[name]
     checks = compare_rtdetr_fixture(result, src)

@@ -21,6 +21,7 @@ import torch
 from conftest import DETREX_KEYS_DIR as DETREX_KEYS
 from tprd.data.synthetic import generate_synthetic_dataset
 from tprd.engine.main import main
+from tprd.checkpoint.detrex import adapter_for
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "projects/deformable_detr/train_net.py"
@@ -133,7 +134,7 @@ def test_eval_only_with_a_detrex_format_checkpoint(trained, datasets, tmp_path, 
     out, _ = trained
     ours = torch.load(out / "model_final.pth", weights_only=False)["model"]
     detrex_keys = [entry[0] for entry in json.loads(keys_file.read_text())]
-    mapping = DeformableDETR.detrex_key_map(detrex_keys)
+    mapping = adapter_for(DeformableDETR).key_map(detrex_keys)
     detrex_sd = {k: ours[o] for k, o in mapping.items() if o in ours}
     assert set(mapping[k] for k in detrex_sd) == set(ours)  # every weight has a detrex name
     assert set(detrex_sd) != set(ours)  # ... and the names really differ

@@ -11,7 +11,7 @@ batch of ``--batch`` random ``--size`` x ``--size`` images with ``--gt`` random 
 * **distillation iteration**: ``distiller(batch)`` (train mode) + ``backward`` of the summed losses,
   split by the Distiller's profiler (``Distiller(profile=True)``) into teacher forward (no grad),
   student forward, student GT loss, matching (teacher-GT B1 and student-teacher soft Hungarian),
-  TPRD (refinement + positive lookup), sections a method times itself (D3ETR: ``attention_maps``,
+  TPRD (refinement + positive lookup), sections a method times itself (D³ETR: ``attention_maps``,
   cutting the groups' maps, splatting and the attention distances; QSKD: ``attention_maps``, the
   weighted splats of its memory masks; CrossKD: ``teacher_cross_forward``, the teacher's decoder on
   the student memory) and the rest of the method losses; backward is the rest of the wall time
@@ -96,7 +96,7 @@ def distill_iteration(distiller, data, device) -> Dict[str, float]:
     sync(device)
     wall = time.perf_counter() - start
     t = dict(distiller.timings)
-    # sections a method times itself (e.g. D3ETR's "attention_maps"), inside its method losses
+    # sections a method times itself (e.g. D³ETR's "attention_maps"), inside its method losses
     own = {k: v for k, v in t.items() if k not in BASE_SECTIONS}
     parts = {
         "teacher_forward": t.get("teacher_forward", 0.0),

@@ -76,7 +76,7 @@ def check_split(cfg: Any, split: str, findings: List[Finding]) -> List[Tuple[str
     from tprd.data.catalog import prepare_dataset, resolve_dataset_names
     from tprd.data.checks import check_coco_json, missing_image_files
     from tprd.engine.defaults import USER_ERRORS, find_user_error, user_error_message
-    from tprd.engine.main import check_num_classes
+    from tprd.engine.setup_checks import check_num_classes
     from tprd.engine.setup_checks import _get
 
     node = _get(cfg, f"dataloader.{split}.dataset")

@@ -10,7 +10,7 @@ and, when ``outputs.pt`` exists, prints the largest difference of every compared
 when anything is beyond tolerance. ``--dump`` writes our results in the ``outputs.pt`` layout.
 
 An RT-DETRv2 fixture (recognised from ``config.json``) is run by
-:func:`tprd.checkpoint.rtdetr_parity.run_rtdetr_fixture`, which reads only ``config.json``,
+:func:`tprd.testing.rtdetr_parity.run_rtdetr_fixture`, which reads only ``config.json``,
 ``keys.json``, ``fill_checksums.json`` and ``input.pt``; ``--dump`` writes the keys of its ``outputs.pt``
 (training: with ``losses`` under the reference's names). Exits 1 when the fill or the strict load fails.
 """
@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tprd.checkpoint.parity import run_fixture  # noqa: E402
-from tprd.checkpoint.rtdetr_parity import is_rtdetr_fixture, run_rtdetr_fixture  # noqa: E402
+from tprd.testing.parity import run_fixture  # noqa: E402
+from tprd.testing.rtdetr_parity import is_rtdetr_fixture, run_rtdetr_fixture  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DETECTORS = ("deformable_detr", "dino", "dab_detr")
+#: the detectors with distillation configs: every ``projects/<family>/cfg_distill`` folder (a new
+#: detector joins by its configs; the parent process stays free of torch, so no registry import)
+DETECTORS = tuple(sorted(p.parent.name for p in (REPO / "projects").glob("*/cfg_distill") if p.is_dir()))
 DEFAULT_METHODS = ("none", "KD_DETR", "KD_DETR_TPRD", "DETRDistill", "DETRDistill_TPRD")
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75")
 RESULT_FILE = "benchmark_result.json"

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tprd.checkpoint.distill_parity import (  # noqa: E402
+from tprd.testing.distill_parity import (  # noqa: E402
     default_distill_fixture_root,
     find_distill_fixtures,
     run_distill_fixture,
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         try:
             result = run_distill_fixture(folder)
         except Exception as e:  # a fixture that cannot even run is a failure of that fixture
-            from tprd.checkpoint.distill_parity import DistillParityResult
+            from tprd.testing.distill_parity import DistillParityResult
 
             result = DistillParityResult(str(folder))
             result.errors.append(f"{type(e).__name__}: {e}")

@@ -1,4 +1,4 @@
-"""D³ETR as the reference configures it (docs/methods.md#d3etr, #weights), the same for the three detectors.
+"""D³ETR as the reference configures it (docs/methods.md#d3detr, #weights), the same for the three detectors.
 
 MixMatcher per decoder stage: the adaptive group (soft matcher B3, costs 1 / 5 / 2, student main
 queries <-> teacher main queries) and the fixed group (the student decodes the teacher's initial
@@ -13,10 +13,10 @@ Note that the cross-attention maps are summed over a group's queries, so with DI
 they carry 3x the mass of 300-query maps and the squared term is correspondingly larger.
 """
 from tprd.config import LazyCall as L
-from tprd.distill import D3ETR
+from tprd.distill import D3DETR
 from tprd.modeling.matcher import HungarianMatcher
 
-d3detr = L(D3ETR)(
+d3detr = L(D3DETR)(
     weights={
         "class": 1.0,
         "l1": 5.0,

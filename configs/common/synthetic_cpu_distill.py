@@ -23,7 +23,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train = get_config("common/train.py").train
-train.init_checkpoint = ""  # a trained teacher: merge_weight.py output (README, CPU walkthrough)
+train.init_checkpoint = ""  # a trained teacher: merge_weight.py output (docs/workflow.md, CPU walkthrough)
 train.allow_random_teacher = True  # a pipeline check runs without one, warning that the teacher is random
 train.device = "cpu"
 train.max_iter = 20

@@ -5,7 +5,7 @@ train = dict(
     # (tprd.engine.main.default_output_dir)
     output_dir="",
     # weights loaded into the model before training unless --resume finds a checkpoint in
-    # output_dir (a partial load is reported; README "detrex workflow"); --eval-only loads strictly.
+    # output_dir (a partial load is reported; docs/workflow.md "The detrex workflow"); --eval-only loads strictly.
     # A detrex checkpoint of a plain detector is converted on load
     init_checkpoint="",
     # fine-tuning from a detector of another class count: leave the class heads (class_embed,

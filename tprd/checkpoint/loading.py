@@ -1,6 +1,6 @@
 """Loading ``train.init_checkpoint`` into a plain detector: pick the key naming, check, load, report.
 
-Two policies (README, "detrex workflow"):
+Two policies (docs/workflow.md, "The detrex workflow"):
 
 * **evaluation** (``strict=True``, ``--eval-only``): every model tensor must load. Missing model keys
   or shape mismatches are a :class:`~tprd.checkpoint.CheckpointMismatchError` before any inference,
@@ -15,8 +15,8 @@ Two policies (README, "detrex workflow"):
   another dataset: the error explains it, and ``train.init_skip_class_heads=True`` leaves those
   heads as initialised.
 
-Key naming: the file's own names (this toolbox's checkpoints), the model's
-``convert_detrex_state_dict`` (official detrex checkpoints), and for models with a ``backbone`` the
+Key naming: the file's own names (this toolbox's checkpoints), the detrex naming through the
+model's adapter (:mod:`tprd.checkpoint.detrex`; official detrex checkpoints), and for models with a ``backbone`` the
 keys prefixed with ``backbone.`` (a torchvision ImageNet ResNet; ``fc.*`` dropped), also through the
 converter (detectron2's ``R-50.pkl``). The naming matching the most model keys wins; ties keep the
 file's own names.
@@ -31,7 +31,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
-from .detrex import CheckpointMismatchError, LoadReport, compare_state_dict
+from .detrex import adapter_for, adapter_for_keys
+from .state_dict import CheckpointMismatchError, LoadReport, compare_state_dict
 
 __all__ = [
     "MIN_LOADED_FRACTION",
@@ -84,16 +85,8 @@ def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
         style = "detectron2" if any(re.match(r"^(backbone\.)?(stem|res[2-5])\.", k) for k in keys) else "torchvision"
         return f"a backbone-only checkpoint (a ResNet in {style} naming, {len(keys)} tensors)"
     joined = "\n".join(keys)
-    if re.search(r"^label_enc\.", joined, re.M):
-        family = "DINO"
-    elif re.search(r"^(anchor_box_embed|refpoint_embed)\.", joined, re.M):
-        family = "DAB-DETR"
-    elif re.search(r"^(query_embedding|transformer\.level_embeds|transformer\.reference_points)", joined, re.M):
-        family = "Deformable DETR"
-        if re.search(r"^transformer\.(pos_trans|enc_output)", joined, re.M):
-            family += " (two-stage)"
-    else:
-        family = ""
+    adapter = adapter_for_keys(keys)
+    family = adapter.describe(joined) if adapter is not None else ""
     if not family:
         return f"an unrecognised state dict of {len(keys)} tensors (first keys: {', '.join(keys[:5])})"
     detrex = re.search(r"^backbone\.(stem|res[2-5])\.|\.attentions\.\d+\.|\.ffns\.\d+\.", joined, re.M)
@@ -120,7 +113,8 @@ def choose_naming(model: nn.Module, raw: Mapping[str, Tensor]) -> Tuple[str, Dic
     own = set(model.state_dict().keys())
     if raw and all(k.startswith("module.") for k in raw):  # saved from a DDP wrapper
         raw = {k[len("module."):]: v for k, v in raw.items()}
-    convert = getattr(model, "convert_detrex_state_dict", None)
+    adapter = adapter_for(model, default=None)
+    convert = adapter.to_ours if adapter is not None else None
     candidates: List[Tuple[str, Callable[[], Dict[str, Tensor]]]] = []
     if convert is not None:
         candidates.append(("detrex naming", lambda: convert(raw)))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tprd.errors import UserError
 
-from .detrex import read_checkpoint
+from .state_dict import read_checkpoint
 from .files import atomic_torch_save, read_weight_file
 from ..modeling.backbone import ResNet, torchvision_to_detectron2_resnet_keys
 

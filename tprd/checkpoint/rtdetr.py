@@ -15,28 +15,24 @@ model's own values (after checking that the checkpoint's ``num_points_scale`` ag
 checkpoint loads into a model cached for another size. ``num_batches_tracked`` entries of
 frozen-BN layers (R50/R101 backbones) are dropped, as the reference's ``FrozenBatchNorm2d`` does.
 
-:func:`fill_rtdetr_state_dict` is the ``crc32-randn-v1`` fill of the RT-DETRv2 parity fixtures
-(``tests/fixtures/reference/rtdetr_parity``): the detrex rule, with ``denoising_class_embed.weight``
-drawn at unit std and the constant buffers kept at their constructed values.
+The parity fixtures' fill (``crc32-randn-v1`` in RT-DETR's variant) is test code:
+:func:`tprd.testing.rtdetr_parity.fill_rtdetr_state_dict`.
 """
 from __future__ import annotations
 
 import os
-import zlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .detrex import CheckpointMismatchError, LoadReport, compare_state_dict
+from .state_dict import CheckpointMismatchError, LoadReport, compare_state_dict
 from .files import CheckpointFileError, read_weight_file
-from .fill import fill_value
 
 __all__ = [
     "load_rtdetr_checkpoint",
     "read_rtdetr_checkpoint",
     "rtdetr_key_report",
-    "fill_rtdetr_state_dict",
     "RTDETR_CONSTANT_BUFFERS",
 ]
 
@@ -143,32 +139,3 @@ def rtdetr_key_report(model: nn.Module, key_rows: Iterable[Sequence]) -> LoadRep
             else:
                 report.matched.append(k)
     return report
-
-
-def _unit_std(key: str, unit_std_suffixes: Sequence[str]) -> bool:
-    return any(key == s or key.endswith("." + s) for s in unit_std_suffixes)
-
-
-def fill_rtdetr_state_dict(model: nn.Module, keys: Optional[Iterable[Sequence]] = None,
-                           unit_std_suffixes: Sequence[str] = ("denoising_class_embed.weight", "tgt_embed.weight"),
-                           exempt_leaves: Sequence[str] = ("anchors", "num_points_scale")) -> Dict[str, Tensor]:
-    """The ``crc32-randn-v1`` values of every floating state-dict entry of ``model`` (or of the
-    ``[key, shape, dtype]`` rows ``keys``), in RT-DETR's variant: keys ending in one of
-    ``unit_std_suffixes`` are drawn at unit std; floating buffers whose leaf is in ``exempt_leaves``
-    keep the model's constructed values; non-floating entries are not returned."""
-    own = model.state_dict()
-    rows = keys if keys is not None else [(k, list(v.shape), str(v.dtype)) for k, v in own.items()]
-    out: Dict[str, Tensor] = {}
-    for key, shape, dtype in sorted(rows, key=lambda r: r[0]):
-        if "float" not in str(dtype):
-            continue
-        if _leaf(key) in exempt_leaves:
-            out[key] = own[key].detach().clone()
-            continue
-        value = fill_value(key, shape)
-        if _unit_std(key, unit_std_suffixes) and len(shape) > 1:  # the rule's N(0, 1) draw, unscaled
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(zlib.crc32(key.encode("utf-8")))
-            value = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
-        out[key] = value
-    return out

@@ -4,9 +4,9 @@ A distillation checkpoint holds the whole :class:`~tprd.distill.Distiller`: ``st
 ``teacher.*`` (and ``methods.*``) under ``"model"`` (ours, with optimizer, scheduler, iteration
 and maybe ``"ema"`` next to it), or flat ``student.*`` / ``teacher.*`` keys in detrex naming (the
 reference implementation's checkpoints and ``merge_weight.py`` init files). :func:`extract_student`
-takes the student part, brings it to our naming through its detector's
-``convert_detrex_state_dict`` when it is in detrex naming, and :func:`student_to_detrex` converts it
-back with the detector's ``to_detrex_state_dict``, checking that loading the result gives exactly
+takes the student part, brings it to our naming through its detector's detrex adapter
+(:mod:`tprd.checkpoint.detrex`) when it is in detrex naming, and :func:`student_to_detrex` converts it
+back with the same adapter, checking that loading the result gives exactly
 the tensors it started from.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any, Dict, Mapping, Optional, Type
 import torch
 from torch import Tensor
 
-from .detrex import read_checkpoint
+from .detrex import ADAPTERS, adapter_for, adapter_for_keys
+from .state_dict import read_checkpoint
 from .files import read_weight_file
 
 __all__ = ["StudentWeights", "read_raw_checkpoint", "detector_class_of", "is_detrex_naming",
@@ -36,19 +37,13 @@ def read_raw_checkpoint(path: str) -> Mapping[str, Any]:
 
 def detector_class_of(state_dict: Mapping[str, Tensor]) -> Type:
     """The detector class of a (student) state dict, from keys only one family has, in either
-    naming: DAB-DETR's ``anchor_box_embed``, DINO's ``label_enc``, else Deformable DETR."""
-    from tprd.modeling.dab_detr import DABDETR
-    from tprd.modeling.deformable_detr import DeformableDETR
-    from tprd.modeling.dino import DINO
-
-    if "anchor_box_embed.weight" in state_dict:
-        return DABDETR
-    if "label_enc.weight" in state_dict:
-        return DINO
-    if any(k.startswith(("transformer.reference_points.", "transformer.enc_output.")) for k in state_dict):
-        return DeformableDETR
-    raise ValueError("cannot tell the detector of these weights (no anchor_box_embed, label_enc, "
-                     "transformer.reference_points or transformer.enc_output keys); pass --config-file")
+    naming (each adapter's :attr:`~tprd.checkpoint.detrex.DetrexAdapter.signature`: DAB-DETR's
+    ``anchor_box_embed``, DINO's ``label_enc``, Deformable DETR's ``transformer.reference_points`` ...)."""
+    adapter = adapter_for_keys(state_dict)
+    if adapter is None:
+        raise ValueError("cannot tell the detector of these weights (no key only one of the detectors "
+                         f"{', '.join(a.name for a in ADAPTERS.values())} has); pass --config-file")
+    return adapter.model_class
 
 
 def is_detrex_naming(state_dict: Mapping[str, Tensor]) -> bool:
@@ -90,16 +85,17 @@ def extract_student(path: str, ema: bool = False, detector: Optional[Type] = Non
     detector = detector or detector_class_of(student)
     naming = "detrex" if is_detrex_naming(student) else "tprd"
     if naming == "detrex":
-        student = detector.convert_detrex_state_dict(student)
+        student = adapter_for(detector).to_ours(student)
     iteration = raw.get("iteration")
     return StudentWeights(student, detector, naming, int(iteration) if iteration is not None else None)
 
 
 def student_to_detrex(detector: Type, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """``state_dict`` (ours) in detrex naming through ``detector.to_detrex_state_dict``, checked: the
-    detector's own ``convert_detrex_state_dict`` of the result must give back exactly ``state_dict``."""
-    out = detector.to_detrex_state_dict(state_dict)
-    back = detector.convert_detrex_state_dict(out)
+    """``state_dict`` (ours) in detrex naming through the detector's adapter, checked: the adapter's
+    :meth:`~tprd.checkpoint.detrex.DetrexAdapter.to_ours` of the result must give back exactly ``state_dict``."""
+    adapter = adapter_for(detector)
+    out = adapter.to_detrex(state_dict)
+    back = adapter.to_ours(out)
     wrong = sorted(set(back) ^ set(state_dict)) or [k for k in state_dict if not torch.equal(back[k], state_dict[k])]
     if wrong:
         raise RuntimeError(f"{detector.__name__}: the detrex conversion does not round-trip for keys {wrong[:10]}")

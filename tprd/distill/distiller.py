@@ -43,22 +43,19 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from tprd.checkpoint import CheckpointMismatchError
+from tprd.checkpoint.distill_init import check_student_backbone, convert_init_state_dict, load_distill_init_checkpoint
+from tprd.errors import SetupError
 from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup
 from tprd.utils.events import current_event_storage
 
 from .methods.base import FEATURE_NEEDS, DistillContext, DistillMethod, expand_stage_terms
-from tprd.errors import SetupError
-
-from .setup_checks import check_method_values, check_teacher_state_dict, teacher_mode_note
+from .setup_checks import check_method_values, teacher_mode_note
 
 __all__ = ["Distiller"]
 
 logger = logging.getLogger("tprd.distill")
-
-
-def _is_backbone_key(key: str) -> bool:
-    return key.startswith("backbone.")
 
 
 class Distiller(nn.Module):
@@ -267,58 +264,12 @@ class Distiller(nn.Module):
         return dict(self.student.compute_losses(outputs, targets))
 
     # ------------------------------------------------------------------ checkpoints
-    def split_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Dict[str, Tensor]]:
-        """Split a flat state dict by prefix: ``student``, ``teacher``, ``methods``,
-        ``distill_criterion`` (the reference distiller's own method modules) and ``other``
-        (un-prefixed duplicates written by the reference's merge script, anything else)."""
-        parts: Dict[str, Dict[str, Tensor]] = {
-            "student": {}, "teacher": {}, "methods": {}, "distill_criterion": {}, "other": {}
-        }
-        for key, value in state_dict.items():
-            head, _, rest = key.partition(".")
-            if head in parts and head != "other" and rest:
-                parts[head][rest] = value
-            else:
-                parts["other"][key] = value
-        return parts
-
     def convert_detrex_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Merged init file (``merge_weight.py``: ``student.backbone.<detectron2 names>``,
-        ``teacher.<detrex names>``, ``student.transformer.level_embeds``) or a distiller checkpoint
-        -> this model's keys. Each part goes through its own detector's converter (parts already in
-        this model's naming, e.g. a saved distiller, are kept as they are); un-prefixed keys are
-        dropped (reported by :meth:`load_init_checkpoint`).
-
-        Raises ``ValueError`` when the teacher part would leave any teacher key missing (a teacher
-        that loads partially is an error, never a warning); the message lists the keys.
-        """
-        parts = self.split_state_dict(state_dict)
-        if not parts["student"] and not parts["teacher"]:
-            sample = ", ".join(list(state_dict)[:5])
-            from tprd.checkpoint import CheckpointMismatchError, describe_state_dict
-
-            raise CheckpointMismatchError(
-                "this checkpoint has no 'student.'/'teacher.' keys, so it is not a distillation init file "
-                f"(first keys: {sample}; it looks like {describe_state_dict(state_dict)}). Build one with merge_weight.py --input1 <student backbone> "
-                "--input2 <teacher checkpoint> and pass it as train.init_checkpoint"
-            )
-        out: Dict[str, Tensor] = {}
-        for part, model in (("student", self.student), ("teacher", self.teacher)):
-            sub = parts[part]
-            native = set(sub) <= set(model.state_dict().keys())  # e.g. a distiller checkpoint
-            if part == "teacher":
-                check_teacher_state_dict(model, sub)  # another detector / class count, named
-            if sub and not native:
-                sub = model.convert_detrex_state_dict(sub)
-            out.update({f"{part}.{k}": v for k, v in sub.items()})
-        out.update({f"methods.{k}": v for k, v in parts["methods"].items()})
-        out.update(self.convert_reference_method_state_dict(parts["distill_criterion"]))
-        missing_teacher = self._missing(out, "teacher")
-        if missing_teacher:
-            from tprd.checkpoint import CheckpointMismatchError
-
-            raise CheckpointMismatchError(self._teacher_missing_message(missing_teacher))
-        return out
+        """Merged init file (``merge_weight.py``) or a distiller checkpoint -> this model's keys, by
+        the rules of :func:`tprd.checkpoint.distill_init.convert_init_state_dict` (each part through
+        its detector's adapter, a teacher that would load partially is an error)."""
+        return convert_init_state_dict(state_dict, self.student, self.teacher,
+                                       self.convert_reference_method_state_dict)
 
     def convert_reference_method_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """The reference distiller's ``distill_criterion.*`` entries (prefix removed: FGD's context
@@ -337,8 +288,6 @@ class Distiller(nn.Module):
             out.update({f"methods.{i}.{k}": v for k, v in converted.items()})
             left = {k: left[k] for k in unknown}
         if left:
-            from tprd.checkpoint import CheckpointMismatchError
-
             names = [type(m).__name__ for m in self.methods] or ["none"]
             shown = ", ".join(f"distill_criterion.{k}" for k in list(left)[:8])
             raise CheckpointMismatchError(
@@ -361,79 +310,13 @@ class Distiller(nn.Module):
             k.startswith(("student.", "teacher.")) for k in state_dict
         ):
             state_dict = self.convert_detrex_state_dict(state_dict)
-            self._check_student_backbone(state_dict)
+            check_student_backbone(self.student, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _check_student_backbone(self, converted: Mapping[str, Tensor]) -> List[str]:
-        """The student's missing keys; ``ValueError`` if any of them is a backbone key."""
-        student_missing = self._missing(converted, "student")
-        # BatchNorm's num_batches_tracked is a counter, not a weight (merge_weight.py leaves it out)
-        backbone_missing = [k for k in student_missing if _is_backbone_key(k) and not k.endswith("num_batches_tracked")]
-        if backbone_missing:
-            from tprd.checkpoint import CheckpointMismatchError
-
-            raise CheckpointMismatchError(
-                f"the init checkpoint leaves {len(backbone_missing)} student backbone keys missing, e.g. "
-                f"{backbone_missing[:5]}; build it with merge_weight.py from an ImageNet ResNet of the student's depth"
-            )
-        return student_missing
-
-    def _missing(self, converted: Mapping[str, Tensor], part: str) -> List[str]:
-        own = {"student": self.student, "teacher": self.teacher}[part].state_dict().keys()
-        return [k for k in own if f"{part}.{k}" not in converted]
-
-    @staticmethod
-    def _teacher_missing_message(missing: Sequence[str]) -> str:
-        shown = "\n  ".join(missing[:50])
-        more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
-        return (
-            f"the init checkpoint leaves {len(missing)} teacher keys missing (a teacher must load completely):"
-            f"\n  {shown}{more}\nCheck that --input2 of merge_weight.py is a checkpoint of the teacher named in "
-            "the config (same detector, depth and num_classes)."
-        )
-
     def load_init_checkpoint(self, checkpoint: Union[str, os.PathLike, Mapping[str, Tensor]]) -> Dict[str, List[str]]:
-        """Load a merged init file (path or state dict) with the distillation policy:
-
-        * teacher: every key must load (``CheckpointMismatchError``, a ``ValueError``, listing the
-          missing ones otherwise);
-        * student backbone: every key must load (same error; the merged file always has it);
-        * student, other keys: may be missing (freshly initialised parts), reported;
-        * shape mismatches anywhere: the same error naming key and shapes.
-
-        Returns the report ``{"student_missing", "methods_missing", "unexpected", "dropped"}``.
-        """
-        if isinstance(checkpoint, Mapping):
-            state_dict = dict(checkpoint)
-        else:
-            from tprd.checkpoint.merge import load_state_dict_file
-
-            state_dict = load_state_dict_file(checkpoint)
-        dropped = sorted(self.split_state_dict(state_dict)["other"])
-        converted = self.convert_detrex_state_dict(state_dict)
-        own = self.state_dict()
-        mismatched = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in converted.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if mismatched:
-            from tprd.checkpoint import CheckpointMismatchError
-
-            raise CheckpointMismatchError("init checkpoint shapes do not match the model:\n  " + "\n  ".join(mismatched))
-        student_missing = self._check_student_backbone(converted)
-        incompatible = self.load_state_dict(converted, strict=False)
-        report = {
-            "student_missing": student_missing,
-            "methods_missing": [k for k in incompatible.missing_keys if k.startswith("methods.")],
-            "unexpected": list(incompatible.unexpected_keys),
-            "dropped": dropped,
-        }
-        logger.info(
-            "Loaded distillation init checkpoint: teacher complete; student missing %d non-backbone keys "
-            "(freshly initialised); %d unexpected keys; %d un-prefixed keys dropped.",
-            len(student_missing),
-            len(report["unexpected"]),
-            len(dropped),
-        )
-        return report
+        """Load a merged init file (path or state dict) with the distillation policy of
+        :mod:`tprd.checkpoint.distill_init` (teacher and student backbone complete, the rest of the
+        student may be fresh). Returns the report ``{"student_missing", "methods_missing",
+        "unexpected", "dropped"}``."""
+        return load_distill_init_checkpoint(self, checkpoint, self.student, self.teacher,
+                                            self.convert_reference_method_state_dict)

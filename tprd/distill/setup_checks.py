@@ -6,28 +6,25 @@
   temperatures and matching costs of ``model.methods`` must be finite and non-negative
   (temperatures positive), named by their config path.
 * :func:`check_method_values` (``Distiller.__init__``): the same on the built methods.
-* :func:`check_teacher_state_dict` (loading the init file): a teacher checkpoint of another
-  detector or another class count is named as such.
+* (loading the init file: a teacher checkpoint of another detector or class count is named as such
+  by :func:`tprd.checkpoint.distill_init.check_teacher_state_dict`.)
 * :func:`teacher_mode_note`: the line logged once when the teacher follows ``train()``.
 """
 from __future__ import annotations
 
 import math
-import re
 from collections import abc
-from typing import TYPE_CHECKING, Any, List, Mapping, Optional
+from typing import Any, List, Optional
+
+from omegaconf import ListConfig
 
 from tprd.config.select import select_value
 from tprd.errors import SetupError
-
-if TYPE_CHECKING:
-    from tprd.modeling.detector import DETRDetector
 
 __all__ = [
     "is_distiller_config",
     "check_distill_config",
     "check_method_values",
-    "check_teacher_state_dict",
     "teacher_mode_note",
     "RANDOM_TEACHER_WARNING",
 ]
@@ -35,7 +32,7 @@ __all__ = [
 RANDOM_TEACHER_WARNING = (
     "The teacher is RANDOM (no train.init_checkpoint; train.allow_random_teacher=True): this run checks the "
     "pipeline, its distillation signal is meaningless. Train a teacher and merge it with merge_weight.py "
-    "(README, CPU walkthrough) to distil for real"
+    "(docs/workflow.md, CPU walkthrough) to distil for real"
 )
 
 #: Method settings that scale a loss or a cost: finite and >= 0. Temperatures: finite and > 0.
@@ -47,8 +44,8 @@ _get = select_value  # one dotted config entry, or a default
 
 
 def is_distiller_config(cfg: Any) -> bool:
-    model = _get(cfg, "model")
-    return model is not None and hasattr(model, "keys") and "teacher" in model and "student" in model
+    node = _get(cfg, "model")  # the config node, not a model
+    return node is not None and hasattr(node, "keys") and "teacher" in node and "student" in node
 
 
 def _number(value: Any) -> Optional[float]:
@@ -65,7 +62,7 @@ def _bad_values(node: Any, path: str, positive: bool, out: List[str]) -> None:
         for k, v in node.items():
             _bad_values(v, f"{path}.{k}", positive, out)
         return
-    if isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
+    if isinstance(node, (list, tuple, ListConfig)):
         for i, v in enumerate(node):
             _bad_values(v, f"{path}.{i}", positive, out)
         return
@@ -111,7 +108,7 @@ def check_distill_config(cfg: Any, args: Any) -> List[str]:
     if methods is not None and hasattr(methods, "items"):
         for name, node in methods.items():
             _scan_method(node, f"model.methods.{name}", bad)
-    elif methods is not None and type(methods).__name__ in ("ListConfig", "list"):
+    elif isinstance(methods, (list, ListConfig)):
         for i, node in enumerate(methods):
             _scan_method(node, f"model.methods.{i}", bad)
     _raise_bad(bad, "the config or its overrides")
@@ -158,38 +155,6 @@ def check_method_values(methods: Any) -> None:
             if hasattr(m, attr):
                 _bad_values(getattr(m, attr), f"{name}.{attr}", True, bad)
     _raise_bad(bad, "the distillation methods")
-
-
-#: a detector's declared ``family`` -> the name :func:`tprd.checkpoint.describe_state_dict` uses
-_FAMILIES = {"deformable_detr": "Deformable DETR", "dino": "DINO", "dab_detr": "DAB-DETR"}
-
-
-def check_teacher_state_dict(teacher: DETRDetector, state_dict: Mapping[str, Any]) -> None:
-    """A teacher part of an init file (keys without ``teacher.``) that is another detector, or has
-    another class count, than the config's teacher: a :class:`CheckpointMismatchError` saying so."""
-    from tprd.checkpoint import CheckpointMismatchError, describe_state_dict
-    from tprd.checkpoint.loading import _num_classes
-
-    if not state_dict:
-        return
-    description = describe_state_dict(state_dict)
-    family = _FAMILIES.get(teacher.family)
-    found = re.search(r"(Deformable DETR|DINO|DAB-DETR)", description)
-    fix = ("use a checkpoint of the config's teacher as --input2 of merge_weight.py, or set model.teacher to "
-           "the detector of that checkpoint")
-    if family and found and found.group(1) != family:
-        raise CheckpointMismatchError(
-            f"the teacher in the init checkpoint looks like {description.replace('a ', '', 1)}, but the config's "
-            f"teacher is a {family} ({type(teacher).__name__}): {fix}"
-        )
-    theirs, ours = _num_classes(state_dict), teacher.num_classes
-    if theirs is not None and int(theirs) != int(ours):
-        raise CheckpointMismatchError(
-            f"the teacher in the init checkpoint has {theirs} classes ({description}), the config's teacher "
-            f"{ours} (model.teacher.num_classes): a teacher must be trained on the student's label space; use a "
-            f"teacher trained on this dataset (or, if the dataset really has {theirs} classes, set num_classes of "
-            "model.teacher and model.student to it)"
-        )
 
 
 def teacher_mode_note(teacher: Any) -> str:

@@ -13,7 +13,7 @@ the 4 integer neighbours of its sampling point, in the continuous grid coordinat
     (x0+1, y0+1) gets a * (X - x0)     * (Y - y0)
 
 Neighbours outside ``[0, W_l) x [0, H_l)`` are dropped; the token of cell ``(row, col)`` of level
-``l`` is ``row * W_l + col + level_start_l``. D3ETR sums per (image, head) over queries, levels
+``l`` is ``row * W_l + col + level_start_l``. D³ETR sums per (image, head) over queries, levels
 and points (``reduce="head"``, ``[B,M,S]``); QSKD per (image, query) over heads, levels and points
 (``reduce="query"``, ``[B,Q,S]``).
 

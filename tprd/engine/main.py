@@ -22,14 +22,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import abc
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from tprd.checkpoint import check_weight_file
 from tprd.config import LazyConfig, instantiate, select_value
 from tprd.data.loader import skip_train_batches
-from tprd.errors import DatasetError, DeviceError, MissingEntryError, UserError
+from tprd.errors import MissingEntryError, UserError
 
 from . import comm, hooks
 from .checkpoint import DetectionCheckpointer, remove_leftover_temporary_files
@@ -37,6 +36,7 @@ from .defaults import default_argument_parser, default_setup, save_run_config, u
 from .ema import EMAHook, ModelEMA
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .launch import launch
+from .setup_checks import _device, check_init_file, check_num_classes  # noqa: F401 (re-exported)
 from .lr_scheduler import LRMultiplier
 from .trainer import AMPTrainer, SimpleTrainer, create_ddp_model
 
@@ -92,17 +92,6 @@ def load_config(config_file: str, opts: Optional[Sequence[str]] = None):
 # --------------------------------------------------------------------------------------------
 # Model, checks, evaluation
 # --------------------------------------------------------------------------------------------
-def _device(cfg) -> torch.device:
-    name = str(_get(cfg, "train.device", "cuda"))
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            f"train.device={name!r} but CUDA is not available on this machine; add the override "
-            "train.device=cpu to run on the CPU."
-        )
-    return device
-
-
 def build_model(cfg) -> torch.nn.Module:
     """Instantiate ``cfg.model`` on ``train.device``."""
     device = _device(cfg)  # fail before building anything when the device is unavailable
@@ -113,66 +102,6 @@ def build_model(cfg) -> torch.nn.Module:
     logger.info(f"Model: {type(model).__name__} with {n_params:,} parameters ({n_train:,} trainable)")
     logger.debug(f"Model:\n{model}")
     return model
-
-
-def _find_key(node: Any, key: str, prefix: str) -> List[tuple]:
-    """``(dotted path, value)`` of every ``key`` entry in a config tree."""
-    found = []
-    if isinstance(node, abc.Mapping) or hasattr(node, "items") and hasattr(node, "keys"):
-        for k, v in node.items():
-            path = f"{prefix}.{k}"
-            if k == key and not isinstance(v, (abc.Mapping, list, tuple)) and not hasattr(v, "keys"):
-                found.append((path, v))
-            else:
-                found.extend(_find_key(v, key, path))
-    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
-        for i, v in enumerate(node):
-            found.extend(_find_key(v, key, f"{prefix}.{i}"))
-    return found
-
-
-def _dataset_names(cfg, split: str) -> List[str]:
-    names = _get(cfg, f"dataloader.{split}.dataset.names")
-    if names is None:
-        return []
-    if isinstance(names, str):
-        return [names]
-    return [str(n) for n in names]
-
-
-def check_num_classes(cfg, split: str = "train") -> None:
-    """Every ``num_classes`` in ``cfg.model`` must equal the dataset's number of classes.
-
-    Raises ``ValueError`` naming the config paths, the dataset and the override that fixes it.
-    """
-    names = _dataset_names(cfg, split)
-    if not names:
-        return
-    try:
-        from tprd.data import MetadataCatalog
-    except ImportError:  # pragma: no cover - data package not available
-        return
-    counts = {}
-    for name in names:
-        try:
-            classes = MetadataCatalog.get(name).get("thing_classes")
-        except Exception:
-            classes = None
-        if classes is not None:
-            counts[name] = len(classes)
-    if not counts:
-        return
-    if len(set(counts.values())) > 1:
-        raise DatasetError(f"The datasets of dataloader.{split}.dataset.names have different class counts: {counts}.")
-    n = next(iter(counts.values()))
-    wrong = [(p, v) for p, v in _find_key(cfg.model, "num_classes", "model") if v is not None and int(v) != n]
-    if wrong:
-        fix = " ".join(f"{p}={n}" for p, _ in wrong)
-        raise DatasetError(
-            f"Class count mismatch: dataset(s) {list(counts)} have {n} classes but "
-            + ", ".join(f"{p}={v}" for p, v in wrong)
-            + f". Override on the command line: {fix}"
-        )
 
 
 def print_csv_format(results: Mapping[str, Any]) -> None:
@@ -374,16 +303,6 @@ def eval_only_output_dir(cfg, args) -> str:
         parent = os.path.dirname(os.path.abspath(checkpoint)) if local else (configured or "./output")
         folder = _fresh_folder(os.path.join(parent, name))
     return comm.all_gather(folder)[0]
-
-
-def check_init_file(cfg, args) -> None:
-    """``train.init_checkpoint`` exists and is a weight file (a quick look, see
-    :func:`tprd.checkpoint.check_weight_file`), before the output folder is made."""
-    init = str(_get(cfg, "train.init_checkpoint", "") or "")
-    if init and not args.resume:
-        if not os.path.exists(init):
-            raise FileNotFoundError(f"train.init_checkpoint {init!r} does not exist.")
-        check_weight_file(init)
 
 
 def main(args) -> Any:

@@ -44,7 +44,7 @@ def detector_config(cfg, part: str = "student"):
 
 def build_detector(cfg, part: str = "student", device: Optional[str] = None) -> nn.Module:
     """Instantiate :func:`detector_config` on ``device`` (default ``train.device``), in eval mode."""
-    from .main import _device
+    from .setup_checks import _device
 
     node = detector_config(cfg, part)
     dev = torch.device(device) if device else _device(cfg)
@@ -57,6 +57,7 @@ def load_detector_weights(model: nn.Module, path: str, part: str = "student") ->
     """Load ``path`` into the detector ``model`` strictly: a plain detector checkpoint (ours or detrex)
     or the ``<part>.*`` weights of a distillation checkpoint. Raises naming the file and the fix."""
     from tprd.checkpoint import load_state_dict_checked, read_checkpoint
+    from tprd.checkpoint.detrex import adapter_for
     from tprd.checkpoint.student import is_detrex_naming
 
     if not os.path.isfile(path):
@@ -68,7 +69,7 @@ def load_detector_weights(model: nn.Module, path: str, part: str = "student") ->
         if not weights:
             raise ValueError(f"checkpoint {path!r} is a distillation checkpoint without '{prefix}*' keys")
     if is_detrex_naming(weights):
-        weights = type(model).convert_detrex_state_dict(weights)
+        weights = adapter_for(model).to_ours(weights)
     report = load_state_dict_checked(model, weights, strict=True, source=path)
     logger.info(report.summary())
 

@@ -14,10 +14,14 @@ import os
 from collections import abc
 from typing import Any, Dict, List, Optional, Tuple
 
-from tprd.config.select import select_value
-from tprd.errors import SetupError
+import torch
 
-__all__ = ["check_setup", "check_resume_config", "config_differences", "preload_datasets"]
+from tprd.checkpoint import check_weight_file
+from tprd.config.select import select_value
+from tprd.errors import DatasetError, DeviceError, SetupError
+
+__all__ = ["check_setup", "check_resume_config", "config_differences", "preload_datasets", "check_init_file",
+           "check_num_classes"]
 
 logger = logging.getLogger("tprd.engine")
 
@@ -136,13 +140,93 @@ def check_resume_config(cfg: Any, args: Any) -> None:
     )
 
 
+# -------------------------------------------------------------------- device, init file, classes
+def _device(cfg) -> torch.device:
+    name = str(_get(cfg, "train.device", "cuda"))
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"train.device={name!r} but CUDA is not available on this machine; add the override "
+            "train.device=cpu to run on the CPU."
+        )
+    return device
+
+
+def check_init_file(cfg, args) -> None:
+    """``train.init_checkpoint`` exists and is a weight file (a quick look, see
+    :func:`tprd.checkpoint.check_weight_file`), before the output folder is made."""
+    init = str(_get(cfg, "train.init_checkpoint", "") or "")
+    if init and not args.resume:
+        if not os.path.exists(init):
+            raise FileNotFoundError(f"train.init_checkpoint {init!r} does not exist.")
+        check_weight_file(init)
+
+
+def _find_key(node: Any, key: str, prefix: str) -> List[tuple]:
+    """``(dotted path, value)`` of every ``key`` entry in a config tree."""
+    found = []
+    if isinstance(node, abc.Mapping) or hasattr(node, "items") and hasattr(node, "keys"):
+        for k, v in node.items():
+            path = f"{prefix}.{k}"
+            if k == key and not isinstance(v, (abc.Mapping, list, tuple)) and not hasattr(v, "keys"):
+                found.append((path, v))
+            else:
+                found.extend(_find_key(v, key, path))
+    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
+        for i, v in enumerate(node):
+            found.extend(_find_key(v, key, f"{prefix}.{i}"))
+    return found
+
+
+def _dataset_names(cfg, split: str) -> List[str]:
+    names = _get(cfg, f"dataloader.{split}.dataset.names")
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    return [str(n) for n in names]
+
+
+def check_num_classes(cfg, split: str = "train") -> None:
+    """Every ``num_classes`` in ``cfg.model`` must equal the dataset's number of classes.
+
+    Raises ``ValueError`` naming the config paths, the dataset and the override that fixes it.
+    """
+    names = _dataset_names(cfg, split)
+    if not names:
+        return
+    try:
+        from tprd.data import MetadataCatalog
+    except ImportError:  # pragma: no cover - data package not available
+        return
+    counts = {}
+    for name in names:
+        try:
+            classes = MetadataCatalog.get(name).get("thing_classes")
+        except Exception:
+            classes = None
+        if classes is not None:
+            counts[name] = len(classes)
+    if not counts:
+        return
+    if len(set(counts.values())) > 1:
+        raise DatasetError(f"The datasets of dataloader.{split}.dataset.names have different class counts: {counts}.")
+    n = next(iter(counts.values()))
+    wrong = [(p, v) for p, v in _find_key(cfg.model, "num_classes", "model") if v is not None and int(v) != n]
+    if wrong:
+        fix = " ".join(f"{p}={n}" for p, _ in wrong)
+        raise DatasetError(
+            f"Class count mismatch: dataset(s) {list(counts)} have {n} classes but "
+            + ", ".join(f"{p}={v}" for p, v in wrong)
+            + f". Override on the command line: {fix}"
+        )
+
+
 # ----------------------------------------------------------------------------------------- all
 def check_setup(cfg: Any, args: Any) -> List[str]:
     """Every check that needs no model: device, init file, resumed config, distillation set-up,
     datasets and class counts. Returns warnings to log once logging is set up."""
     from tprd.distill.setup_checks import check_distill_config
-
-    from .main import _device, check_init_file, check_num_classes
 
     _device(cfg)
     check_init_file(cfg, args)

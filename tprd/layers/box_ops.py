@@ -5,7 +5,7 @@ Boxes are ``(..., 4)`` tensors. ``cxcywh`` is (centre x, centre y, width, height
 ``IoU - (hull - union) / (hull + 1e-6)``, exactly as detrex computes them (its ``box_iou`` and
 ``generalized_box_iou``; the paired forms are their diagonals). The epsilons matter for tiny boxes:
 with DINO KD-DETR's raw general reference points (areas down to ~1e-6) an IoU without it differs by
-up to 0.7 % (README, "Parity with the reference distillers").
+up to 0.7 % (docs/parity.md, "Parity with the reference distillers").
 """
 from __future__ import annotations
 

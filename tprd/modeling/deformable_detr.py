@@ -10,14 +10,13 @@ The model reads top to bottom as the paper does::
            --heads: class Linear, box MLP (+ inverse-sigmoid reference)--> logits [L,B,Q,C], boxes [L,B,Q,4]
 
 Numerics follow detrex (``projects/deformable_detr``) operation by operation, so a detrex checkpoint
-converted with :meth:`DeformableDETR.convert_detrex_state_dict` gives the same outputs. Module
-names are our own (``self_attn``, ``cross_attn``, ``ffn.linear1``, ``norm1`` ...); the conversion
-maps detrex's (``attentions.0``, ``ffns.0.layers.0.0``, ``norms.0`` ...). Heads that detrex shares
-between stages (no box refinement) are stored once (``class_embed.0``, ``bbox_embed.0``).
+converted by its adapter (:mod:`tprd.checkpoint.detrex.deformable_detr`) gives the same outputs.
+Module names are our own (``self_attn``, ``cross_attn``, ``ffn.linear1``, ``norm1`` ...). Heads
+that detrex shares between stages (no box refinement) are stored once (``class_embed.0``,
+``bbox_embed.0``).
 
 Inputs (normalise + pad), the backbone -> neck -> encoder front end, proposal generation, inference
-and the train/eval ``forward`` live in :mod:`tprd.modeling.detector` (shared with DINO); detrex
-config and key helpers in :mod:`tprd.modeling.detrex_compat`.
+and the train/eval ``forward`` live in :mod:`tprd.modeling.detector` (shared with DINO).
 
 Beyond detrex, :meth:`DeformableDETR.forward_outputs` decodes extra query groups in the same
 decoder pass (block-diagonal self-attention mask), returns stacked per-stage predictions and the
@@ -26,7 +25,7 @@ intermediate tensors distillation methods tap, and the padding masks are correct
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +52,6 @@ from .detector import (
     level_masks,
     reset_neck_parameters,
     valid_ratio,
-)
-from .detrex_compat import (
-    build_backbone,
-    build_matcher,
-    build_neck,
-    build_position_embedding,
-    check_focal_loss,
-    config_target,
-    convert_with_aliases,
-    deformable_alias_target,
-    deformable_detrex_names,
-    deformable_detrex_to_ours,
-    expand_to_detrex,
-    layer_kwargs,
 )
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
@@ -622,120 +607,3 @@ class DeformableDETR(MultiScaleDETRDetector):
     # Training / inference: forward, compute_losses, inference and postprocess come from
     # DETRDetector (weighted detrex losses in training; top-k detections rescaled in eval).
     # ---------------------------------------------------------------------------------------
-    def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
-        """Our tensors in the layout of a detrex parity fixture's ``intermediates.pt``."""
-        taps = outputs.taps
-        main = outputs.main
-        if self.with_box_refine:  # each layer's output box is the next layer's reference
-            refs_after = main.boxes.detach()
-        else:
-            refs_after = main.references
-        enc = outputs.enc
-        return {
-            "backbone": taps["backbone"],
-            "neck": taps["neck"],
-            "masks": taps["neck_masks"],
-            "transformer_outputs": (
-                main.hidden,
-                main.references[0],
-                refs_after,
-                enc["pred_logits"] if enc else None,
-                enc["pred_boxes_unact"] if enc else None,
-            ),
-        }
-
-    # ---------------------------------------------------------------------------------------
-    # detrex compatibility
-    # ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_detrex_config(cls, cfg: Mapping[str, Any]) -> "DeformableDETR":
-        """Build from a detrex LazyConfig dict (a parity fixture's ``reduced_config``, resolved)."""
-        return cls(**_parse_detrex_config(cfg))
-
-    @staticmethod
-    def detrex_key_map(keys: Sequence[str]) -> Dict[str, str]:
-        """``{detrex key: our key}``; aliases of a shared tensor map to the key that holds it."""
-        keys = list(keys)
-        refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in keys)
-        return {k: deformable_detrex_to_ours(k, refine) or deformable_alias_target(k, refine) for k in keys}
-
-    @classmethod
-    def convert_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Rename a detrex Deformable DETR state dict to ours; aliases of shared tensors (the shared
-        heads without box refinement, ``transformer.decoder.{class,bbox}_embed``) collapse to one
-        entry, after checking that they really hold the same values."""
-        refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state_dict)
-        return convert_with_aliases(
-            state_dict,
-            lambda k: deformable_detrex_to_ours(k, refine),
-            lambda k: deformable_alias_target(k, refine),
-            hint=" (shared between stages); was the checkpoint made with a different with_box_refine?",
-        )
-
-    @classmethod
-    def to_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Our state dict in detrex naming, with every alias detrex saves (the inverse of
-        :meth:`convert_detrex_state_dict`). Read from the keys: box refinement (per-stage heads,
-        ``bbox_embed.1.*``; a one-layer decoder without two-stage counts as without), two-stage
-        (``transformer.enc_output.*``) and the number of decoder layers."""
-        layers = {int(k.split(".")[3]) for k in state_dict if k.startswith("transformer.decoder.layers.")}
-        two_stage = any(k.startswith("transformer.enc_output.") for k in state_dict)
-        refine = any(k.startswith("bbox_embed.1.") for k in state_dict)
-        num_pred = len(layers) + int(two_stage)
-        decoder_heads = (("bbox_embed",) if refine else ()) + (("class_embed",) if two_stage else ())
-        return expand_to_detrex(state_dict, lambda k: deformable_detrex_names(k, refine, num_pred, decoder_heads))
-
-
-# ============================================================================================
-# detrex config -> constructor arguments
-# ============================================================================================
-
-
-def _build_transformer(cfg: Mapping[str, Any]) -> DeformableTransformer:
-    enc_cfg, dec_cfg = cfg["encoder"], cfg["decoder"]
-    encoder = DeformableTransformerEncoder(**layer_kwargs(enc_cfg),
-                                           post_norm=bool(enc_cfg.get("post_norm", False)))
-    decoder = DeformableTransformerDecoder(**layer_kwargs(dec_cfg),
-                                           return_intermediate=bool(dec_cfg.get("return_intermediate", True)))
-    return DeformableTransformer(
-        encoder, decoder,
-        as_two_stage=bool(cfg.get("as_two_stage", False)),
-        num_feature_levels=int(cfg.get("num_feature_levels", 4)),
-        two_stage_num_proposals=int(cfg.get("two_stage_num_proposals", 300)),
-    )
-
-
-def _build_criterion(cfg: Optional[Mapping[str, Any]], two_stage: bool) -> Optional[SetCriterion]:
-    if not cfg:
-        return None
-    check_focal_loss(cfg)
-    matcher = build_matcher(cfg.get("matcher"))
-    # detrex's DeformableCriterion supervises two-stage proposals as a single class
-    binary = bool(cfg.get("two_stage_binary_cls", "DeformableCriterion" in config_target(cfg)))
-    return SetCriterion(
-        num_classes=int(cfg["num_classes"]), matcher=matcher, weight_dict=dict(cfg.get("weight_dict", {})),
-        alpha=float(cfg.get("alpha", 0.25)), gamma=float(cfg.get("gamma", 2.0)), two_stage_binary_cls=binary,
-    )
-
-
-def _parse_detrex_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    two_stage = bool(cfg.get("as_two_stage", False))
-    return dict(
-        backbone=build_backbone(cfg["backbone"]),
-        position_embedding=build_position_embedding(cfg["position_embedding"]),
-        neck=build_neck(cfg["neck"]),
-        transformer=_build_transformer(cfg["transformer"]),
-        num_classes=int(cfg["num_classes"]),
-        num_queries=int(cfg["num_queries"]),
-        criterion=_build_criterion(cfg.get("criterion"), two_stage),
-        pixel_mean=list(cfg.get("pixel_mean", PIXEL_MEAN)),
-        pixel_std=list(cfg.get("pixel_std", PIXEL_STD)),
-        embed_dim=int(cfg.get("embed_dim", 256)),
-        aux_loss=bool(cfg.get("aux_loss", True)),
-        with_box_refine=bool(cfg.get("with_box_refine", False)),
-        as_two_stage=two_stage,
-        select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 100)),
-        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
-        msda_backend=cfg.get("msda_backend"),
-        device=cfg.get("device"),
-    )

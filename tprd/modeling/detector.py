@@ -288,7 +288,10 @@ class DETRDetector(nn.Module):
       :attr:`device`;
     * methods :meth:`preprocess`, :meth:`prepare_targets`, :meth:`forward_features`,
       :meth:`forward_outputs`, :meth:`decode_memory` (the post-encoder path CrossKD needs),
-      :meth:`compute_losses`, :meth:`convert_detrex_state_dict`.
+      :meth:`compute_losses`.
+
+    detrex interop (configs, checkpoint keys, parity layouts) is not part of a detector: each family
+    has an adapter in :mod:`tprd.checkpoint.detrex`, registered under :attr:`family`.
 
     A subclass sets the class attributes, calls :meth:`register_pixel_stats` in ``__init__`` and
     implements :attr:`num_stages`, :attr:`num_feature_levels`, :meth:`extract_features`,
@@ -430,10 +433,6 @@ class DETRDetector(nn.Module):
         the teacher). Returns what :meth:`forward_outputs` returns; ``taps`` are copied into the
         result's taps."""
         raise NotImplementedError
-
-    def convert_detrex_state_dict(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """A detrex-named state dict of this detector -> this model's names (default: unchanged)."""
-        return dict(state_dict)
 
     def train_outputs(self, images: ImageBatch, targets: Sequence[Dict[str, Tensor]]) -> DetectorOutputs:
         """The training forward's :meth:`forward_outputs` call (DINO passes the targets, for denoising)."""

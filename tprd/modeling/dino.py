@@ -19,8 +19,8 @@ The model reads top to bottom as the paper does::
 
 Numerics follow detrex (``projects/dino``, IDEA-Research/detrex) operation by operation; module names
 are those of :mod:`tprd.modeling.deformable_detr` (whose encoder and decoder layer DINO reuses,
-because the numerics are identical), and :meth:`DINO.convert_detrex_state_dict` maps detrex
-checkpoint keys onto them (:mod:`tprd.modeling.detrex_compat`). Inputs, the backbone -> neck ->
+because the numerics are identical); its adapter (:mod:`tprd.checkpoint.detrex.dino`) maps detrex
+checkpoint keys onto them. Inputs, the backbone -> neck ->
 encoder front end, proposal generation, inference and the train/eval ``forward`` are shared with
 Deformable DETR (:class:`~tprd.modeling.detector.MultiScaleDETRDetector`).
 
@@ -47,7 +47,7 @@ use; denoising can be switched off per call (``use_dn=False``, the distillation 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -70,19 +70,6 @@ from .detector import (
     group_slices,
     reset_neck_parameters,
     valid_ratio,
-)
-from .detrex_compat import (
-    build_backbone,
-    build_matcher,
-    build_neck,
-    build_position_embedding,
-    check_focal_loss,
-    convert_with_aliases,
-    deformable_alias_target,
-    deformable_detrex_names,
-    deformable_detrex_to_ours,
-    expand_to_detrex,
-    layer_kwargs,
 )
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
@@ -695,103 +682,3 @@ class DINO(MultiScaleDETRDetector):
     # Training / inference: forward (weighted losses incl. ``_enc`` and ``_dn`` terms in training,
     # detections in eval), compute_losses, inference and postprocess come from DETRDetector.
     # ---------------------------------------------------------------------------------------
-    def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
-        """Our tensors in the layout of a detrex parity fixture's ``intermediates.pt``."""
-        taps, main, enc = outputs.taps, outputs.main, outputs.enc
-        refined = torch.cat([main.references[1:], taps["next_reference"][None]], 0)
-        return {
-            "backbone": taps["backbone"],
-            "neck": taps["neck"],
-            "masks": taps["neck_masks"],
-            "transformer_outputs": (main.hidden, main.references[0], refined, enc["hidden"], enc["pred_boxes"]),
-            "enc_outputs_class_all_tokens": enc["all_token_logits"],
-            "enc_topk_proposals": enc["topk_indices"],
-        }
-
-    # ---------------------------------------------------------------------------------------
-    # detrex compatibility
-    # ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_detrex_config(cls, cfg: Mapping[str, Any]) -> "DINO":
-        """Build from a detrex LazyConfig dict (a parity fixture's ``reduced_config``, resolved)."""
-        return cls(**_parse_detrex_config(cfg))
-
-    @staticmethod
-    def detrex_key_map(keys: Sequence[str]) -> Dict[str, str]:
-        """``{detrex key: our key}``; the aliases ``transformer.decoder.{class,bbox}_embed.*`` map to
-        the heads that hold them."""
-        return {k: deformable_detrex_to_ours(k, True) or deformable_alias_target(k, True) for k in keys}
-
-    @classmethod
-    def convert_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Rename a detrex DINO state dict to ours: backbone to torchvision names, transformer layers
-        to ours (``attentions.0`` -> ``self_attn`` ...); the aliases
-        ``transformer.decoder.{class,bbox}_embed.*`` collapse onto ``{class,bbox}_embed.*`` after
-        checking that they hold the same values."""
-        return convert_with_aliases(state_dict, lambda k: deformable_detrex_to_ours(k, True),
-                                    lambda k: deformable_alias_target(k, True))
-
-    @classmethod
-    def to_detrex_state_dict(cls, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Our state dict in detrex naming, with the aliases ``transformer.decoder.{class,bbox}_embed.*``
-        detrex saves too (the inverse of :meth:`convert_detrex_state_dict`)."""
-        return expand_to_detrex(
-            state_dict, lambda k: deformable_detrex_names(k, True, 0, ("class_embed", "bbox_embed")))
-
-
-# ============================================================================================
-# detrex config -> constructor arguments
-# ============================================================================================
-
-def _build_transformer(cfg: Mapping[str, Any]) -> DINOTransformer:
-    enc_cfg, dec_cfg = cfg["encoder"], cfg["decoder"]
-    encoder = DINOTransformerEncoder(**layer_kwargs(enc_cfg),
-                                     post_norm=bool(enc_cfg.get("post_norm", False)))
-    decoder = DINOTransformerDecoder(**layer_kwargs(dec_cfg),
-                                     return_intermediate=bool(dec_cfg.get("return_intermediate", True)),
-                                     look_forward_twice=bool(dec_cfg.get("look_forward_twice", True)))
-    return DINOTransformer(
-        encoder, decoder,
-        num_feature_levels=int(cfg.get("num_feature_levels", 4)),
-        two_stage_num_proposals=int(cfg.get("two_stage_num_proposals", 900)),
-        learnt_init_query=bool(cfg.get("learnt_init_query", True)),
-    )
-
-
-def _build_criterion(cfg: Optional[Mapping[str, Any]]) -> Optional[DINOCriterion]:
-    if not cfg:
-        return None
-    check_focal_loss(cfg)
-    if list(cfg.get("losses", ["class", "boxes"])) != ["class", "boxes"]:
-        raise ValueError(f"DINOCriterion computes the 'class' and 'boxes' losses; got losses={cfg.get('losses')}")
-    matcher = build_matcher(cfg.get("matcher"))
-    return DINOCriterion(
-        num_classes=int(cfg["num_classes"]), matcher=matcher, weight_dict=dict(cfg.get("weight_dict", {})),
-        alpha=float(cfg.get("alpha", 0.25)), gamma=float(cfg.get("gamma", 2.0)),
-        two_stage_binary_cls=bool(cfg.get("two_stage_binary_cls", False)),
-    )
-
-
-def _parse_detrex_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    return dict(
-        backbone=build_backbone(cfg["backbone"]),
-        position_embedding=build_position_embedding(cfg["position_embedding"]),
-        neck=build_neck(cfg["neck"]),
-        transformer=_build_transformer(cfg["transformer"]),
-        embed_dim=int(cfg.get("embed_dim", 256)),
-        num_classes=int(cfg["num_classes"]),
-        num_queries=int(cfg["num_queries"]),
-        criterion=_build_criterion(cfg.get("criterion")),
-        pixel_mean=list(cfg.get("pixel_mean", PIXEL_MEAN)),
-        pixel_std=list(cfg.get("pixel_std", PIXEL_STD)),
-        aux_loss=bool(cfg.get("aux_loss", True)),
-        select_box_nums_for_evaluation=int(cfg.get("select_box_nums_for_evaluation", 300)),
-        dn_number=int(cfg.get("dn_number", 100)),
-        label_noise_ratio=float(cfg.get("label_noise_ratio", 0.2)),
-        box_noise_scale=float(cfg.get("box_noise_scale", 1.0)),
-        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
-        msda_backend=cfg.get("msda_backend"),
-        device=cfg.get("device"),
-        input_format=cfg.get("input_format", "RGB"),
-        vis_period=int(cfg.get("vis_period", 0)),
-    )

@@ -44,6 +44,10 @@ __all__ = [
 Match = Tuple[Tensor, Tensor]
 LOSS_BASE_KEYS = {"vfl": ("loss_vfl",), "focal": ("loss_focal",), "boxes": ("loss_bbox", "loss_giou")}
 
+#: The 80 COCO category ids in contiguous-label order (1..90 without the 10 unused ids), for the
+#: post-processor's ``remap_mscoco_category`` (the model does not import the data catalog).
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+
 
 def rtdetr_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tuple[Tensor, Tensor]:
     """Pairwise IoU ``[N,M]`` and union of ``xyxy`` boxes, ``inter / union`` (no epsilon)."""
@@ -383,10 +387,7 @@ class RTDETRPostProcessor(nn.Module):
                 labels = labels.gather(1, queries)
                 xyxy = xyxy.gather(1, queries.unsqueeze(-1).tile(1, 1, 4))
         if self.remap_mscoco_category:
-            from ..data.catalog import COCO_CATEGORIES
-
-            ids = torch.as_tensor([cid for cid, _ in COCO_CATEGORIES], device=labels.device)
-            labels = ids[labels]
+            labels = torch.as_tensor(COCO_CATEGORY_IDS, device=labels.device)[labels]
         return [{"labels": l, "boxes": b, "scores": s, "queries": q}
                 for l, b, s, q in zip(labels, xyxy, scores, queries)]
 

@@ -5,7 +5,7 @@ queries, its small transformer, ResNet-50 with trainable BatchNorm, trained from
 alone with the CPU setting of the detector configs (``common/synthetic_cpu.py``: batch 4, 600
 iterations, AdamW 4e-4, one evaluation at the end). Its ``model_final.pth`` is ``--input2`` of
 ``merge_weight.py``; the merged file is ``train.init_checkpoint`` of every
-``cfg_distill/<Method>/*_synthetic.py`` (README, "CPU walkthrough")::
+``cfg_distill/<Method>/*_synthetic.py`` (docs/workflow.md, "CPU walkthrough")::
 
     python projects/dab_detr/train_net.py \\
         --config-file projects/dab_detr/configs/dab_detr_r50_synthetic.py \\

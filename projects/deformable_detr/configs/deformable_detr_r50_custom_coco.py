@@ -26,7 +26,7 @@ That command runs, but the model is the full COCO recipe (R50, 6 + 6 layers, 300
 up to 1333 px): about 85 s an iteration on a CPU. It is meant for a GPU; on a CPU shrink the model
 and the images as ``tests/test_custom_dataset_config.py`` does, or start from
 ``deformable_detr_r18_synthetic.py``. Check the data first:
-``python tools/check_dataset.py --config-file <this file>`` (README, "Check your set-up").
+``python tools/check_dataset.py --config-file <this file>`` (docs/datasets.md, "Check your set-up").
 
 Everything else is ``deformable_detr_r50_50ep.py`` (COCO recipe, AdamW 2e-4, batch 16): set
 ``train.max_iter`` (and the lr milestones of ``lr_multiplier``) for the size of your data, and

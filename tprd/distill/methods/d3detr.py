@@ -1,4 +1,4 @@
-"""D³ETR: MixMatcher distillation of predictions and decoder attention (docs/methods.md#d3etr; TPRD #tprd-variants).
+"""D³ETR: MixMatcher distillation of predictions and decoder attention (docs/methods.md#d3detr; TPRD #tprd-variants).
 
 The student decodes its own queries and, as a separate group over the same memory, the teacher's
 initial queries (the *fixed* group; DINO: the teacher's content embedding + its image-dependent
@@ -40,7 +40,7 @@ from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_t
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
 from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
 
-__all__ = ["D3ETR", "self_attention_kd", "cross_attention_kd"]
+__all__ = ["D3DETR", "self_attention_kd", "cross_attention_kd"]
 
 PRED_TERMS = ("class", "l1", "giou")
 ATTN_TERMS = ("self_attn", "cross_attn")
@@ -55,7 +55,7 @@ def self_attention_kd(student_maps: Tensor, teacher_maps: Tensor, s_idx: Tensor,
     """
     if student_maps.shape[:3] != teacher_maps.shape[:3]:
         raise ValueError(
-            f"D3ETR self-attention maps differ in (layers, images, heads): student {tuple(student_maps.shape[:3])} "
+            f"D³ETR self-attention maps differ in (layers, images, heads): student {tuple(student_maps.shape[:3])} "
             f"vs teacher {tuple(teacher_maps.shape[:3])}; give both decoders the same num_layers and num_heads"
         )
     s = _square_gather(student_maps, s_idx)
@@ -77,14 +77,14 @@ def cross_attention_kd(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
     cross-attention maps ``[L,B,M,S]``."""
     if student_maps.shape != teacher_maps.shape:
         raise ValueError(
-            f"D3ETR cross-attention maps differ: student {tuple(student_maps.shape)} vs teacher "
+            f"D³ETR cross-attention maps differ: student {tuple(student_maps.shape)} vs teacher "
             f"{tuple(teacher_maps.shape)} [layers, images, heads, memory tokens]; both models need the same "
             "decoder layers, heads and neck levels/strides"
         )
     return (student_maps - teacher_maps.detach()).pow(2).flatten(1).mean(-1)
 
 
-class D3ETR(DistillMethod):
+class D3DETR(DistillMethod):
     """D³ETR with optional TPRD.
 
     Args:
@@ -123,9 +123,9 @@ class D3ETR(DistillMethod):
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         ds, dt = student.embed_dim, teacher.embed_dim
         if ds != dt:
-            raise ValueError(f"D3ETR feeds the teacher's queries to the student; widths differ ({dt} vs {ds})")
+            raise ValueError(f"D³ETR feeds the teacher's queries to the student; widths differ ({dt} vs {ds})")
         self._embed_dim = ds
-        check_same_stages(student, teacher, "D3ETR")
+        check_same_stages(student, teacher, "D³ETR")
 
     def _uses(self, prefix: str = "") -> bool:
         return any(self.weights[prefix + t] != 0 for t in PRED_TERMS + ATTN_TERMS)
@@ -135,7 +135,7 @@ class D3ETR(DistillMethod):
             return []
         tap = ctx.teacher_out.taps.get("queries")
         if tap is None:
-            raise KeyError("D3ETR needs the teacher's initial queries (taps['queries'])")
+            raise KeyError("D³ETR needs the teacher's initial queries (taps['queries'])")
         return [query_group_from_tap(tap, self.group_name("teacher_queries"), ctx.batch_size, self._embed_dim)]
 
     # ------------------------------------------------------------------ terms
@@ -163,7 +163,7 @@ class D3ETR(DistillMethod):
         num_stages, batch, ns = s.logits.shape[:3]
         if aligned:  # identity: student query q <-> teacher query q
             if ns != t_logits.shape[2]:
-                raise ValueError(f"D3ETR fixed group: {ns} student rows vs {t_logits.shape[2]} teacher queries")
+                raise ValueError(f"D³ETR fixed group: {ns} student rows vs {t_logits.shape[2]} teacher queries")
             s_idx = torch.arange(ns, device=s.logits.device).expand(num_stages, batch, ns)
             t_idx = s_idx
         else:

@@ -1,4 +1,4 @@
-"""D³ETR, Deformable DETR R50 -> R18, synthetic (docs/methods.md#d3etr)."""
+"""D³ETR, Deformable DETR R50 -> R18, synthetic (docs/methods.md#d3detr)."""
 from ..base.deformable_detr_r50_distill_r18_synthetic import (  # noqa: F401
     dataloader,
     lr_multiplier,

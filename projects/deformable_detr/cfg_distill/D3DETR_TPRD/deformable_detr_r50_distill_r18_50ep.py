@@ -1,4 +1,4 @@
-"""D³ETR + TPRD, Deformable DETR R50 -> R18, COCO (docs/methods.md#d3etr, #tprd-variants)."""
+"""D³ETR + TPRD, Deformable DETR R50 -> R18, COCO (docs/methods.md#d3detr, #tprd-variants)."""
 from ..D3DETR.deformable_detr_r50_distill_r18_50ep import *  # noqa: F401,F403
 
 model.methods.d3detr.refine = True

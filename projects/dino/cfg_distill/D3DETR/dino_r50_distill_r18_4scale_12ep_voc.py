@@ -1,4 +1,4 @@
-"""D³ETR, DINO (4-scale) R50 -> R18, VOC (docs/methods.md#d3etr)."""
+"""D³ETR, DINO (4-scale) R50 -> R18, VOC (docs/methods.md#d3detr)."""
 from ..base.dino_r50_distill_r18_4scale_12ep_voc import (  # noqa: F401
     dataloader,
     lr_multiplier,

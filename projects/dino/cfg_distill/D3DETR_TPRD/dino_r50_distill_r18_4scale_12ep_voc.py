@@ -1,4 +1,4 @@
-"""D³ETR + TPRD, DINO (4-scale) R50 -> R18, VOC (docs/methods.md#d3etr, #tprd-variants)."""
+"""D³ETR + TPRD, DINO (4-scale) R50 -> R18, VOC (docs/methods.md#d3detr, #tprd-variants)."""
 from ..D3DETR.dino_r50_distill_r18_4scale_12ep_voc import *  # noqa: F401,F403
 
 model.methods.d3detr.refine = True

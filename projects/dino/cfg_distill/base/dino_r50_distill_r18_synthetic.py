@@ -25,7 +25,7 @@ for detector in (model.student, model.teacher):
         part.num_layers = layers
 del detector, part, layers  # loop variables are not config entries
 # both backbones train from scratch here: trainable BatchNorm (FrozenBN would be the identity). The
-# teacher, trained alone, is projects/dino/configs/dino_r50_synthetic.py (README, CPU walkthrough)
+# teacher, trained alone, is projects/dino/configs/dino_r50_synthetic.py (docs/workflow.md, CPU walkthrough)
 for _detector in (model.student, model.teacher):
     _detector.backbone.norm = "BN"
     _detector.backbone.freeze_at = 0

@@ -1,31 +1,30 @@
-"""detrex interop shared by the detectors: config nodes -> our modules, checkpoint keys -> ours.
+"""What the detrex adapters share: the adapter base class, config builders and key helpers.
+
+:class:`DetrexAdapter` is the one interface between a detector of :mod:`tprd.modeling` and the
+official detrex world (configs, checkpoints, parity fixtures); each detector has one subclass in
+this package, registered in :data:`tprd.checkpoint.detrex.ADAPTERS`.
 
 Config builders take a resolved detrex LazyConfig node (a plain mapping with ``_target_``):
 :func:`build_backbone`, :func:`build_neck`, :func:`build_position_embedding`,
-:func:`build_matcher` (+ :func:`check_focal_loss`). Key helpers: :func:`convert_backbone_key`
-(detectron2 ResNet names -> torchvision's), :func:`deformable_detrex_to_ours` /
-:func:`deformable_alias_target` (the deformable transformer layer names used by Deformable DETR and
-DINO) and :func:`convert_with_aliases`, which renames a whole state dict and collapses detrex's
-aliases of one shared tensor after checking that they really hold the same values.
-
-The way back (ours -> detrex, for ``tools/extract_student.py --format detrex``):
-:func:`backbone_key_to_detrex`, :func:`deformable_ours_to_detrex` (inverse of
-:func:`deformable_detrex_to_ours` for the kept keys), :func:`deformable_detrex_names` (a key's
-detrex name and the aliases detrex also saves) and :func:`expand_to_detrex`.
+:func:`build_matcher` (+ :func:`check_focal_loss`, :func:`layer_kwargs`). Key helpers:
+:func:`convert_backbone_key` (detectron2 ResNet names -> torchvision's) and its inverse
+:func:`backbone_key_to_detrex`; :func:`convert_with_aliases`, which renames a whole state dict and
+collapses detrex's aliases of one shared tensor after checking that they really hold the same
+values, and :func:`expand_to_detrex`, the way back (ours -> detrex, with every alias).
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Type
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..layers.position_embedding import PositionEmbeddingSine
-from .backbone import ChannelMapper, ResNet, _tv_to_d2, convert_detectron2_resnet_keys
-from .matcher import HungarianMatcher
+from tprd.layers.position_embedding import PositionEmbeddingSine
+from tprd.modeling.backbone import ChannelMapper, ResNet, _tv_to_d2, convert_detectron2_resnet_keys
+from tprd.modeling.matcher import HungarianMatcher
 
 __all__ = [
+    "DetrexAdapter",
     "config_target",
     "build_backbone",
     "build_neck",
@@ -35,14 +34,78 @@ __all__ = [
     "layer_kwargs",
     "DEFORMABLE_LAYER_ARGS",
     "convert_backbone_key",
-    "deformable_detrex_to_ours",
-    "deformable_alias_target",
     "convert_with_aliases",
     "backbone_key_to_detrex",
-    "deformable_ours_to_detrex",
-    "deformable_detrex_names",
     "expand_to_detrex",
 ]
+
+
+# ============================================================================================
+# The adapter interface
+# ============================================================================================
+
+
+class DetrexAdapter:
+    """How one detector family meets detrex. A subclass sets :attr:`model_class`, :attr:`name` and
+    :attr:`signature` and implements :meth:`build`, :meth:`to_ours` and :meth:`to_detrex`; the rest
+    have defaults.
+
+    Attributes:
+        model_class: our detector class; its declared ``family`` is the adapter's :attr:`family`,
+            the registry key.
+        name: the name people use (``"DINO"``); error messages and :meth:`describe` use it.
+        detrex_targets: class names of the detrex ``_target_`` this adapter builds from a config,
+            compared lower-case without underscores (default: our class's name, e.g.
+            ``"DeformableDETR"``, which is detrex's).
+        signature: a regular expression (``re.M``, on the newline-joined keys) that only a state
+            dict of this family matches, in either naming; :func:`~tprd.checkpoint.detrex.adapter_for_keys`
+            tries the adapters in registry order, so a family whose keys are a subset of another's
+            comes after it.
+    """
+
+    model_class: Type[nn.Module]
+    name: str = ""
+    signature: str = r"(?!)"
+
+    @property
+    def family(self) -> str:
+        return self.model_class.family
+
+    @property
+    def detrex_targets(self) -> Sequence[str]:
+        return (self.model_class.__name__,)
+
+    def build(self, cfg: Mapping[str, Any]) -> nn.Module:
+        """Our detector from a resolved detrex LazyConfig dict (a parity fixture's ``reduced_config``)."""
+        raise NotImplementedError
+
+    def to_ours(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """A detrex-named state dict of this detector in our names; aliases of one shared tensor
+        collapse to one key after checking that they hold the same values (``ValueError``)."""
+        raise NotImplementedError
+
+    def to_detrex(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Our state dict in detrex naming, with every alias detrex saves (the inverse of :meth:`to_ours`)."""
+        raise NotImplementedError
+
+    def key_map(self, keys: Sequence[str]) -> Optional[Dict[str, str]]:
+        """``{detrex key: our key}`` for ``keys`` (aliases map to the key that holds the tensor), or
+        ``None`` to let the caller derive it from :meth:`to_ours` with marker tensors."""
+        return None
+
+    def parity_intermediates(self, model: nn.Module, outputs: Any) -> Dict[str, Any]:
+        """Our tensors of ``model.forward_outputs(...)`` in the layout of a detrex parity fixture's
+        ``intermediates.pt`` (default: backbone, neck and masks)."""
+        taps = outputs.taps
+        return {"backbone": taps.get("backbone"), "neck": taps.get("neck"), "masks": taps.get("neck_masks")}
+
+    def describe(self, joined_keys: str) -> str:
+        """The family's name for a state dict whose newline-joined keys match :attr:`signature`
+        (a subclass may add the variant, e.g. ``"Deformable DETR (two-stage)"``)."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} family={self.family!r}>"
 
 
 # ============================================================================================
@@ -146,54 +209,6 @@ def convert_backbone_key(key: str) -> str:
     return next(iter(convert_detectron2_resnet_keys({key: None})))
 
 
-_ENC_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.*)$")
-_DEC_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
-_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
-_FFN = {"ffns.0.layers.0.0.": "ffn.linear1.", "ffns.0.layers.1.": "ffn.linear2."}
-_ENC_TABLE = {"attentions.0.": "self_attn.", "norms.0.": "norm1.", "norms.1.": "norm2."}
-_DEC_TABLE = {"attentions.0.attn.": "self_attn.", "attentions.1.": "cross_attn.",
-              "norms.0.": "norm1.", "norms.1.": "norm2.", "norms.2.": "norm3."}
-
-
-def _rename_layer_part(rest: str, table: Dict[str, str]) -> str:
-    for old, new in list(table.items()) + list(_FFN.items()):
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    raise KeyError(rest)
-
-
-def deformable_detrex_to_ours(key: str, per_stage_heads: bool) -> Optional[str]:
-    """Our name of a detrex Deformable DETR / DINO key, or ``None`` for an alias of a shared tensor
-    (``transformer.decoder.{class,bbox}_embed.*``; without ``per_stage_heads`` also the head copies
-    ``{class,bbox}_embed.k``, ``k > 0``)."""
-    if key.startswith("backbone."):
-        return convert_backbone_key(key)
-    m = _ENC_LAYER.match(key)
-    if m:
-        return f"transformer.encoder.layers.{m.group(1)}." + _rename_layer_part(m.group(2), _ENC_TABLE)
-    m = _DEC_LAYER.match(key)
-    if m:
-        return f"transformer.decoder.layers.{m.group(1)}." + _rename_layer_part(m.group(2), _DEC_TABLE)
-    if key.startswith("transformer.encoder.post_norm_layer."):
-        return "transformer.encoder.norm." + key[len("transformer.encoder.post_norm_layer."):]
-    if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
-        return None
-    m = _HEAD.match(key)
-    if m and not per_stage_heads:
-        return f"{m.group(1)}.0.{m.group(3)}" if m.group(2) == "0" else None
-    return key
-
-
-def deformable_alias_target(key: str, per_stage_heads: bool) -> str:
-    """Our key holding the tensor that the dropped detrex alias ``key`` duplicates."""
-    if key.startswith("transformer.decoder."):
-        key = key[len("transformer.decoder."):]
-    m = _HEAD.match(key)
-    if m is None:
-        raise KeyError(key)
-    return key if per_stage_heads else f"{m.group(1)}.0.{m.group(3)}"
-
-
 def convert_with_aliases(
     state_dict: Mapping[str, Tensor],
     rename: Callable[[str], Optional[str]],
@@ -245,54 +260,6 @@ def backbone_key_to_detrex(key: str) -> str:
     """A torchvision-named ResNet key (``backbone.layer1.0.bn1.weight`` ...) in detectron2 names
     (the inverse of :func:`convert_backbone_key`)."""
     return _tv_to_d2(key)
-
-
-_ENC_LAYER_OURS = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.*)$")
-_DEC_LAYER_OURS = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
-
-
-def _invert(table: Dict[str, str]) -> Dict[str, str]:
-    return {new: old for old, new in table.items()}
-
-
-def _rename_layer_part_back(rest: str, table: Dict[str, str]) -> str:
-    for ours, detrex in list(_invert(table).items()) + list(_invert(_FFN).items()):
-        if rest.startswith(ours):
-            return detrex + rest[len(ours):]
-    raise KeyError(rest)
-
-
-def deformable_ours_to_detrex(key: str) -> str:
-    """The detrex name of our Deformable DETR / DINO key (the inverse of
-    :func:`deformable_detrex_to_ours` on the keys it keeps)."""
-    if key.startswith("backbone."):
-        return backbone_key_to_detrex(key)
-    m = _ENC_LAYER_OURS.match(key)
-    if m:
-        return f"transformer.encoder.layers.{m.group(1)}." + _rename_layer_part_back(m.group(2), _ENC_TABLE)
-    m = _DEC_LAYER_OURS.match(key)
-    if m:
-        return f"transformer.decoder.layers.{m.group(1)}." + _rename_layer_part_back(m.group(2), _DEC_TABLE)
-    if key.startswith("transformer.encoder.norm."):
-        return "transformer.encoder.post_norm_layer." + key[len("transformer.encoder.norm."):]
-    return key
-
-
-def deformable_detrex_names(key: str, per_stage_heads: bool, num_pred: int,
-                            decoder_heads: Sequence[str]) -> List[str]:
-    """Every detrex key that holds our key's tensor: its detrex name, then the aliases detrex saves
-    too -- without ``per_stage_heads`` the shared head ``{class,bbox}_embed.0`` as
-    ``{class,bbox}_embed.k`` for ``k < num_pred``; the heads named in ``decoder_heads``
-    (``"class_embed"``, ``"bbox_embed"``: those detrex hands to its decoder) again under
-    ``transformer.decoder.``."""
-    m = _HEAD.match(key)
-    if m is None:
-        return [deformable_ours_to_detrex(key)]
-    head, index, rest = m.groups()
-    names = [key] if per_stage_heads else [f"{head}.{k}.{rest}" for k in range(num_pred)]
-    if head in decoder_heads:
-        names += [f"transformer.decoder.{n}" for n in names]
-    return names
 
 
 def expand_to_detrex(state_dict: Mapping[str, Tensor], names: Callable[[str], Sequence[str]]) -> Dict[str, Tensor]:

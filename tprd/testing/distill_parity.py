@@ -605,25 +605,9 @@ def _load_json(path: Path, name: str) -> Any:
 def _parameter_map(model: nn.Module, keys: Sequence[Sequence], alias_groups: Sequence[Sequence[str]]) -> Dict[str, str]:
     """Reference key -> our parameter/buffer name, by converting marker tensors (every key, or alias
     group, a distinct constant) through the distiller's own checkpoint converter."""
-    group_of = {k: gi for gi, g in enumerate(alias_groups) for k in g}
-    ids: Dict[Any, float] = {}
-    markers = {}
-    for k, shape, dtype in keys:
-        gid = ("g", group_of[k]) if k in group_of else ("k", k)
-        ids.setdefault(gid, float(len(ids) + 1))
-        markers[k] = torch.full(tuple(shape), ids[gid]) if "float" in dtype else torch.zeros(tuple(shape))
-    converted = model.convert_detrex_state_dict(markers)
-    by_id: Dict[float, List[str]] = {}
-    for ours, v in converted.items():
-        if v.numel():
-            by_id.setdefault(float(v.flatten()[0]), []).append(ours)
-    out = {}
-    for k, shape, dtype in keys:
-        if markers[k].numel():
-            names = by_id.get(float(markers[k].flatten()[0]), [])
-            if names:
-                out[k] = names[0]
-    return out
+    from .parity import marker_key_map
+
+    return marker_key_map(keys, alias_groups, model.convert_detrex_state_dict)
 
 
 def _check_grads(model: nn.Module, fixture: Dict[str, Any], result: DistillParityResult) -> None:

@@ -1,10 +1,10 @@
-"""Load official detrex checkpoints and torchvision ImageNet backbones, reporting every key.
+"""Read a state dict from any checkpoint file and load it key by key, reporting every key.
 
-A detrex checkpoint is ``{"model": state_dict, ...}`` (``.pth``) or a pickled dict (``.pkl``,
-numpy arrays). :func:`load_detrex_checkpoint` renames it with the model's own
-``convert_detrex_state_dict`` classmethod (every detector in :mod:`tprd.modeling` has one) and loads
-it; with ``strict=True`` any missing or unexpected key, or any shape mismatch, is an error naming
-the keys.
+A checkpoint is ``{"model": state_dict, ...}`` (``.pth``) or a pickled dict (``.pkl``, numpy
+arrays); :func:`read_checkpoint` gives the flat state dict of either. :func:`load_state_dict_checked`
+loads one into a module; with ``strict=True`` any missing or unexpected key, or any shape mismatch,
+is an error naming the keys. Official detrex checkpoints go through their detector's adapter first
+(:func:`tprd.checkpoint.detrex.load_detrex_checkpoint`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from .files import CheckpointFileError, read_weight_file
 
-__all__ = ["LoadReport", "CheckpointMismatchError", "read_checkpoint", "load_detrex_checkpoint",
-           "compare_state_dict", "load_state_dict_checked", "load_torchvision_backbone"]
+__all__ = ["LoadReport", "CheckpointMismatchError", "StateSource", "read_checkpoint", "compare_state_dict",
+           "load_state_dict_checked", "load_torchvision_backbone"]
 
 StateSource = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -115,16 +115,6 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
         )
     module.load_state_dict(loadable, strict=False)
     return report
-
-
-def load_detrex_checkpoint(model: nn.Module, path_or_state_dict: StateSource, strict: bool = True) -> LoadReport:
-    """Load a detrex checkpoint into ``model`` through ``type(model).convert_detrex_state_dict``."""
-    convert = getattr(type(model), "convert_detrex_state_dict", None)
-    if convert is None:
-        raise TypeError(f"{type(model).__name__} has no convert_detrex_state_dict; cannot load detrex weights")
-    source = "" if isinstance(path_or_state_dict, Mapping) else os.fspath(path_or_state_dict)
-    state_dict = convert(read_checkpoint(path_or_state_dict))
-    return load_state_dict_checked(model, state_dict, strict=strict, source=source)
 
 
 def load_torchvision_backbone(backbone: nn.Module, path_or_sd: StateSource) -> LoadReport:

@@ -8,25 +8,25 @@ the weights with the ``crc32-randn-v1`` rule in detrex key space, loads them str
 :func:`~tprd.checkpoint.detrex.load_detrex_checkpoint`, runs the input and returns every
 comparison with its largest difference.
 
-Model contract used here (all detectors of :mod:`tprd.modeling`): ``from_detrex_config``,
-``convert_detrex_state_dict``, ``preprocess``, ``prepare_targets``, ``forward_outputs``,
-``inference(outputs, image_sizes)``, ``model(batched_inputs)``; optional ``detrex_key_map`` (for
-gradients; otherwise derived with marker tensors) and ``parity_intermediates(outputs)`` (the
-``intermediates.pt`` layout).
+What it uses of a detector: its detrex adapter (:mod:`tprd.checkpoint.detrex`: ``build``,
+``to_ours``, ``key_map`` -- for gradients; ``None`` derives it with marker tensors, see
+:func:`marker_key_map` -- and ``parity_intermediates``, the ``intermediates.pt`` layout) and the
+model's ``preprocess``, ``prepare_targets``, ``forward_outputs``, ``inference(outputs,
+image_sizes)``, ``model(batched_inputs)``.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .detrex import load_detrex_checkpoint
+from tprd.checkpoint.detrex import adapter_for, adapter_for_config, load_detrex_checkpoint
+
 from .fill import fill_state_dict
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "build_model",
     "fill_model",
     "run_fixture",
-    "MODEL_CLASSES",
+    "marker_key_map",
 ]
 
 # tolerances of the fixtures (tests/fixtures/reference/README.md)
@@ -45,13 +45,6 @@ TOL_PRED = dict(atol=1e-4, rtol=1e-4)
 TOL_PIXEL = dict(atol=1e-3, rtol=0.0)
 TOL_LOSS = dict(atol=1e-4, rtol=1e-4)
 TIE_GAP = 1e-5
-
-MODEL_CLASSES = {
-    "deformabledetr": "tprd.modeling.deformable_detr:DeformableDETR",
-    "dabdetr": "tprd.modeling.dab_detr:DABDETR",
-    "dino": "tprd.modeling.dino:DINO",
-}
-
 
 @dataclass
 class Check:
@@ -123,21 +116,15 @@ def load_fixture(path) -> Dict[str, Any]:
 
 
 def model_class_for(reduced_config: Dict[str, Any]):
-    """Our detector class for a detrex ``_target_`` (DeformableDETR, DABDETR, DINO)."""
-    target = str(reduced_config.get("_target_", ""))
-    name = target.rsplit(".", 1)[-1].lower().replace("_", "")
-    spec = MODEL_CLASSES.get(name)
-    if spec is None:
-        raise ValueError(f"no tprd model for detrex target {target!r}; known: {sorted(MODEL_CLASSES)}")
-    module, cls = spec.split(":")
-    return getattr(importlib.import_module(module), cls)
+    """Our detector class for a detrex ``_target_`` (through the adapter registry)."""
+    return adapter_for_config(reduced_config).model_class
 
 
 def build_model(fixture: Dict[str, Any]) -> nn.Module:
     reduced = fixture["config"]["reduced_config"]
-    cls = model_class_for(reduced)
+    adapter = adapter_for_config(reduced)
     torch.manual_seed(0)
-    return cls.from_detrex_config(reduced)
+    return adapter.build(reduced)
 
 
 def fill_model(model: nn.Module, fixture: Dict[str, Any]) -> Tuple[Dict[str, Tensor], List[Check]]:
@@ -256,32 +243,38 @@ def compare_detections(name: str, ours: Sequence[Dict[str, Tensor]], ref: Sequen
 # --------------------------------------------------------------------------------------------
 
 
-def _key_map(model: nn.Module, fixture: Dict[str, Any]) -> Dict[str, str]:
-    """detrex key -> our parameter/buffer name."""
-    keys = [k for k, _, _ in fixture["keys"]]
-    fn = getattr(type(model), "detrex_key_map", None)
-    if fn is not None:
-        return fn(keys)
-    # markers: every alias group shares one value; read back where each value landed
-    group_of = {}
-    for gi, group in enumerate(fixture["config"].get("alias_groups", [])):
-        for k in group:
-            group_of[k] = gi
-    ids, markers = {}, {}
-    for k, shape, dtype in fixture["keys"]:
+def marker_key_map(keys: Sequence[Sequence], alias_groups: Sequence[Sequence[str]],
+                   convert: Callable[[Dict[str, Tensor]], Dict[str, Tensor]]) -> Dict[str, str]:
+    """Reference key -> our parameter/buffer name, read off ``convert`` (a checkpoint converter):
+    every ``(key, shape, dtype)`` row, or alias group (which shares one value), becomes a distinct
+    constant, and each constant is looked up where it landed (the first of our names holding it)."""
+    group_of = {k: gi for gi, group in enumerate(alias_groups) for k in group}
+    ids: Dict[Any, float] = {}
+    markers = {}
+    for k, shape, dtype in keys:
         gid = ("g", group_of[k]) if k in group_of else ("k", k)
         ids.setdefault(gid, float(len(ids) + 1))
         markers[k] = torch.full(tuple(shape), ids[gid]) if "float" in dtype else torch.zeros(tuple(shape))
-    converted = type(model).convert_detrex_state_dict(markers)
-    by_id = {}
-    for ours, v in converted.items():
+    by_id: Dict[float, str] = {}
+    for ours, v in convert(markers).items():
         if v.numel():
             by_id.setdefault(float(v.flatten()[0]), ours)
     out = {}
-    for k, shape, dtype in fixture["keys"]:
+    for k, _, _ in keys:
         if markers[k].numel():
-            out[k] = by_id.get(float(markers[k].flatten()[0]))
+            name = by_id.get(float(markers[k].flatten()[0]))
+            if name is not None:
+                out[k] = name
     return out
+
+
+def _key_map(model: nn.Module, fixture: Dict[str, Any]) -> Dict[str, str]:
+    """detrex key -> our parameter/buffer name: the adapter's own map, else derived with markers."""
+    adapter = adapter_for(model)
+    own = adapter.key_map([k for k, _, _ in fixture["keys"]])
+    if own is not None:
+        return own
+    return marker_key_map(fixture["keys"], fixture["config"].get("alias_groups", []), adapter.to_ours)
 
 
 def _train_inputs(batched_inputs):
@@ -361,11 +354,7 @@ def _compare_intermediates(model, outputs, fixture, result: ParityResult) -> Non
     ref = fixture["intermediates"]
     if ref is None:
         return
-    fn = getattr(model, "parity_intermediates", None)
-    ours = fn(outputs) if fn is not None else {
-        "backbone": outputs.taps.get("backbone"), "neck": outputs.taps.get("neck"),
-        "masks": outputs.taps.get("neck_masks"),
-    }
+    ours = adapter_for(model).parity_intermediates(model, outputs)
     for key, value in ref.items():
         if key not in ours:
             continue

@@ -3,7 +3,7 @@
 :func:`run_rtdetr_fixture` reads only the fixture's ``config.json``, ``keys.json``,
 ``fill_checksums.json`` and ``input.pt``: it builds :class:`~tprd.modeling.rt_detr.RTDETR` from the
 reference's resolved constructor arguments (``reduced_config``), fills the weights with the
-``crc32-randn-v1`` rule (RT-DETR variant, :func:`~tprd.checkpoint.rtdetr.fill_rtdetr_state_dict`),
+``crc32-randn-v1`` rule (RT-DETR variant, :func:`fill_rtdetr_state_dict`, below),
 checks the fill checksums, loads them strictly (:func:`~tprd.checkpoint.rtdetr.load_rtdetr_checkpoint`)
 and runs the input as the reference did (eval: model + post-processor; training: forward,
 criterion, backward). The result's ``dump`` has the keys of the fixture's ``outputs.pt``;
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..checkpoint.rtdetr import _leaf, load_rtdetr_checkpoint
+from .fill import fill_value
 from .parity import Check, compare_tensors, compare_tree
-from .rtdetr import fill_rtdetr_state_dict, load_rtdetr_checkpoint
 
 __all__ = ["is_rtdetr_fixture", "run_rtdetr_fixture", "compare_rtdetr_fixture", "RTDETRParityResult",
            "TOLERANCES"]
@@ -344,3 +346,32 @@ def _compare_grads(result: RTDETRParityResult, ref: Dict[str, Any]) -> List[Chec
         buf_bad.append(f"changed here only: {extra[:3]}")
     checks.append(Check("buffers after the training forward (relative)", worst_b, not buf_bad, "; ".join(buf_bad[:3])))
     return checks
+
+
+def _unit_std(key: str, unit_std_suffixes: Sequence[str]) -> bool:
+    return any(key == s or key.endswith("." + s) for s in unit_std_suffixes)
+
+
+def fill_rtdetr_state_dict(model: nn.Module, keys: Optional[Iterable[Sequence]] = None,
+                           unit_std_suffixes: Sequence[str] = ("denoising_class_embed.weight", "tgt_embed.weight"),
+                           exempt_leaves: Sequence[str] = ("anchors", "num_points_scale")) -> Dict[str, Tensor]:
+    """The ``crc32-randn-v1`` values of every floating state-dict entry of ``model`` (or of the
+    ``[key, shape, dtype]`` rows ``keys``), in RT-DETR's variant: keys ending in one of
+    ``unit_std_suffixes`` are drawn at unit std; floating buffers whose leaf is in ``exempt_leaves``
+    keep the model's constructed values; non-floating entries are not returned."""
+    own = model.state_dict()
+    rows = keys if keys is not None else [(k, list(v.shape), str(v.dtype)) for k, v in own.items()]
+    out: Dict[str, Tensor] = {}
+    for key, shape, dtype in sorted(rows, key=lambda r: r[0]):
+        if "float" not in str(dtype):
+            continue
+        if _leaf(key) in exempt_leaves:
+            out[key] = own[key].detach().clone()
+            continue
+        value = fill_value(key, shape)
+        if _unit_std(key, unit_std_suffixes) and len(shape) > 1:  # the rule's N(0, 1) draw, unscaled
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(zlib.crc32(key.encode("utf-8")))
+            value = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+        out[key] = value
+    return out
