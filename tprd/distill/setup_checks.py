@@ -161,7 +161,7 @@ def check_method_values(methods: Any) -> None:
 
 
 #: a detector's declared ``family`` -> the name :func:`tprd.checkpoint.describe_state_dict` uses
-_FAMILIES = {"deformable_detr": "Deformable DETR", "dino": "DINO", "dab_detr": "DAB-DETR"}
+_FAMILIES = {"deformable_detr": "Deformable DETR", "dino": "DINO", "dab_detr": "DAB-DETR", "rt_detr": "RT-DETR"}
 
 
 def check_teacher_state_dict(teacher: DETRDetector, state_dict: Mapping[str, Any]) -> None:
@@ -174,7 +174,7 @@ def check_teacher_state_dict(teacher: DETRDetector, state_dict: Mapping[str, Any
         return
     description = describe_state_dict(state_dict)
     family = _FAMILIES.get(teacher.family)
-    found = re.search(r"(Deformable DETR|DINO|DAB-DETR)", description)
+    found = re.search(r"(Deformable DETR|DINO|DAB-DETR|RT-DETR)", description)
     fix = ("use a checkpoint of the config's teacher as --input2 of merge_weight.py, or set model.teacher to "
            "the detector of that checkpoint")
     if family and found and found.group(1) != family:
