@@ -95,7 +95,7 @@ def test_memory_mask_and_feature_term_by_hand():
     taps = {"decoder_cross_attn": [{"kind": "dense", "attention_weights": attn}], "group_slices": {"main": slice(0, 2)},
             "memory": torch.zeros(1, 3, 2)}
     ctx = SimpleNamespace(section=lambda name: nullcontext(), teacher_out=DetectorOutputs(main=None, taps=taps),
-                          student_out=DetectorOutputs(main=None, taps={"memory": torch.ones(1, 3, 2)}))
+                          student_out=DetectorOutputs(main=None, taps={"memory": torch.ones(1, 3, 2)}), teacher_stages=None)
     t_sel = {"positive": torch.tensor([[[True, False]]]), "hard_negative": torch.tensor([[[False, True]]]),
              "score": torch.tensor([[[0.5, 0.2]]])}
     method = QSKD()

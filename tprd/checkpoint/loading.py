@@ -48,7 +48,7 @@ logger = logging.getLogger("tprd.checkpoint")
 #: A training init load that fills under this fraction of the model's tensors is refused.
 MIN_LOADED_FRACTION = 0.10
 #: Key fragments of the tensors whose first dimension is the class count.
-CLASS_HEAD_KEYS = ("class_embed", "label_enc")
+CLASS_HEAD_KEYS = ("class_embed", "label_enc", "enc_score_head", "dec_score_head", "denoising_class_embed")
 _LIST_LIMIT = 20
 _SKIP_OVERRIDE = "train.init_skip_class_heads=True"
 
@@ -61,18 +61,20 @@ def _is_class_head(key: str) -> bool:
 def _num_classes(state_dict: Mapping[str, Tensor]) -> Optional[int]:
     """The class count of the first class head (``class_embed[.0].weight`` rows), if any."""
     for key in sorted(state_dict):
-        if re.fullmatch(r"(.*\.)?class_embed(\.0)?\.weight", key) and getattr(state_dict[key], "ndim", 0) == 2:
+        if re.fullmatch(r"(.*\.)?(class_embed(\.0)?|dec_score_head\.0|enc_score_head)\.weight", key) \
+                and getattr(state_dict[key], "ndim", 0) == 2:
             return int(state_dict[key].shape[0])
     return None
 
 
-_RESNET_KEY = re.compile(r"^(backbone\.)?(conv1|bn1|layer[1-4]|fc|stem|res[2-5])\.")
+_RESNET_KEY = re.compile(r"^(backbone\.)?(conv1|bn1|layer[1-4]|fc|stem|res[2-5]|res_layers)\.")
 
 
 def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
     """What a checkpoint looks like, from its key names: a distiller (``student.``/``teacher.``), a
     backbone only, a Deformable DETR / DINO / DAB-DETR detector in detrex's or this toolbox's naming
-    (with its class count), or an unrecognised state dict (with its first keys)."""
+    (with its class count), an RT-DETR (official naming, which is this toolbox's), or an
+    unrecognised state dict (with its first keys)."""
     keys = list(state_dict)
     if not keys:
         return "an empty state dict"
@@ -82,6 +84,8 @@ def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
         return (f"a distillation checkpoint ({' and '.join(parts)} keys: a Distiller's checkpoint or a "
                 "merge_weight.py init file), evaluated or trained with a distillation config")
     if all(_RESNET_KEY.match(k) for k in keys):
+        if any(re.match(r"^(backbone\.)?res_layers\.", k) for k in keys):
+            return f"a backbone-only checkpoint (a PResNet-vd, RT-DETR's ImageNet backbone, {len(keys)} tensors)"
         style = "detectron2" if any(re.match(r"^(backbone\.)?(stem|res[2-5])\.", k) for k in keys) else "torchvision"
         return f"a backbone-only checkpoint (a ResNet in {style} naming, {len(keys)} tensors)"
     joined = "\n".join(keys)
@@ -91,6 +95,8 @@ def describe_state_dict(state_dict: Mapping[str, Tensor]) -> str:
         return f"an unrecognised state dict of {len(keys)} tensors (first keys: {', '.join(keys[:5])})"
     detrex = re.search(r"^backbone\.(stem|res[2-5])\.|\.attentions\.\d+\.|\.ffns\.\d+\.", joined, re.M)
     naming = "a detrex" if detrex else "a TPRD (this toolbox's naming)"
+    if adapter.official_naming_is_ours:
+        naming = "an"  # e.g. "an RT-DETR checkpoint": official and our key names are the same
     classes = _num_classes(state_dict)
     return f"{naming} {family} checkpoint" + (f" with {classes} classes" if classes is not None else "")
 

@@ -10,6 +10,10 @@ original ``merge_weight.py`` load too:
 * the teacher's level embeddings copied to ``student.<key>`` (docs/methods.md#initial-weights: the student's level
   embedding starts from the teacher's).
 
+RT-DETR (docs/rt_detr.md#initial-weights): ``input1`` is the reference's ImageNet PResNet-vd file
+(``res_layers.*`` names, the model's own: kept as ``student.backbone.<key>``), ``input2`` an official
+RT-DETRv2 checkpoint, whose EMA weights (``ema/module``) are taken whenever the file has them.
+
 Unlike the reference, the un-prefixed student keys are not duplicated and every key is reported.
 """
 from __future__ import annotations
@@ -53,6 +57,11 @@ def read_nested_state_dict(path: Union[str, os.PathLike]) -> tuple[StateDict, Li
         if any(isinstance(v, (Tensor, np.ndarray)) for v in data.values()):
             break
         nested = [k for k in NESTINGS if isinstance(data.get(k), Mapping)]
+        ema = data.get("ema")
+        if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
+            # RT-DETR's files: {"ema": {"module": weights, "updates": n}[, "model": ...]}; the reference
+            # loads the EMA weights whenever they are there (every released number is theirs)
+            nested = ["ema"]
         if not nested:
             where = "/".join(trail) or "the top level"
             raise MergeInputError(
@@ -69,7 +78,7 @@ def read_nested_state_dict(path: Union[str, os.PathLike]) -> tuple[StateDict, Li
     return state, trail
 
 
-_DETECTOR = re.compile(r"(Deformable DETR|DINO|DAB-DETR)")
+_DETECTOR = re.compile(r"(Deformable DETR|DINO|DAB-DETR|RT-DETR)")
 
 
 def check_merge_inputs(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], input1: str, input2: str,
@@ -96,12 +105,14 @@ def check_merge_inputs(student: Mapping[str, Tensor], teacher: Mapping[str, Tens
     if not (backbone1 or student_merged):
         raise MergeInputError(
             f"--input1 {input1} looks like {d1}, not a backbone: --input1 must be the student's ImageNet ResNet "
-            f"(torchvision resnet18-f37072fd.pth or a detectron2 R-18).{swapped}"
+            f"(torchvision resnet18-f37072fd.pth or a detectron2 R-18; for RT-DETR the PResNet-vd file "
+            f"ResNet18_vd_pretrained_from_paddle.pth).{swapped}"
         )
     if not _DETECTOR.search(d2) or d2.startswith("a distillation"):
         raise MergeInputError(
-            f"--input2 {input2} looks like {d2}, not a teacher detector: --input2 must be a Deformable DETR, DINO or "
-            "DAB-DETR checkpoint (detrex, or one trained with this toolbox, e.g. <run>/model_final.pth)."
+            f"--input2 {input2} looks like {d2}, not a teacher detector: --input2 must be a Deformable DETR, DINO, "
+            "DAB-DETR or RT-DETR checkpoint (detrex or the official RT-DETR release, or one trained with this toolbox, "
+            "e.g. <run>/model_final.pth)."
             + (" The inputs look swapped." if backbone2 and not backbone1 else "")
         )
 
@@ -123,10 +134,15 @@ class MergeReport:
     backbone_missing: List[str] = field(default_factory=list)
     backbone_unexpected: List[str] = field(default_factory=list)
     backbone_depth: int = 0
+    backbone_kind: str = "ResNet"
+
+    @property
+    def backbone_name(self) -> str:
+        return f"{self.backbone_kind}-{self.backbone_depth}" + ("vd" if self.backbone_kind == "PResNet" else "")
 
     def summary(self) -> str:
         lines = [
-            f"student backbone (ResNet-{self.backbone_depth}): {len(self.student_backbone)} keys mapped",
+            f"student backbone ({self.backbone_name}): {len(self.student_backbone)} keys mapped",
             f"student, other keys kept: {len(self.student_other)}",
             f"teacher: {len(self.teacher)} keys",
             f"level embeddings copied teacher -> student: {', '.join(self.level_embeds) or 'none'}",
@@ -138,7 +154,7 @@ class MergeReport:
             lines.append(f"NOT matched, missing from the student backbone ({len(self.backbone_missing)}): "
                          + ", ".join(self.backbone_missing[:10]) + (" ..." if len(self.backbone_missing) > 10 else ""))
         if self.backbone_unexpected:
-            lines.append(f"NOT matched, not a ResNet-{self.backbone_depth} key ({len(self.backbone_unexpected)}): "
+            lines.append(f"NOT matched, not a {self.backbone_name} key ({len(self.backbone_unexpected)}): "
                          + ", ".join(self.backbone_unexpected[:10]))
         if not self.backbone_missing and not self.backbone_unexpected:
             lines.append("student backbone: every key matched")
@@ -153,11 +169,53 @@ def _backbone_depth(d2_keys) -> int:
     return table.get((has_conv3, tuple(counts)), 0)
 
 
+def _presnet_depth(keys) -> int:
+    """Depth of a PResNet-vd state dict (RT-DETR's backbone) from its blocks per stage, 0 if unknown."""
+    blocks = {tuple(k.split(".")[1:4:2]) for k in keys if k.startswith("res_layers.")}
+    counts = tuple(sum(1 for stage, _ in blocks if stage == str(i)) for i in range(4))
+    bottleneck = any(".branch2c." in k for k in keys)
+    table = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101}
+    return table.get((bottleneck, counts), 0)
+
+
+def is_presnet_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    """A PResNet-vd backbone (RT-DETR's ImageNet file, ``res_layers.*`` names), optionally under ``backbone.``."""
+    return any(k.startswith(("res_layers.", "backbone.res_layers.")) for k in state_dict)
+
+
+def _merge_presnet(student: Mapping[str, Tensor], merged: StateDict, report: MergeReport) -> None:
+    """RT-DETR's student backbone: the PResNet-vd keys are the model's own (``student.backbone.<key>``)."""
+    from ..modeling.presnet import PResNet
+
+    backbone = {}
+    for key, value in student.items():
+        if key.endswith("num_batches_tracked") or key.startswith("fc."):
+            report.dropped.append(key)
+            continue
+        backbone[key[len("backbone."):] if key.startswith("backbone.") else key] = value
+    depth = _presnet_depth(backbone)
+    report.backbone_depth = depth
+    report.backbone_kind = "PResNet"
+    if depth:
+        expected = {k for k in PResNet(depth=depth, variant="d", freeze_at=-1, freeze_norm=False).state_dict()
+                    if not k.endswith("num_batches_tracked")}
+        report.backbone_missing = sorted(expected - set(backbone))
+        report.backbone_unexpected = sorted(set(backbone) - expected)
+    else:
+        report.backbone_unexpected = sorted(backbone)
+    for key, value in backbone.items():
+        merged["student.backbone." + key] = value
+        report.student_backbone.append("student.backbone." + key)
+
+
 def merge_weights(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> tuple[StateDict, MergeReport]:
     """Merge ``student`` backbone weights and ``teacher`` detector weights (see module docstring)."""
     report = MergeReport()
     merged: StateDict = {}
     backbone: StateDict = {}
+    if is_presnet_state_dict(student) and not any(k.startswith("student.") for k in student):
+        _merge_presnet(student, merged, report)
+        student = {}
     for key, value in student.items():
         if key.startswith("student."):
             merged[key] = value
@@ -167,10 +225,10 @@ def merge_weights(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) 
             report.dropped.append(key)
             continue
         backbone[key[len("backbone."):] if key.startswith("backbone.") else key] = value
-    backbone = torchvision_to_detectron2_resnet_keys(backbone)
-    depth = _backbone_depth(backbone)
-    report.backbone_depth = depth
     if backbone:
+        backbone = torchvision_to_detectron2_resnet_keys(backbone)
+        depth = _backbone_depth(backbone)
+        report.backbone_depth = depth
         if depth:
             expected = set(torchvision_to_detectron2_resnet_keys(ResNet(depth).state_dict()))
             report.backbone_missing = sorted(expected - set(backbone))

@@ -51,6 +51,7 @@ from tprd.modeling.outputs import DetectorOutputs, ImageBatch, QueryGroup
 from tprd.utils.events import current_event_storage
 
 from .methods.base import FEATURE_NEEDS, DistillContext, DistillMethod, expand_stage_terms
+from .methods.common import stage_pairing as _stage_pairing
 from .setup_checks import check_method_values, teacher_mode_note
 
 __all__ = ["Distiller"]
@@ -74,6 +75,11 @@ class Distiller(nn.Module):
             (``teacher_forward``, ``student_forward``, ``student_gt_loss``, ``matching``, ``tprd``,
             ``method_losses`` -- ``method_losses`` includes the matching and TPRD times).
         check_pixel_stats: require identical pixel mean/std (the shared input is normalised once).
+        stage_pairing: which teacher stage each student stage learns from when their decoder depths
+            differ (:func:`~tprd.distill.methods.common.stage_pairing`): ``"uniform"`` (default:
+            spread evenly, final <-> final; 6 -> 3 gives teacher stages 1, 3, 5), ``"last"`` or an
+            explicit list of teacher stages. Equal depths always pair stage ``l`` with stage ``l``
+            (docs/methods.md#stage-pairing).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class Distiller(nn.Module):
         teacher_train_mode: bool = False,
         profile: bool = False,
         check_pixel_stats: bool = True,
+        stage_pairing: Union[str, Sequence[int]] = "uniform",
     ):
         super().__init__()
         if isinstance(methods, Mapping):
@@ -103,6 +110,8 @@ class Distiller(nn.Module):
         self.timings: Dict[str, float] = {}
 
         self.teacher.requires_grad_(False)
+        # a teacher that stops early in eval (RT-DETR's eval_idx) must still give every stage
+        self.teacher.keep_all_stages_in_eval()
         check_method_values(methods)  # set-up checks: tprd/distill/setup_checks.py
         if self.teacher_train_mode:
             logger.warning(teacher_mode_note(teacher))
@@ -122,6 +131,18 @@ class Distiller(nn.Module):
                 m.check_models(student, teacher)
             except ValueError as e:  # a teacher/student pair this method cannot use: the user's set-up
                 raise SetupError(f"method {m.name!r}: {e}") from e
+        #: the teacher stage of each student stage (docs/methods.md#stage-pairing), ``None`` when stage l
+        #: pairs with stage l. A teacher shallower than the student has no pairing; the prediction-level
+        #: methods refuse it above (check_same_stages), the feature-level ones never pair stages.
+        self.teacher_stages: Optional[List[int]] = None
+        try:
+            pairing = _stage_pairing(student.num_stages, teacher.num_stages, stage_pairing)
+        except ValueError as e:
+            if not isinstance(stage_pairing, str) or student.num_stages <= teacher.num_stages:
+                raise SetupError(f"stage_pairing: {e}") from e  # a bad explicit list
+            pairing = None
+        if pairing is not None and pairing != list(range(teacher.num_stages)):
+            self.teacher_stages = pairing
         self.train(self.training)
 
     # ------------------------------------------------------------------ construction checks
@@ -202,7 +223,7 @@ class Distiller(nn.Module):
         images = self.student.preprocess(batched_inputs)
         targets = self.student.prepare_targets(batched_inputs)
         ctx = DistillContext(images, targets, self.student, self.teacher, timings=timings,
-                             iteration=None if storage is None else storage.iter)
+                             iteration=None if storage is None else storage.iter, teacher_stages=self.teacher_stages)
 
         teacher_groups = self._collect_groups([m.teacher_query_groups for m in self.methods], ctx)
         with ctx.section("teacher_forward"):

@@ -161,7 +161,11 @@ class DetectionCheckpointer(Checkpointer):
                 _check_complete_student(report, path, type(model).__name__, config_file)
             return {}
         data = self._load_file(path)
-        load_init_state_dict(model, read_checkpoint(data), source=path, strict=strict, config_file=config_file,
+        from tprd.checkpoint.detrex import adapter_for
+
+        adapter = adapter_for(model, default=None)  # a family's own nesting (RT-DETR: ema.module first)
+        weights = adapter.read(data) if adapter is not None else read_checkpoint(data)
+        load_init_state_dict(model, weights, source=path, strict=strict, config_file=config_file,
                              skip_class_heads=skip_class_heads)
         return {k: v for k, v in data.items() if k != "model"}
 

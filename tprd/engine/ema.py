@@ -11,6 +11,10 @@ Config (``configs/common/train.py``)::
 
     train.model_ema = dict(enabled=False, decay=0.999, use_ema_weights_for_eval_only=False)
 
+``warmups=N`` (RT-DETR's configs: 2000) makes the decay of update ``u`` (1, 2, ...)
+``decay·(1 − exp(−u/N))``, as the reference's ``ModelEMA``, so the early average follows the
+weights closely; the update count is checkpointed with the average.
+
 With ``enabled=True`` every evaluation during training runs twice, on the trained weights (the
 usual ``bbox/AP`` ...) and on the average (``ema/bbox/AP`` ...); ``--eval-only`` evaluates the
 checkpoint's average when ``use_ema_weights_for_eval_only=True`` (an error if it has none).
@@ -18,6 +22,7 @@ checkpoint's average when ``use_ema_weights_for_eval_only=True`` (an error if it
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, Iterator, List
 
 import torch
@@ -26,6 +31,8 @@ from torch import Tensor, nn
 from .trainer import HookBase
 
 __all__ = ["ModelEMA", "EMAHook"]
+
+_UPDATES = "_ema_updates"  # the update count in a checkpoint's EMA state (with warmups)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -38,11 +45,15 @@ class ModelEMA:
     ``state_dict()`` / ``load_state_dict()`` make it a checkpointable of fvcore's checkpointer.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmups: int = 0):
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"train.model_ema.decay must be in [0, 1), got {decay}")
+        if int(warmups) < 0:
+            raise ValueError(f"train.model_ema.warmups must be >= 0, got {warmups}")
         self.model = _unwrap(model)
         self.decay = float(decay)
+        self.warmups = int(warmups)
+        self.updates = 0
         self.names: List[str] = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # floating buffers of modules that train (BatchNorm statistics); those of frozen modules
         # (FrozenBatchNorm, a distiller's teacher) stay as loaded
@@ -75,7 +86,14 @@ class ModelEMA:
         live = self._live()
         avg = [self.average[n] for n in self.names]
         cur = [live[n].detach().to(avg[i].dtype) for i, n in enumerate(self.names)]
-        torch._foreach_lerp_(avg, cur, 1.0 - self.decay)
+        self.updates += 1
+        torch._foreach_lerp_(avg, cur, 1.0 - self.current_decay())
+
+    def current_decay(self) -> float:
+        """The decay of the latest update: ``decay``, or ``decay·(1 − exp(−updates/warmups))``."""
+        if self.warmups <= 0:
+            return self.decay
+        return self.decay * (1.0 - math.exp(-self.updates / self.warmups))
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -93,7 +111,10 @@ class ModelEMA:
                     t.copy_(saved[n])
 
     def state_dict(self) -> Dict[str, Tensor]:
-        return {n: t.clone() for n, t in self.average.items()}
+        out = {n: t.clone() for n, t in self.average.items()}
+        if self.warmups > 0:
+            out[_UPDATES] = torch.tensor(self.updates, dtype=torch.long)
+        return out
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         missing = sorted(set(self.names) - set(state))
@@ -104,6 +125,8 @@ class ModelEMA:
             )
         for n in self.names:
             self.average[n].copy_(state[n])
+        if _UPDATES in state:
+            self.updates = int(state[_UPDATES])
         self.loaded = True
 
 

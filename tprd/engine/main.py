@@ -167,8 +167,9 @@ def _build_ema(cfg, model) -> Optional[ModelEMA]:
     if not ema_cfg.get("enabled", False):
         return None
     decay = float(ema_cfg.get("decay", 0.999))
-    logger.info(f"Model EMA enabled (decay {decay}): evaluations also report ema/bbox/...")
-    return ModelEMA(model, decay=decay)
+    warmups = int(ema_cfg.get("warmups", 0) or 0)
+    logger.info(f"Model EMA enabled (decay {decay}, warmups {warmups}): evaluations also report ema/bbox/...")
+    return ModelEMA(model, decay=decay, warmups=warmups)
 
 
 def do_train(args, cfg) -> Dict[str, Any]:

@@ -16,13 +16,16 @@ The lr factor functions of the three detector families (docs/methods.md#schedule
 * :func:`deformable_lr_factor` — Deformable DETR and DINO: backbone x0.1, parameters whose name
   contains ``reference_points`` or ``sampling_offsets`` x0.1, everything else x1;
 * :func:`backbone_lr_factor` — DAB-DETR: backbone x0.1.
+
+RT-DETR declares its groups by regular expressions on parameter names instead
+(:func:`regex_optimizer_params`, ``configs/common/rtdetr_optim.py``).
 """
 from __future__ import annotations
 
 import logging
 import re
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -32,6 +35,7 @@ __all__ = [
     "get_default_optimizer_params",
     "backbone_lr_factor",
     "deformable_lr_factor",
+    "regex_optimizer_params",
     "build_optimizer",
     "NORM_MODULE_TYPES",
 ]
@@ -133,6 +137,42 @@ def get_default_optimizer_params(
         group.update(dict(key))
         out.append(group)
         logger.debug(f"param group {dict(key)}: {len(groups[key])} tensors, e.g. {names[key][:3]}")
+    return out
+
+
+def regex_optimizer_params(
+    model: torch.nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    groups: Sequence[Mapping[str, Any]] = (),
+) -> List[Dict[str, Any]]:
+    """Parameter groups chosen by regular expressions on full parameter names, the way RT-DETR's
+    configs declare them (docs/rt_detr.md#training-recipe).
+
+    ``groups``: ``[{"params": regex, "lr": .., "weight_decay": ..}, ...]``; a trainable parameter
+    whose name the regex finds (``re.search``) takes that group's settings (the first group that
+    finds it), the others ``base_lr`` / ``weight_decay``. Empty groups are left out; the default
+    group comes last, as in the reference. A distiller's names (``student.backbone...``) work
+    unchanged because the patterns search anywhere in the name.
+    """
+    compiled = [(re.compile(str(g["params"])), {k: float(v) for k, v in g.items() if k != "params"}) for g in groups]
+    buckets: List[List[torch.nn.Parameter]] = [[] for _ in compiled]
+    rest: List[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        for i, (pattern, _) in enumerate(compiled):
+            if pattern.search(name):
+                buckets[i].append(p)
+                break
+        else:
+            rest.append(p)
+    out = []
+    for params, (_, hp) in zip(buckets, compiled):
+        if params:
+            out.append({"params": params, "lr": float(base_lr), "weight_decay": float(weight_decay), **hp})
+    if rest:
+        out.append({"params": rest, "lr": float(base_lr), "weight_decay": float(weight_decay)})
     return out
 
 

@@ -288,7 +288,7 @@ class DETRDetector(nn.Module):
       :attr:`device`;
     * methods :meth:`preprocess`, :meth:`prepare_targets`, :meth:`forward_features`,
       :meth:`forward_outputs`, :meth:`decode_memory` (the post-encoder path CrossKD needs),
-      :meth:`compute_losses`.
+      :meth:`compute_losses`, :meth:`keep_all_stages_in_eval` and the property :attr:`focal_loss_params`.
 
     detrex interop (configs, checkpoint keys, parity layouts) is not part of a detector: each family
     has an adapter in :mod:`tprd.checkpoint.detrex`, registered under :attr:`family`.
@@ -304,7 +304,7 @@ class DETRDetector(nn.Module):
     too) and ``gt_classes`` ``[G]`` (training).
     """
 
-    #: The architecture, ``"deformable_detr"``, ``"dab_detr"`` or ``"dino"``: two detectors of one
+    #: The architecture, ``"deformable_detr"``, ``"dab_detr"``, ``"dino"`` or ``"rt_detr"``: two detectors of one
     #: family share the encoder-state layout, so one can decode the other's memory (CrossKD).
     family: str
     #: How the decoder's queries look, which decides what a query group must carry:
@@ -433,6 +433,21 @@ class DETRDetector(nn.Module):
         the teacher). Returns what :meth:`forward_outputs` returns; ``taps`` are copied into the
         result's taps."""
         raise NotImplementedError
+
+    def keep_all_stages_in_eval(self) -> None:
+        """Make an eval-mode :meth:`forward_outputs` return all :attr:`num_stages` stages (what a
+        distillation teacher must give). Default: nothing to do, every detector here runs all its
+        decoder layers; RT-DETR, which stops at ``eval_idx`` in eval, overrides it."""
+
+    @property
+    def focal_loss_params(self) -> Tuple[float, float]:
+        """``(alpha, gamma)`` of the sigmoid focal class loss B2 (docs/methods.md#b2) for this
+        detector's predictions, which a method uses to put a GT loss on an extra query group
+        (DETRDistill's prior assignment). Default: the criterion's focal ``alpha`` / ``gamma``
+        (0.25 / 2 without a criterion)."""
+        if self.criterion is None:
+            return 0.25, 2.0
+        return float(self.criterion.alpha), float(self.criterion.gamma)
 
     def train_outputs(self, images: ImageBatch, targets: Sequence[Dict[str, Tensor]]) -> DetectorOutputs:
         """The training forward's :meth:`forward_outputs` call (DINO passes the targets, for denoising)."""

@@ -125,6 +125,20 @@ class RTDETR(DETRDetector):
     def eval_idx(self) -> int:
         return self.decoder.eval_idx
 
+    def keep_all_stages_in_eval(self) -> None:
+        """A distillation teacher runs every decoder layer in eval (:attr:`eval_all_layers`); its
+        stage ``eval_idx`` is unchanged, so is :meth:`inference`."""
+        self.eval_all_layers = True
+
+    @property
+    def focal_loss_params(self) -> Tuple[float, float]:
+        """The focal ``(alpha, gamma)`` of RT-DETR's matcher (0.25 / 2), not the criterion's: its
+        ``alpha`` (0.75) is VFL's weight of the negative term, which as a focal ``alpha`` would weight
+        negatives 0.25 and positives 0.75, the reverse of every focal loss here (docs/rt_detr.md#distillation)."""
+        if self.criterion is None:
+            return 0.25, 2.0
+        return float(self.criterion.matcher.alpha), float(self.criterion.matcher.gamma)
+
     # ---------------------------------------------------------------------------------------
     # Inputs
     # ---------------------------------------------------------------------------------------

@@ -1,7 +1,22 @@
 """RT-DETRv2-S: R18vd, 3 decoder layers (official ``rtdetrv2_r18vd_120e_coco.yml``; 48.1 AP released).
 
-Model settings only; the official training recipe (AdamW 1e-4, backbone x0.1, EMA, AMP, multi-scale
-480-800, augmentation stop epoch) is not part of this config yet. Official weights load with
-``tprd.checkpoint.load_rtdetr_checkpoint`` (``rtdetrv2_r18vd_120e_coco_rerun_48.1.pth``).
+Official weights load with ``tprd.checkpoint.load_rtdetr_checkpoint``
+(``rtdetrv2_r18vd_120e_coco_rerun_48.1.pth``). Training recipe (``common/rtdetr_training.py``,
+docs/rt_detr.md#training-recipe): AdamW lr 1e-4 for every parameter (the R18 yml has no backbone
+group), no weight decay on norm / BN parameters, 2000 warmup iterations, EMA 0.9999, AMP, clip 0.1,
+120 epochs. The backbone starts from the ImageNet PResNet-18vd weights (docs/rt_detr.md#initial-weights).
 """
+from tprd.config import get_config
+
+_recipe = get_config("common/rtdetr_training.py")  # "_": not a config entry
+dataloader = _recipe.dataloader
+optimizer = _recipe.optimizer
+train = _recipe.train
+
 from .models.rtdetrv2_r18vd import model  # noqa: F401
+
+optimizer = get_config("common/rtdetr_optim.py").AdamW_r18
+EPOCHS = 120
+train.max_iter = EPOCHS * 7500  # common/rtdetr_training.py: 7500 iterations per COCO epoch
+lr_multiplier = _recipe.lr_multiplier
+lr_multiplier.warmup_length = 2000 / train.max_iter

@@ -2,7 +2,8 @@
 
 Everything that knows detrex -- building our detector from a detrex LazyConfig, renaming checkpoint
 keys both ways, laying out parity intermediates -- lives in an adapter (:class:`DetrexAdapter`), one
-module per detector: :mod:`.deformable_detr`, :mod:`.dab_detr`, :mod:`.dino`. The detector files of
+module per detector: :mod:`.deformable_detr`, :mod:`.dab_detr`, :mod:`.dino`, and :mod:`.rt_detr`
+(RT-DETRv2, whose official keys are ours). The detector files of
 :mod:`tprd.modeling` know nothing of detrex.
 
 :data:`ADAPTERS` maps a detector family (``DETRDetector.family``) to its adapter; every consumer
@@ -30,6 +31,7 @@ from .common import DetrexAdapter
 from .dab_detr import DABDETRAdapter
 from .deformable_detr import DeformableDETRAdapter
 from .dino import DINOAdapter
+from .rt_detr import RTDETRAdapter
 
 __all__ = [
     "DetrexAdapter",
@@ -42,7 +44,7 @@ __all__ = [
 
 # Registry order is the order :func:`adapter_for_keys` tries the signatures in: Deformable DETR's
 # keys (level embeddings, two-stage proposals) are a subset of DINO's, so it comes last.
-_BUILTIN = (DINOAdapter(), DABDETRAdapter(), DeformableDETRAdapter())
+_BUILTIN = (RTDETRAdapter(), DINOAdapter(), DABDETRAdapter(), DeformableDETRAdapter())
 
 #: detector family -> its adapter (the one registry)
 ADAPTERS: Dict[str, DetrexAdapter] = {a.family: a for a in _BUILTIN}
@@ -99,5 +101,5 @@ def load_detrex_checkpoint(model: nn.Module, path_or_state_dict: StateSource, st
         raise TypeError(f"{type(model).__name__} has no detrex adapter (known families: {', '.join(ADAPTERS)}); "
                         "cannot load detrex weights")
     source = "" if isinstance(path_or_state_dict, Mapping) else os.fspath(path_or_state_dict)
-    state_dict = adapter.to_ours(read_checkpoint(path_or_state_dict))
+    state_dict = adapter.to_ours(adapter.read(path_or_state_dict))
     return load_state_dict_checked(model, state_dict, strict=strict, source=source)

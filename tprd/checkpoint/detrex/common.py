@@ -66,6 +66,8 @@ class DetrexAdapter:
     model_class: Type[nn.Module]
     name: str = ""
     signature: str = r"(?!)"
+    #: the family's official checkpoints use our key names (nothing to convert, one naming to describe)
+    official_naming_is_ours: bool = False
 
     @property
     def family(self) -> str:
@@ -87,6 +89,14 @@ class DetrexAdapter:
     def to_detrex(self, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Our state dict in detrex naming, with every alias detrex saves (the inverse of :meth:`to_ours`)."""
         raise NotImplementedError
+
+    def read(self, source: Any) -> Dict[str, Tensor]:
+        """The flat state dict of a checkpoint file (or loaded dict) of this family: its ``"model"``
+        entry by default (:func:`~tprd.checkpoint.state_dict.read_checkpoint`); a family whose
+        released files nest the weights otherwise overrides it."""
+        from ..state_dict import read_checkpoint
+
+        return read_checkpoint(source)
 
     def key_map(self, keys: Sequence[str]) -> Optional[Dict[str, str]]:
         """``{detrex key: our key}`` for ``keys`` (aliases map to the key that holds the tensor), or

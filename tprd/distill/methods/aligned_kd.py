@@ -19,7 +19,7 @@ from tprd.distill.tprd import aligned_positive_targets, tprd_class_kd
 from tprd.modeling.outputs import StagePredictions
 
 from .base import DistillContext, TPRDOptions
-from .common import tprd_refine_and_targets
+from .common import paired_stages, tprd_refine_and_targets
 
 __all__ = ["soft_matched_indices", "aligned_prediction_kd", "matching_kd"]
 
@@ -89,24 +89,29 @@ def matching_kd(
     teacher: StagePredictions,
     options: TPRDOptions,
     key: str = "main",
+    stages: Optional[Sequence[int]] = None,
 ) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
-    """Soft-Hungarian matched prediction KD at every stage (student stage ``l`` <-> teacher stage ``l``).
+    """Soft-Hungarian matched prediction KD at every stage (student stage ``l`` <-> teacher stage
+    ``stages[l]``, or ``l`` when ``stages`` is ``None``; docs/methods.md#stage-pairing).
 
     ``options.refine=False``: B3 (costs ``options.soft_costs``) against the raw teacher, B4
     soft-BCE / L1 / ``1 − GIoU``. ``options.refine=True``: the teacher's stage-``l`` predictions are
     TPRD-refined (B1 matching ``M_l`` of the raw teacher with ``options.matcher``, cached in ``ctx`` under ``key`` and shared with any other
     method asking for it), B3 runs against the refined targets, the class term is TPRD-CKD (a pair
     is positive iff its teacher query is in ``M_l``) and the boxes go towards the refined boxes.
-    Every term is ``Σ_pairs / (B·Ns)``; gradients reach ``student`` only.
+    Every term is ``Σ_pairs / (B·Ns)``; gradients reach ``student`` only. ``teacher`` is the whole
+    teacher stack: the refinement borrows from every earlier teacher stage, paired or not.
 
     Returns ``({"class", "l1", "giou"}`` each ``[L]``, the raw refinement statistics or ``None``).
     """
     stats = None
     tprd = None
     if options.refine:
-        t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(ctx, teacher, options, key=key)
+        t_logits, t_boxes, match_index, labels_pad, stats = tprd_refine_and_targets(ctx, teacher, options, key=key,
+                                                                                   stages=stages)
         tprd = (match_index, labels_pad)
     else:
+        teacher = paired_stages(teacher, stages)
         t_logits, t_boxes = teacher.logits.detach(), teacher.boxes.detach()
     s_idx, t_idx = soft_matched_indices(ctx, student, t_logits, t_boxes, options.soft_costs)
     norm = float(student.logits.shape[1] * student.logits.shape[2])  # A = B·Ns

@@ -97,6 +97,9 @@ class DistillContext:
             ``None`` when no method needs the teacher).
         iteration: the training iteration (the event storage's ``iter`` while a trainer runs), else
             ``None``.
+        teacher_stages: the teacher stage paired with each student stage (``[Ls]``, 0-based;
+            docs/methods.md#stage-pairing), or ``None`` when stage ``l`` pairs with stage ``l``.
+            Methods cut teacher stacks with :func:`~.common.paired_stages`.
     """
 
     def __init__(
@@ -107,11 +110,13 @@ class DistillContext:
         teacher: nn.Module,
         timings: Optional[Dict[str, float]] = None,
         iteration: Optional[int] = None,
+        teacher_stages: Optional[Sequence[int]] = None,
     ):
         self.images = images
         self.targets = list(targets)
         self.student = student
         self.teacher = teacher
+        self.teacher_stages = None if teacher_stages is None else [int(s) for s in teacher_stages]
         self.teacher_out: Optional[DetectorOutputs] = None
         self.student_out: Optional[DetectorOutputs] = None
         self.iteration = iteration

@@ -109,6 +109,7 @@ class CrossKD(DistillMethod):
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         with ctx.section("teacher_cross_forward"):
             crossed = crossed_teacher_outputs(ctx.teacher, ctx.student_out.taps).main
+        # the crossed pass has the teacher's depth: crossed stage l <-> teacher stage l, whatever the student's
         terms, stats = matching_kd(ctx, crossed, ctx.teacher_out.main, self.tprd)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)

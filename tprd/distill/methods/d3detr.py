@@ -8,7 +8,8 @@ dropout* (docs/methods.md#diff-19) and the cross-attention aggregated per head o
 (deformable layers splatted with B6, DAB-DETR's dense attention summed). Denoising queries enter
 no term: every map is cut to its group.
 
-Per decoder stage ``l`` (student stage/layer ``l`` <-> teacher stage/layer ``l``):
+Per decoder stage ``l`` (student stage/layer ``l`` <-> its paired teacher stage/layer, ``l`` for equal
+depths; docs/methods.md#stage-pairing):
 
 * **adaptive group** (``class l1 giou self_attn cross_attn``): soft matcher B3 between the
   student's main group and the teacher's main group -> pairs ``(n, π(n))``; B4 soft-BCE / L1 /
@@ -23,8 +24,9 @@ Per decoder stage ``l`` (student stage/layer ``l`` <-> teacher stage/layer ``l``
 of both groups become TPRD-CKD (positives through π for the adaptive group, directly for the fixed
 one) and the boxes go towards the refined boxes; the attention terms stay on the raw maps.
 
-Student and teacher need the same number of decoder layers, attention heads and memory tokens
-(same neck levels/strides); their query counts may differ.
+Student and teacher need the same number of attention heads and memory tokens (same neck
+levels/strides) and the teacher at least as many decoder layers as the student; their query counts
+may differ.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
-from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, paired_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3DETR", "self_attention_kd", "cross_attention_kd"]
 
@@ -143,18 +145,20 @@ class D3DETR(DistillMethod):
         """Teacher stage targets ``[L,B,Nt,·]`` (refined with TPRD) and the TPRD positives."""
         t = ctx.teacher_out.main
         if not self.tprd.refine:
+            t = paired_stages(t, ctx.teacher_stages)
             return t.logits.detach(), t.boxes.detach(), None
         logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-            ctx, t, self.tprd, key="main"
+            ctx, t, self.tprd, key="main", stages=ctx.teacher_stages
         )
         self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return logits, boxes, (match_index, labels_pad)
 
     @staticmethod
     def _teacher_maps(ctx: DistillContext) -> Tuple[Tensor, Tensor]:
+        """The teacher's maps of the layers paired with the student's (all layers for equal depths)."""
         with torch.no_grad(), ctx.section("attention_maps"):
-            out = ctx.teacher_out
-            return self_attention_maps(out, "main"), cross_attention_maps(out, "head", "main")
+            out, layers = ctx.teacher_out, ctx.teacher_stages
+            return self_attention_maps(out, "main", layers), cross_attention_maps(out, "head", "main", layers)
 
     def _group_terms(self, ctx, prefix: str, group: str, targets, teacher_maps, aligned: bool) -> Dict[str, Tensor]:
         s_out = ctx.student_out

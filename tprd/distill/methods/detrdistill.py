@@ -1,6 +1,7 @@
 """DETRDistill (docs/methods.md#detrdistill; TPRD variant #tprd-variants).
 
-Three terms at every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
+Three terms at every decoder stage ``l`` (student stage ``l`` <-> its paired teacher stage, ``l`` for
+equal depths; docs/methods.md#stage-pairing):
 
 1. **Hungarian-matching logits distillation** (``class``, ``l1``, ``giou``): the soft matcher B3
    pairs student main-group queries with teacher queries (a full permutation for equal counts,
@@ -38,7 +39,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import matching_kd
-from .common import check_same_stages, tprd_stats
+from .common import check_same_stages, paired_matches, paired_stages, tprd_stats
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -153,8 +154,7 @@ class DETRDistill(DistillMethod):
             raise ValueError(f"DETRDistill feeds teacher queries to the student and compares neck maps; widths differ ({dt} vs {ds})")
         self._embed_dim = ds
         check_same_stages(student, teacher, "DETRDistill")
-        if student.criterion is not None:
-            self._focal = (float(student.criterion.alpha), float(student.criterion.gamma))
+        self._focal = student.focal_loss_params  # RT-DETR: its matcher's 0.25 / 2, not VFL's alpha
 
     def _uses(self, *terms: str) -> bool:
         return any(self.weights[t] != 0 for t in terms)
@@ -170,13 +170,13 @@ class DETRDistill(DistillMethod):
     # ------------------------------------------------------------------ terms
     def _matching_kd(self, ctx: DistillContext) -> Dict[str, Tensor]:
         """Term 1 (:func:`~.aligned_kd.matching_kd`, shared with D³ETR, CrossKD and ``tprd_kd``)."""
-        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd)
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd, stages=ctx.teacher_stages)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
 
     def _target_aware(self, ctx: DistillContext) -> Tensor:
-        t = ctx.teacher_out.main
+        t = paired_stages(ctx.teacher_out.main, ctx.teacher_stages)
         if t.hidden is None:
             raise KeyError("DETRDistill needs the teacher's per-stage hidden states (StagePredictions.hidden)")
         neck_t, neck_s = ctx.teacher_out.taps.get("neck"), ctx.student_out.taps.get("neck")
@@ -205,7 +205,7 @@ class DETRDistill(DistillMethod):
         if self._uses("target_aware"):
             out["target_aware"] = self._target_aware(ctx)
         if self._uses(*PRIOR_TERMS):
-            out.update(self._prior_assignment(ctx, matches))
+            out.update(self._prior_assignment(ctx, paired_matches(matches, ctx.teacher_stages)))
         return out
 
     def extra_repr(self) -> str:

@@ -20,7 +20,8 @@ point are index-aligned (query ``q`` of the student group <-> query ``q`` of the
   (``teacher_out.taps["queries"]``), decoded by the student; their targets are the teacher's main
   predictions at the same stage.
 
-Loss per stage ``l`` (student stage ``l`` <-> teacher stage ``l``), per group: B5
+Loss per stage ``l`` (student stage ``l`` <-> its paired teacher stage, ``l`` for equal depths,
+docs/methods.md#stage-pairing), per group: B5
 (:func:`~tprd.distill.losses.kd_detr_weighted_losses`): ``T²·KL`` (T = ``temperature``), L1 and
 ``1 − GIoU``, each weighted by ``σ(max_c teacher logit)`` normalised per image, summed, ``/ B``.
 
@@ -45,7 +46,7 @@ from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
 from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
-from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, paired_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["KDDETR", "general_point_kind"]
 
@@ -215,17 +216,19 @@ class KDDETR(DistillMethod):
         out: Dict[str, Tensor] = {}
         s_out, t_out = ctx.student_out, ctx.teacher_out
         if self._general is not None:
-            gs, gt = s_out.groups[self._general.name], t_out.groups[self._general.name]
+            gs = s_out.groups[self._general.name]
+            gt = paired_stages(t_out.groups[self._general.name], ctx.teacher_stages)
             for k, v in self._b5(gs, gt.logits.detach(), gt.boxes.detach()).items():
                 out[f"general_{k}"] = v
 
         spec = s_out.groups[self.group_name("specific")]
         teacher = t_out.main
         if not self.tprd.refine:
+            teacher = paired_stages(teacher, ctx.teacher_stages)
             terms = self._b5(spec, teacher.logits.detach(), teacher.boxes.detach())
         else:
             logits, boxes, match_index, labels_pad, stats = tprd_refine_and_targets(
-                ctx, teacher, self.tprd, key="main"
+                ctx, teacher, self.tprd, key="main", stages=ctx.teacher_stages
             )
             num_stages, batch, nq, num_classes = logits.shape
             positive, cls = aligned_positive_targets(

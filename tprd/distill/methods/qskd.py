@@ -1,6 +1,7 @@
 """QSKD: query selection for DETR distillation (docs/methods.md#qskd; TPRD variant #tprd-variants).
 
-Per decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
+Per decoder stage ``l`` (student stage ``l`` <-> its paired teacher stage, ``l`` for equal depths;
+docs/methods.md#stage-pairing; "layer ``l``" below is then the paired teacher layer):
 
 1. **Group query selection by GIoU** (:func:`giou_query_selection`, each model separately): B1
    matching of the stage-``l`` outputs to the GT gives the positives; the *hard negatives* are the
@@ -58,7 +59,7 @@ from tprd.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from tprd.modeling.outputs import StagePredictions
 
 from .base import DistillContext, DistillMethod, TPRDOptions
-from .common import check_same_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, paired_matches, paired_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = [
     "QSKD",
@@ -271,10 +272,11 @@ class QSKD(DistillMethod):
         num_stages, _, _, nc = s.logits.shape
         if self.tprd.refine:
             t_logits, t_boxes, _, labels_pad, stats = tprd_refine_and_targets(
-                ctx, t, self.tprd, key="main"
+                ctx, t, self.tprd, key="main", stages=ctx.teacher_stages
             )
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         else:
+            t = paired_stages(t, ctx.teacher_stages)
             t_logits, t_boxes = t.logits.detach(), t.boxes.detach()
         l, b, qs, qt = pairs["stage"], pairs["image"], pairs["student"], pairs["teacher"]
         s_lg, s_bx = s.logits[l, b, qs], s.boxes[l, b, qs]  # [P,C], [P,4]
@@ -307,9 +309,11 @@ class QSKD(DistillMethod):
         selected = t_sel["positive"] | t_sel["hard_negative"]  # [L,B,Nt]
         weight = torch.where(selected, 1.0 + t_sel["score"], torch.zeros_like(t_sel["score"]))
         weight = weight / selected.sum(-1, keepdim=True).clamp(min=1)  # mean over the selected queries
-        stage_of = selection_stage_of_layer(len(taps), self.reference_stage_order)
+        layers = ctx.teacher_stages or list(range(len(taps)))  # the teacher layer of each (student) stage
+        stage_of = selection_stage_of_layer(len(layers), self.reference_stage_order)
         queries = group_slice(ctx.teacher_out, "main")
-        masks = torch.stack([weighted_query_attention(taps[k], weight[int(stage_of[k])], queries) for k in range(len(taps))])
+        masks = torch.stack([weighted_query_attention(taps[layers[k]], weight[int(stage_of[k])], queries)
+                             for k in range(len(layers))])
         return masks / masks.amax(-1, keepdim=True).clamp(min=0.01)
 
     def _feature(self, ctx: DistillContext, t_sel: Mapping[str, Tensor]) -> Tensor:
@@ -327,8 +331,10 @@ class QSKD(DistillMethod):
         return (mask.pow(2) * sq[None]).flatten(1).sum(-1) / mem_s.numel()
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
-        s, t = ctx.student_out.main, ctx.teacher_out.main
-        t_matches = ctx.teacher_gt_matches(t, self.tprd.matcher, key="main")
+        s, t_all = ctx.student_out.main, ctx.teacher_out.main
+        # M_k of every teacher stage (shared with TPRD), then the stages paired with the student's
+        t_matches = paired_matches(ctx.teacher_gt_matches(t_all, self.tprd.matcher, key="main"), ctx.teacher_stages)
+        t = paired_stages(t_all, ctx.teacher_stages)
         with ctx.section("matching"):
             s_matches = self.tprd.matcher.match_stages(s.logits.detach(), s.boxes.detach(), ctx.targets)
             s_sel = giou_query_selection(s.boxes.detach(), s_matches, ctx.targets, self.giou_threshold)

@@ -1,7 +1,8 @@
 """TPRD as a method of its own (``tprd_kd``): matched prediction distillation towards the
 TPRD-refined teacher (docs/methods.md#tprd-kd).
 
-At every decoder stage ``l`` (student stage ``l`` <-> teacher stage ``l``):
+At every decoder stage ``l`` (student stage ``l`` <-> its paired teacher stage, ``l`` for equal
+depths; docs/methods.md#stage-pairing):
 
 1. ``refine=True`` (default): the teacher's stage-``l`` predictions are refined with TPRD
    (:func:`~tprd.distill.tprd.refine_teacher_predictions`, B1 matching ``M_l`` of the raw stage);
@@ -49,7 +50,7 @@ class TPRDKD(DistillMethod):
 
     Per-stage refinement shares go to :attr:`last_stats` as
     ``tprd_<name>_{positive,negative}_refined_frac[_l]``. Any student/teacher query counts work;
-    both models need the same number of decoder stages.
+    the teacher needs at least as many decoder stages as the student (docs/methods.md#stage-pairing).
     """
 
     name = "tprd_kd"
@@ -71,7 +72,7 @@ class TPRDKD(DistillMethod):
         check_same_stages(student, teacher, "tprd_kd")
 
     def losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
-        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd)
+        terms, stats = matching_kd(ctx, ctx.student_out.main, ctx.teacher_out.main, self.tprd, stages=ctx.teacher_stages)
         if stats is not None:
             self.last_stats = tprd_stats(f"tprd_{self.name}", stats)
         return terms
