@@ -116,17 +116,9 @@ class DabDetrTransformerEncoder(nn.Module):
     ``forward(x [B,S,D], pos [B,S,D], key_padding_mask [B,S] bool)`` -> memory ``[B,S,D]``.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        attn_dropout: float = 0.0,
-        feedforward_dim: int = 2048,
-        ffn_dropout: float = 0.0,
-        activation: Optional[nn.Module] = None,
-        num_layers: int = 6,
-        post_norm: bool = False,
-    ):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, attn_dropout: float = 0.0, feedforward_dim: int = 2048,
+                 ffn_dropout: float = 0.0, activation: Optional[nn.Module] = None, num_layers: int = 6,
+                 post_norm: bool = False):
         super().__init__()
         activation = activation if activation is not None else _default_activation()
         self.embed_dim = embed_dim
@@ -189,19 +181,9 @@ class DabDetrTransformerDecoder(nn.Module):
     ``sigmoid(bbox_embed(query) + inverse_sigmoid(a))``.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        attn_dropout: float = 0.0,
-        feedforward_dim: int = 2048,
-        ffn_dropout: float = 0.0,
-        activation: Optional[nn.Module] = None,
-        num_layers: int = 6,
-        modulate_hw_attn: bool = True,
-        post_norm: bool = True,
-        query_dim: int = 4,
-    ):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, attn_dropout: float = 0.0, feedforward_dim: int = 2048,
+                 ffn_dropout: float = 0.0, activation: Optional[nn.Module] = None, num_layers: int = 6,
+                 modulate_hw_attn: bool = True, post_norm: bool = True, query_dim: int = 4):
         super().__init__()
         if query_dim != 4:
             raise ValueError("DAB-DETR decoder supports 4-d anchor boxes only (query_dim=4)")
