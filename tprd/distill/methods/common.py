@@ -1,7 +1,9 @@
-"""What the prediction-level methods share: the stage-count check and the TPRD targets of a teacher
+"""What the prediction-level methods share: the stage-count and width checks and the TPRD targets of a teacher
 group (their TPRD options are :class:`~.base.TPRDOptions`).
 
 * :func:`check_same_stages`: student stage ``l`` is paired with teacher stage ``l``;
+* :func:`check_same_width`: the methods that feed one model's queries or memory to the other, or
+  compare them, need one transformer width;
 * :func:`tprd_refine_and_targets`: refined teacher predictions, the dense matched-GT index and the
   padded GT labels of one teacher group (what TPRD-CKD needs);
 * :func:`tprd_stats`: the refinement shares as named per-stage statistics.
@@ -20,7 +22,7 @@ from tprd.modeling.outputs import StagePredictions
 
 from .base import DistillContext, TPRDOptions, expand_stage_terms
 
-__all__ = ["check_same_stages", "tprd_refine_and_targets", "tprd_stats"]
+__all__ = ["check_same_stages", "check_same_width", "tprd_refine_and_targets", "tprd_stats"]
 
 
 def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str) -> None:
@@ -30,6 +32,15 @@ def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str)
             f"{method} pairs student stage l with teacher stage l, but the student has {ls} decoder "
             f"layers and the teacher {lt}; give both the same number of decoder layers"
         )
+
+
+def check_same_width(student: DETRDetector, teacher: DETRDetector, error: str) -> int:
+    """The ``embed_dim`` student and teacher share; ``ValueError(error)`` when they differ (``error``
+    is formatted with the student's width ``ds`` and the teacher's ``dt``)."""
+    ds, dt = student.embed_dim, teacher.embed_dim
+    if ds != dt:
+        raise ValueError(error.format(ds=ds, dt=dt))
+    return ds
 
 
 def tprd_refine_and_targets(ctx: DistillContext, teacher: StagePredictions, options: TPRDOptions, key: str):
