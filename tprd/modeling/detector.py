@@ -2,8 +2,9 @@
 
 * :class:`DETRDetector`: pixel normalisation buffers, ``device``, ``preprocess`` (normalise + pad ->
   :class:`~tprd.modeling.outputs.ImageBatch`), ``prepare_targets``, ``inference`` / ``postprocess``
-  (:mod:`tprd.modeling.postprocess`) and the ``forward`` train/eval dispatch on top of each
-  detector's ``forward_outputs`` and ``compute_losses``.
+  (:mod:`tprd.modeling.postprocess`), ``forward_outputs`` (each detector's ``encode_images`` then
+  its ``decode_memory``) and the ``forward`` train/eval dispatch on top of ``forward_outputs`` and
+  ``compute_losses``.
 * :class:`MultiScaleDETRDetector`: backbone -> neck -> per-level padding masks -> sine + level
   embeddings -> flattened tokens -> deformable encoder, for Deformable DETR and DINO, built on the
   standalone functions :func:`level_masks`, :func:`flatten_levels`, :func:`valid_ratio` and
@@ -296,9 +297,9 @@ class DETRDetector(nn.Module):
 
     A subclass sets the class attributes, calls :meth:`register_pixel_stats` in ``__init__`` and
     implements :attr:`num_stages`, :attr:`num_feature_levels`, :meth:`extract_features`,
-    :meth:`decode_memory` and :meth:`forward_outputs`; it may override :meth:`compute_losses`
-    (default: the criterion's weighted losses) and :meth:`train_outputs` (default:
-    ``forward_outputs(images)``).
+    :meth:`encode_images` and :meth:`decode_memory`; it may override :meth:`forward_outputs`
+    (default: ``encode_images`` then ``decode_memory``), :meth:`compute_losses` (default: the
+    criterion's weighted losses) and :meth:`train_outputs` (default: ``forward_outputs(images)``).
 
     ``batched_inputs``: list of dicts ``image`` ``[3,H,W]`` RGB 0..255, ``height``/``width`` (output
     size, optional), ``gt_boxes`` ``[G,4]`` xyxy pixels of ``image`` (``gt_boxes_xyxy`` accepted

@@ -103,19 +103,9 @@ class DINOTransformerDecoder(nn.Module):
     compatibility; every stage is always returned.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        feedforward_dim: int = 1024,
-        attn_dropout: float = 0.1,
-        ffn_dropout: float = 0.1,
-        num_layers: int = 6,
-        return_intermediate: bool = True,
-        num_feature_levels: int = 4,
-        look_forward_twice: bool = True,
-        num_points: int = 4,
-    ):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, feedforward_dim: int = 1024, attn_dropout: float = 0.1,
+                 ffn_dropout: float = 0.1, num_layers: int = 6, return_intermediate: bool = True,
+                 num_feature_levels: int = 4, look_forward_twice: bool = True, num_points: int = 4):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_layers = num_layers
