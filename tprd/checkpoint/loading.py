@@ -177,6 +177,12 @@ def _mismatch_details(report: LoadReport, total: int, description: str) -> List[
     return lines
 
 
+def _mismatch_error(header: str, report: LoadReport, total: int, description: str,
+                    summary: str) -> CheckpointMismatchError:
+    """The refusal: ``header``, the :func:`_mismatch_details` lines, then the one-line ``summary``."""
+    return CheckpointMismatchError("\n".join([header] + _mismatch_details(report, total, description) + [summary]))
+
+
 def load_init_state_dict(model: nn.Module, raw: Mapping[str, Tensor], *, source: str, strict: bool,
                          config_file: str = "", skip_class_heads: bool = False) -> LoadReport:
     """Load ``raw`` (a flat state dict read from ``source``) into ``model`` under the best naming,
@@ -206,11 +212,10 @@ def load_init_state_dict(model: nn.Module, raw: Mapping[str, Tensor], *, source:
             fix = f"{class_note}: evaluate with the config of the checkpoint's dataset (model.num_classes)"
         else:
             fix = "evaluate it with the config of the detector it was trained with"
-        raise CheckpointMismatchError("\n".join(
-            [f"--eval-only loads every model tensor, and checkpoint {source} does not fit {what}:"]
-            + _mismatch_details(report, total, description)
-            + [f"--eval-only refused checkpoint {source} for {what}: {problems}; it looks like "
-               f"{description}; {fix}"]))
+        raise _mismatch_error(
+            f"--eval-only loads every model tensor, and checkpoint {source} does not fit {what}:", report, total,
+            description, f"--eval-only refused checkpoint {source} for {what}: {problems}; it looks like "
+            f"{description}; {fix}")
 
     if not strict:
         fraction = len(report.matched) / max(total, 1)
@@ -220,18 +225,16 @@ def load_init_state_dict(model: nn.Module, raw: Mapping[str, Tensor], *, source:
                        "model.num_classes to the checkpoint's count")
             else:
                 fix = "the checkpoint is of another model size or variant; use a checkpoint of this config's model"
-            raise CheckpointMismatchError("\n".join(
-                [f"train.init_checkpoint {source} does not fit {what}:"]
-                + _mismatch_details(report, total, description)
-                + [f"train.init_checkpoint {source} has {len(report.shape_mismatch)} tensors of another shape "
-                   f"than {what}: {fix}"]))
+            raise _mismatch_error(
+                f"train.init_checkpoint {source} does not fit {what}:", report, total, description,
+                f"train.init_checkpoint {source} has {len(report.shape_mismatch)} tensors of another shape "
+                f"than {what}: {fix}")
         if fraction < MIN_LOADED_FRACTION:
-            raise CheckpointMismatchError("\n".join(
-                [f"train.init_checkpoint {source} does not fit {what}:"]
-                + _mismatch_details(report, total, description)
-                + [f"train.init_checkpoint {source} fills only {len(report.matched)} of {total} tensors of "
-                   f"{what} ({100 * fraction:.1f}%, under the {100 * MIN_LOADED_FRACTION:.0f}% minimum of a "
-                   f"training init load); it looks like {description}"]))
+            raise _mismatch_error(
+                f"train.init_checkpoint {source} does not fit {what}:", report, total, description,
+                f"train.init_checkpoint {source} fills only {len(report.matched)} of {total} tensors of "
+                f"{what} ({100 * fraction:.1f}%, under the {100 * MIN_LOADED_FRACTION:.0f}% minimum of a "
+                f"training init load); it looks like {description}")
 
     for key in skipped:
         loadable.pop(key, None)

@@ -49,7 +49,7 @@ import secrets
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -184,21 +184,32 @@ def _shape_mask(rng: np.random.Generator, name: str, h: int, w: int, min_frac: f
     return mask[:h, :w]
 
 
-def _object_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray:
-    """A saturated colour that differs clearly from the local background mean."""
+def _most_distant_colour(draw: Callable[[], np.ndarray], bg_mean: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Of up to 8 colours ``draw()`` (stopping at the first at least 150 away), the most distant
+    from ``bg_mean`` (L1 over RGB), and its distance."""
     best, best_dist = None, -1.0
     for _ in range(8):
-        hue = rng.uniform(0.0, 6.0)
-        sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.35, 1.0)
-        k = np.array([5.0, 3.0, 1.0]) + hue
-        rgb = val * (1.0 - sat * np.clip(np.minimum(k % 6.0, 4.0 - k % 6.0), 0.0, 1.0))
-        colour = 255.0 * rgb
+        colour = draw()
         dist = float(np.abs(colour - bg_mean).sum())
         if dist > best_dist:
             best, best_dist = colour, dist
         if dist >= 150.0:
             break
     assert best is not None
+    return best, best_dist
+
+
+def _object_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray:
+    """A saturated colour that differs clearly from the local background mean."""
+
+    def draw() -> np.ndarray:
+        hue = rng.uniform(0.0, 6.0)
+        sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.35, 1.0)
+        k = np.array([5.0, 3.0, 1.0]) + hue
+        rgb = val * (1.0 - sat * np.clip(np.minimum(k % 6.0, 4.0 - k % 6.0), 0.0, 1.0))
+        return 255.0 * rgb
+
+    best, best_dist = _most_distant_colour(draw, bg_mean)
     if best_dist < 120.0:  # fall back to the complementary grey level of the background
         best = np.full(3, 235.0 if bg_mean.mean() < 128 else 20.0)
     return best
@@ -236,12 +247,18 @@ def render_synthetic_sample(
             if not ok:
                 continue
             colour = _object_colour(rng, img[mask].mean(axis=0))
-            _paint(rng, img, mask, colour, 0.3)
-            visible = [m & ~mask for m in visible]
-            visible.append(mask)
+            visible = _add_object(rng, img, mask, colour, 0.3, visible)
             labels.append(label)
             break
     return _finish(rng, img, visible, labels)
+
+
+def _add_object(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, colour: np.ndarray, shading: float,
+                visible: List[np.ndarray]) -> List[np.ndarray]:
+    """Paint an object on top (:func:`_paint`): the visible masks of the objects under it lose
+    ``mask``, which is added last."""
+    _paint(rng, img, mask, colour, shading)
+    return [m & ~mask for m in visible] + [mask]
 
 
 def _paint(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, colour: np.ndarray, shading: float) -> None:
@@ -275,17 +292,12 @@ def _hsv_colour(hue_deg: float, sat: float, val: float) -> np.ndarray:
 def _family_colour(rng: np.random.Generator, family: str, bg_mean: np.ndarray) -> np.ndarray:
     """A colour of ``family`` (hue within +-12 degrees, saturated) that stands out from the local
     background: the most distant of up to 8 draws."""
-    best, best_dist = None, -1.0
-    for _ in range(8):
+
+    def draw() -> np.ndarray:
         hue = PAPER_COLOURS[family] + rng.uniform(-12.0, 12.0)
-        colour = _hsv_colour(hue, rng.uniform(0.65, 1.0), rng.uniform(0.62, 1.0))
-        dist = float(np.abs(colour - bg_mean).sum())
-        if dist > best_dist:
-            best, best_dist = colour, dist
-        if dist >= 150.0:
-            break
-    assert best is not None
-    return best
+        return _hsv_colour(hue, rng.uniform(0.65, 1.0), rng.uniform(0.62, 1.0))
+
+    return _most_distant_colour(draw, bg_mean)[0]
 
 
 def render_paper_sample(
@@ -324,9 +336,7 @@ def render_paper_sample(
             if not ok:
                 continue
             colour = _family_colour(rng, family, img[mask].mean(axis=0))
-            _paint(rng, img, mask, colour, 0.25)
-            visible = [m & ~mask for m in visible]
-            visible.append(mask)
+            visible = _add_object(rng, img, mask, colour, 0.25, visible)
             labels.append(label)
             break
     return _finish(rng, img, visible, labels)

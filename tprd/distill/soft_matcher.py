@@ -38,15 +38,8 @@ Match = Tuple[Tensor, Tensor]
 
 
 @torch.no_grad()
-def soft_match_cost(
-    s_logits: Tensor,
-    s_boxes: Tensor,
-    t_logits: Tensor,
-    t_boxes: Tensor,
-    cost_class: float = 1.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-) -> Tensor:
+def soft_match_cost(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor, cost_class: float = 1.0,
+                    cost_bbox: float = 5.0, cost_giou: float = 2.0) -> Tensor:
     """Cost matrices ``[..., Ns, Nt]`` for student ``[..., Ns, C|4]`` vs teacher ``[..., Nt, C|4]``
     (any equal leading dims, e.g. ``[B]`` or ``[L, B]``)."""
     s_logits = s_logits.detach().float()
@@ -78,15 +71,8 @@ def _solve(cost: Tensor, device) -> List[Match]:
 
 
 @torch.no_grad()
-def soft_hungarian_match(
-    s_logits: Tensor,
-    s_boxes: Tensor,
-    t_logits: Tensor,
-    t_boxes: Tensor,
-    cost_class: float = 1.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-) -> List[Match]:
+def soft_hungarian_match(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor, cost_class: float = 1.0,
+                         cost_bbox: float = 5.0, cost_giou: float = 2.0) -> List[Match]:
     """Soft Hungarian matching of one stage.
 
     Args:
@@ -104,15 +90,9 @@ def soft_hungarian_match(
 
 
 @torch.no_grad()
-def soft_hungarian_match_stages(
-    s_logits: Tensor,
-    s_boxes: Tensor,
-    t_logits: Tensor,
-    t_boxes: Tensor,
-    cost_class: float = 1.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-) -> List[List[Match]]:
+def soft_hungarian_match_stages(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor,
+                                cost_class: float = 1.0, cost_bbox: float = 5.0,
+                                cost_giou: float = 2.0) -> List[List[Match]]:
     """:func:`soft_hungarian_match` for all stages ``[L, B, N, C|4]`` with a single CPU transfer.
     Returns ``matches[l][b] = (student_idx, teacher_idx)``."""
     if s_logits.dim() != 4:

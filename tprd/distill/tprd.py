@@ -265,15 +265,9 @@ def _stats_summary(raw: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 @torch.no_grad()
-def refine_teacher_predictions(
-    logits: Tensor,
-    boxes: Tensor,
-    matches: Sequence[Sequence[Match]],
-    gt_labels: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    skip_empty_images: bool = False,
-    return_stats: bool = False,
-):
+def refine_teacher_predictions(logits: Tensor, boxes: Tensor, matches: Sequence[Sequence[Match]],
+                               gt_labels: Sequence[Tensor], gt_boxes: Sequence[Tensor], skip_empty_images: bool = False,
+                               return_stats: bool = False):
     """Refine every teacher stage with better predictions of the same query at stages ``1..l``.
 
     Args:
@@ -305,14 +299,8 @@ def refine_teacher_predictions(
 
 
 @torch.no_grad()
-def refinement_stats(
-    logits: Tensor,
-    boxes: Tensor,
-    matches: Sequence[Sequence[Match]],
-    gt_labels: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    skip_empty_images: bool = False,
-) -> Dict[str, Tensor]:
+def refinement_stats(logits: Tensor, boxes: Tensor, matches: Sequence[Sequence[Match]], gt_labels: Sequence[Tensor],
+                     gt_boxes: Sequence[Tensor], skip_empty_images: bool = False) -> Dict[str, Tensor]:
     """Diagnostics of :func:`refine_teacher_predictions` only (see its ``return_stats``)."""
     return _stats_summary(_refine(logits, boxes, matches, gt_labels, gt_boxes, skip_empty_images, True)[2])
 
@@ -338,14 +326,8 @@ def _pair_logits(student_logits: Tensor, teacher_logits: Tensor) -> Tuple[Tensor
     return s, teacher_logits.detach().to(s.dtype)
 
 
-def decoupled_kd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    positive_mask: Tensor,
-    target_class: Tensor,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-) -> Tensor:
+def decoupled_kd(student_logits: Tensor, teacher_logits: Tensor, positive_mask: Tensor, target_class: Tensor,
+                 alpha: float = 1.0, beta: float = 1.0) -> Tensor:
     """TPRD-CKD per aligned (student row, refined-teacher row) pair, temperature 1 (docs/methods.md#tprd-ckd).
 
     With ``p = softmax(student)``, ``r = softmax(teacher)`` over the ``C`` classes:
@@ -394,14 +376,8 @@ def decoupled_kd(
 CLASS_KD_FORMS = ("decoupled", "sigmoid", "decoupled+bce")
 
 
-def sigmoid_decoupled_kd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    positive_mask: Tensor,
-    target_class: Tensor,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-) -> Tensor:
+def sigmoid_decoupled_kd(student_logits: Tensor, teacher_logits: Tensor, positive_mask: Tensor, target_class: Tensor,
+                         alpha: float = 1.0, beta: float = 1.0) -> Tensor:
     """A sigmoid form of TPRD-CKD (ours, not the reference's): per-class binary KL between the
     refined teacher's and the student's sigmoid scores, the family DETR classifiers are trained in.
 
@@ -426,15 +402,8 @@ def sigmoid_decoupled_kd(
     return torch.where(positive_mask, alpha * kl_c + beta * (total - kl_c), total)
 
 
-def tprd_class_kd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    positive_mask: Tensor,
-    target_class: Tensor,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    form: str = "decoupled",
-) -> Tensor:
+def tprd_class_kd(student_logits: Tensor, teacher_logits: Tensor, positive_mask: Tensor, target_class: Tensor,
+                  alpha: float = 1.0, beta: float = 1.0, form: str = "decoupled") -> Tensor:
     """The class KD of a ``_TPRD`` variant per pair, in one of :data:`CLASS_KD_FORMS`:
     ``"decoupled"`` TPRD-CKD as the reference (:func:`decoupled_kd`, the default), ``"sigmoid"``
     (:func:`sigmoid_decoupled_kd`), or ``"decoupled+bce"``: TPRD-CKD plus the baselines' soft-BCE

@@ -159,13 +159,8 @@ class SimpleTrainer(TrainerBase):
             clip the norm of all gradients together (``torch.nn.utils.clip_grad_norm_``).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        data_loader: Iterable,
-        optimizer: torch.optim.Optimizer,
-        clip_grad_params: Optional[Mapping[str, Any]] = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                 clip_grad_params: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         model.train()
         self.model = model
@@ -256,16 +251,9 @@ class AMPTrainer(SimpleTrainer):
     threshold as in fp32 training; steps whose gradients overflow are skipped by the scaler.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        data_loader: Iterable,
-        optimizer: torch.optim.Optimizer,
-        clip_grad_params: Optional[Mapping[str, Any]] = None,
-        dtype: torch.dtype = torch.float16,
-        device_type: Optional[str] = None,
-        grad_scaler: Optional[torch.amp.GradScaler] = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                 clip_grad_params: Optional[Mapping[str, Any]] = None, dtype: torch.dtype = torch.float16,
+                 device_type: Optional[str] = None, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
         super().__init__(model, data_loader, optimizer, clip_grad_params)
         if isinstance(dtype, str):
             dtype = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,

@@ -142,6 +142,21 @@ class DatasetEvaluator:
     def evaluate(self) -> Optional[Dict[str, Any]]:
         return None
 
+    def _gathered_predictions(self, log: logging.Logger, hint: str = "") -> Optional[List[Any]]:
+        """The ``_predictions`` of every process on the main one (``distributed``; else this
+        process's own), or ``None`` where there is nothing to score: on the other processes, and
+        when no prediction came at all (warned on ``log``, with ``hint``)."""
+        predictions = self._predictions
+        if self._distributed:
+            gathered = gather_to_main(predictions)
+            if gathered is None:
+                return None
+            predictions = [p for part in gathered for p in part]
+        if not predictions:
+            log.warning("%s(%s) received no predictions%s", type(self).__name__, self.dataset_name, hint)
+            return None
+        return predictions
+
 
 class COCOEvaluator(DatasetEvaluator):
     """COCO box AP of a registered COCO-format dataset.
@@ -256,14 +271,8 @@ class COCOEvaluator(DatasetEvaluator):
         return results
 
     def evaluate(self) -> Dict[str, Any]:
-        predictions = self._predictions
-        if self._distributed:
-            gathered = gather_to_main(predictions)
-            if gathered is None:
-                return {}
-            predictions = [p for part in gathered for p in part]
-        if not predictions:
-            logger.warning("COCOEvaluator(%s) received no predictions; was the loader empty?", self.dataset_name)
+        predictions = self._gathered_predictions(logger, "; was the loader empty?")
+        if predictions is None:
             return {}
         self.coco_gt  # the ground truth's warnings (skipped annotations, none at all) come first
         results = self._results_json(predictions)

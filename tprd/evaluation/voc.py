@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .coco import DatasetEvaluator, _prediction_arrays, _resolve_dataset_name, gather_to_main
+from .coco import DatasetEvaluator, _prediction_arrays, _resolve_dataset_name
 
 __all__ = ["PascalVOCDetectionEvaluator", "voc_ap", "voc_eval"]
 
@@ -206,14 +206,8 @@ class PascalVOCDetectionEvaluator(DatasetEvaluator):
         return self._gt
 
     def evaluate(self) -> Dict[str, Any]:
-        predictions = self._predictions
-        if self._distributed:
-            gathered = gather_to_main(predictions)
-            if gathered is None:
-                return {}
-            predictions = [p for part in gathered for p in part]
-        if not predictions:
-            logger.warning("PascalVOCDetectionEvaluator(%s) received no predictions", self.dataset_name)
+        predictions = self._gathered_predictions(logger)
+        if predictions is None:
             return {}
         gt = self._ground_truth()
         index = gt["index"]

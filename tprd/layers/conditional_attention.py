@@ -60,7 +60,38 @@ def _attend(
     return out.transpose(1, 2).reshape(b, n, h * d), weights
 
 
-class ConditionalSelfAttention(nn.Module):
+class _ConditionalAttention(nn.Module):
+    """The projections both conditional attentions have, in detrex's order (so parameters are
+    created, and initialised, in the same order): query content, query position (``use_query_pos``),
+    query sine embedding (``sine_query``), key content, key position, value and output, with the
+    scale ``(head_factor * D / heads) ** -0.5``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, attn_drop: float, proj_drop: float, use_query_pos: bool,
+                 sine_query: bool, head_factor: int):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.query_pos_proj = nn.Linear(embed_dim, embed_dim) if use_query_pos else None
+        if sine_query:
+            self.query_pos_sine_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.scale = (head_factor * embed_dim // num_heads) ** -0.5
+
+    def _output(self, query: Tensor, out: Tensor, weights: Tensor, need_weights: bool):
+        """``query + proj_drop(out_proj(out))`` (the residual included), with the weights if asked."""
+        out = query + self.proj_drop(self.out_proj(out))
+        return (out, weights) if need_weights else out
+
+
+class ConditionalSelfAttention(_ConditionalAttention):
     """Self-attention between decoder queries with separate content/position projections.
 
     ``forward(query [B,N,D], query_pos [B,N,D], attn_mask=None, key_padding_mask=None)`` ->
@@ -69,29 +100,11 @@ class ConditionalSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.query_pos_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.scale = (embed_dim // num_heads) ** -0.5
+        super().__init__(embed_dim, num_heads, attn_drop, proj_drop, use_query_pos=True, sine_query=False,
+                         head_factor=1)
 
-    def forward(
-        self,
-        query: Tensor,
-        query_pos: Tensor,
-        attn_mask: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-        need_weights: bool = False,
-    ):
+    def forward(self, query: Tensor, query_pos: Tensor, attn_mask: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False):
         q = self.query_content_proj(query) + self.query_pos_proj(query_pos)
         k = self.key_content_proj(query) + self.key_pos_proj(query_pos)
         v = self.value_proj(query)
@@ -100,11 +113,10 @@ class ConditionalSelfAttention(nn.Module):
             _split_heads(q, h), _split_heads(k, h), _split_heads(v, h),
             self.scale, attn_mask, key_padding_mask, self.attn_drop,
         )
-        out = query + self.proj_drop(self.out_proj(out))
-        return (out, weights) if need_weights else out
+        return self._output(query, out, weights, need_weights)
 
 
-class ConditionalCrossAttention(nn.Module):
+class ConditionalCrossAttention(_ConditionalAttention):
     """Cross-attention from the decoder queries to the encoder memory (conditional spatial query).
 
     ``use_query_pos``: whether this layer adds the positional query to the content query (only the
@@ -114,41 +126,14 @@ class ConditionalCrossAttention(nn.Module):
     query_sine_embed [B,N,D], attn_mask=None, key_padding_mask=None)`` -> ``query + out``.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        use_query_pos: bool = True,
-    ):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.query_pos_proj = nn.Linear(embed_dim, embed_dim) if use_query_pos else None
-        self.query_pos_sine_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.scale = (2 * embed_dim // num_heads) ** -0.5
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 use_query_pos: bool = True):
+        super().__init__(embed_dim, num_heads, attn_drop, proj_drop, use_query_pos=use_query_pos, sine_query=True,
+                         head_factor=2)
 
-    def forward(
-        self,
-        query: Tensor,
-        memory: Tensor,
-        memory_pos: Tensor,
-        query_pos: Tensor,
-        query_sine_embed: Tensor,
-        attn_mask: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-        need_weights: bool = False,
-    ):
+    def forward(self, query: Tensor, memory: Tensor, memory_pos: Tensor, query_pos: Tensor, query_sine_embed: Tensor,
+                attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = False):
         h = self.num_heads
         q = self.query_content_proj(query)
         k = self.key_content_proj(memory)
@@ -162,5 +147,4 @@ class ConditionalCrossAttention(nn.Module):
         q = torch.cat([_split_heads(q, h), _split_heads(sine, h)], dim=-1)
         k = torch.cat([_split_heads(k, h), _split_heads(k_pos, h)], dim=-1)
         out, weights = _attend(q, k, _split_heads(v, h), self.scale, attn_mask, key_padding_mask, self.attn_drop)
-        out = query + self.proj_drop(self.out_proj(out))
-        return (out, weights) if need_weights else out
+        return self._output(query, out, weights, need_weights)

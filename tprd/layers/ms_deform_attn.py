@@ -61,13 +61,8 @@ __all__ = [
 MSDAFunction = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def msda_pytorch(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def msda_pytorch(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                 attention_weights: Tensor) -> Tensor:
     """Reference kernel: bilinear ``grid_sample`` per level, weighted sum over levels and points.
 
     ``value [B,S,M,Dh]``; ``sampling_locations [B,Q,M,L,P,2]`` normalised ``(x, y)`` with ``(0, 0)``

@@ -278,13 +278,8 @@ class _MSDACpp(torch.autograd.Function):
                 g_loc if need_loc else None, g_attn if need_attn else None)
 
 
-def msda_cpp(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def msda_cpp(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+             attention_weights: Tensor) -> Tensor:
     """Backend ``"cpp"`` (same signature and result as the other backends; CPU tensors only)."""
     if value.device.type != "cpu":
         raise ValueError(f"msda_backend='cpp' runs on CPU tensors only (got {value.device}); "

@@ -186,13 +186,8 @@ class MSDAFunction(torch.autograd.Function):
         return g_value, None, None, g_loc, g_attn
 
 
-def msda_function(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def msda_function(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                  attention_weights: Tensor) -> Tensor:
     """Backend ``"pytorch"``: :class:`MSDAFunction` (same signature and result as the grid_sample
     path). Locations and weights are computed in the value's dtype."""
     dtype = value.dtype

@@ -49,23 +49,10 @@ if TRITON_AVAILABLE:
         return v, valid, row
 
     @triton.jit
-    def _sample_point(loc_ptr, attn_ptr, i, qmask, h, w):
-        """Attention weight ``a``, top-left corner ``(x0, y0)`` and bilinear fractions ``(fx, fy)`` of
-        sampling points ``i`` ``[BLOCK_Q]`` on a level of ``h x w`` (grid_sample's convention:
-        ``align_corners=False``, pixel centres at ``+0.5``)."""
-        x = tl.load(loc_ptr + 2 * i, mask=qmask, other=0.0)
-        y = tl.load(loc_ptr + 2 * i + 1, mask=qmask, other=0.0)
-        a = tl.load(attn_ptr + i, mask=qmask, other=0.0)
-        px = x * w - 0.5
-        py = y * h - 0.5
-        x0f = tl.floor(px)
-        y0f = tl.floor(py)
-        return a, x0f.to(tl.int64), y0f.to(tl.int64), px - x0f, py - y0f
-
-    @triton.jit
-    def _msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-                             num_value, num_queries, num_heads, dh, num_levels, num_points,
-                             BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _program_queries(num_queries, num_heads, dh, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's batch index ``b`` and ``head``, the rows ``qm`` ``[BLOCK_Q]`` of its
+        ``(b, q, head)`` queries with their mask ``qmask``, and the channels ``d`` ``[BLOCK_D]`` with
+        their mask ``dmask`` (forward and backward kernels share the grid)."""
         pid_q = tl.program_id(0)
         pid_bm = tl.program_id(1)
         b = pid_bm // num_heads
@@ -75,14 +62,42 @@ if TRITON_AVAILABLE:
         d = tl.arange(0, BLOCK_D)
         dmask = d < dh
         qm = (b * num_queries + q) * num_heads + head  # [BLOCK_Q] row of (b, q, head)
+        return b, head, qm, qmask, d, dmask
+
+    @triton.jit
+    def _level(shapes_ptr, starts_ptr, lvl, b, num_value):
+        """Height, width and first value row (of batch ``b``) of level ``lvl``."""
+        h = tl.load(shapes_ptr + 2 * lvl)
+        w = tl.load(shapes_ptr + 2 * lvl + 1)
+        return h, w, b * num_value + tl.load(starts_ptr + lvl)
+
+    @triton.jit
+    def _sample_point(loc_ptr, attn_ptr, qm, lvl, p, num_levels, num_points, qmask, h, w):
+        """Index ``i`` ``[BLOCK_Q]`` of sampling point ``p`` of level ``lvl`` of the queries ``qm``,
+        its attention weight ``a``, top-left corner ``(x0, y0)`` and bilinear fractions ``(fx, fy)``
+        on a level of ``h x w`` (grid_sample's convention: ``align_corners=False``, pixel centres at
+        ``+0.5``)."""
+        i = qm * (num_levels * num_points) + lvl * num_points + p
+        x = tl.load(loc_ptr + 2 * i, mask=qmask, other=0.0)
+        y = tl.load(loc_ptr + 2 * i + 1, mask=qmask, other=0.0)
+        a = tl.load(attn_ptr + i, mask=qmask, other=0.0)
+        px = x * w - 0.5
+        py = y * h - 0.5
+        x0f = tl.floor(px)
+        y0f = tl.floor(py)
+        return i, a, x0f.to(tl.int64), y0f.to(tl.int64), px - x0f, py - y0f
+
+    @triton.jit
+    def _msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+                             num_value, num_queries, num_heads, dh, num_levels, num_points,
+                             BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        b, head, qm, qmask, d, dmask = _program_queries(num_queries, num_heads, dh, BLOCK_Q, BLOCK_D)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
         for lvl in range(num_levels):
-            h = tl.load(shapes_ptr + 2 * lvl)
-            w = tl.load(shapes_ptr + 2 * lvl + 1)
-            row_base = b * num_value + tl.load(starts_ptr + lvl)
+            h, w, row_base = _level(shapes_ptr, starts_ptr, lvl, b, num_value)
             for p in range(num_points):
-                i = qm * (num_levels * num_points) + lvl * num_points + p
-                a, x0, y0, fx, fy = _sample_point(loc_ptr, attn_ptr, i, qmask, h, w)
+                i, a, x0, y0, fx, fy = _sample_point(loc_ptr, attn_ptr, qm, lvl, p, num_levels, num_points,
+                                                     qmask, h, w)
                 v, _, _ = _corner(value_ptr, row_base, x0, y0, h, w, num_heads, head, dh, d, dmask, qmask)
                 acc += (a * (1 - fx) * (1 - fy))[:, None] * v
                 v, _, _ = _corner(value_ptr, row_base, x0 + 1, y0, h, w, num_heads, head, dh, d, dmask, qmask)
@@ -107,23 +122,13 @@ if TRITON_AVAILABLE:
                               grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
                               num_value, num_queries, num_heads, dh, num_levels, num_points,
                               BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_q = tl.program_id(0)
-        pid_bm = tl.program_id(1)
-        b = pid_bm // num_heads
-        head = pid_bm % num_heads
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        qmask = q < num_queries
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < dh
-        qm = (b * num_queries + q) * num_heads + head
+        b, head, qm, qmask, d, dmask = _program_queries(num_queries, num_heads, dh, BLOCK_Q, BLOCK_D)
         g = tl.load(grad_out_ptr + qm[:, None] * dh + d[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
         for lvl in range(num_levels):
-            h = tl.load(shapes_ptr + 2 * lvl)
-            w = tl.load(shapes_ptr + 2 * lvl + 1)
-            row_base = b * num_value + tl.load(starts_ptr + lvl)
+            h, w, row_base = _level(shapes_ptr, starts_ptr, lvl, b, num_value)
             for p in range(num_points):
-                i = qm * (num_levels * num_points) + lvl * num_points + p
-                a, x0, y0, fx, fy = _sample_point(loc_ptr, attn_ptr, i, qmask, h, w)
+                i, a, x0, y0, fx, fy = _sample_point(loc_ptr, attn_ptr, qm, lvl, p, num_levels, num_points,
+                                                     qmask, h, w)
                 # corners (0,0), (1,0), (0,1), (1,1): weight, d weight / d px, d weight / d py
                 s00 = _corner_backward(value_ptr, grad_value_ptr, row_base, x0, y0, h, w, num_heads, head, dh,
                                        d, dmask, qmask, g, a * (1 - fx) * (1 - fy))
@@ -184,13 +189,8 @@ class _TritonMSDA(torch.autograd.Function):
         return grad_value.to(dtype), None, None, grad_loc.to(dtype), grad_attn.to(dtype)
 
 
-def msda_triton(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def msda_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                attention_weights: Tensor) -> Tensor:
     """Backend ``"triton"`` (same signature and result as the other backends)."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("the 'triton' deformable-attention backend needs Triton (pip install triton)")

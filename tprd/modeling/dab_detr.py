@@ -116,17 +116,9 @@ class DabDetrTransformerEncoder(nn.Module):
     ``forward(x [B,S,D], pos [B,S,D], key_padding_mask [B,S] bool)`` -> memory ``[B,S,D]``.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        attn_dropout: float = 0.0,
-        feedforward_dim: int = 2048,
-        ffn_dropout: float = 0.0,
-        activation: Optional[nn.Module] = None,
-        num_layers: int = 6,
-        post_norm: bool = False,
-    ):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, attn_dropout: float = 0.0, feedforward_dim: int = 2048,
+                 ffn_dropout: float = 0.0, activation: Optional[nn.Module] = None, num_layers: int = 6,
+                 post_norm: bool = False):
         super().__init__()
         activation = activation if activation is not None else _default_activation()
         self.embed_dim = embed_dim
@@ -189,19 +181,9 @@ class DabDetrTransformerDecoder(nn.Module):
     ``sigmoid(bbox_embed(query) + inverse_sigmoid(a))``.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        attn_dropout: float = 0.0,
-        feedforward_dim: int = 2048,
-        ffn_dropout: float = 0.0,
-        activation: Optional[nn.Module] = None,
-        num_layers: int = 6,
-        modulate_hw_attn: bool = True,
-        post_norm: bool = True,
-        query_dim: int = 4,
-    ):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, attn_dropout: float = 0.0, feedforward_dim: int = 2048,
+                 ffn_dropout: float = 0.0, activation: Optional[nn.Module] = None, num_layers: int = 6,
+                 modulate_hw_attn: bool = True, post_norm: bool = True, query_dim: int = 4):
         super().__init__()
         if query_dim != 4:
             raise ValueError("DAB-DETR decoder supports 4-d anchor boxes only (query_dim=4)")
@@ -480,17 +462,18 @@ class DABDETR(DETRDetector):
         taps.update(image_sizes=list(images.image_sizes), padded_size=tuple(images.tensor.shape[-2:]))
         return enc, taps
 
-    def decode_memory(
-        self,
-        enc: Dict[str, Tensor],
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        return_attention: bool = False,
-        taps: Optional[Dict[str, Any]] = None,
-    ) -> DetectorOutputs:
+    def decode_memory(self, enc: Dict[str, Tensor], query_groups: Sequence[QueryGroup] = (), *,
+                      targets: Optional[Sequence[Dict[str, Tensor]]] = None, return_attention: bool = False,
+                      taps: Optional[Dict[str, Any]] = None) -> DetectorOutputs:
         """Anchors, conditional decoder and heads on an encoder state (possibly another model's
-        memory, e.g. CrossKD's student memory through the teacher); ``targets`` are not used."""
+        memory, e.g. CrossKD's student memory through the teacher); ``targets`` are not used.
+
+        Stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra groups by name, and
+        the taps (with those of :meth:`encode_images`: ``backbone``, ``neck``, ``neck_masks``,
+        ``memory``, ``memory_pos``, ``memory_mask``, ``spatial_shapes``, ``queries`` = anchor table
+        as normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``, ``group_slices``; with
+        ``return_attention`` the per-layer ``decoder_self_attn`` ``[B,M,T,T]`` and dense
+        ``decoder_cross_attn`` ``{"kind": "dense", "attention_weights" [B,M,T,S]}``)."""
         names = [g.name for g in query_groups]
         if len(set(names)) != len(names):
             raise ValueError(f"query group names must be unique, got {names}")
@@ -503,17 +486,7 @@ class DABDETR(DETRDetector):
         taps.update(attention_taps(maps))
         return DetectorOutputs(main=main, groups=groups, taps=taps)
 
-    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (), *,
-                        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-                        return_attention: bool = False) -> DetectorOutputs:
-        """Full forward: stacked per-stage predictions ``[L,B,Q,·]`` of the main group, the extra
-        groups by name, and the taps (``backbone``, ``neck``, ``neck_masks``, ``memory``,
-        ``memory_pos``, ``memory_mask``, ``spatial_shapes``, ``queries`` = anchor table as
-        normalised boxes ``[Q,4]``, ``image_sizes``, ``padded_size``, ``group_slices``; with
-        ``return_attention`` the per-layer ``decoder_self_attn`` ``[B,M,T,T]`` and dense
-        ``decoder_cross_attn`` ``{"kind": "dense", "attention_weights" [B,M,T,S]}``)."""
-        enc, taps = self.encode_images(images)
-        return self.decode_memory(enc, query_groups, return_attention=return_attention, taps=taps)
+    # forward_outputs (encode_images, then decode_memory) comes from DETRDetector.
 
     # --------------------------------------------------------------------------------------------
     # Training / inference: forward, inference and postprocess come from DETRDetector

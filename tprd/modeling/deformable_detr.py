@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..layers.mlp import MLP
 from ..layers.box_ops import inverse_sigmoid
-from ..layers.activation_checkpoint import run_layer, set_layer_options
+from ..layers.activation_checkpoint import run_layer
 from ..layers.lean_dropout import Dropout, ReLUDropout
 from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from .criterion import SetCriterion
@@ -41,7 +41,6 @@ from .detector import (
     PIXEL_MEAN,
     PIXEL_STD,
     MultiScaleDETRDetector,
-    attention_taps,
     block_diagonal_mask,
     check_mask_mode,
     multihead_attention_weights,
@@ -53,11 +52,12 @@ from .detector import (
     reset_neck_parameters,
     valid_ratio,
 )
-from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
+from .outputs import DetectorOutputs, QueryGroup, StagePredictions
 
 __all__ = [
     "DeformableDETR",
     "DeformableTransformer",
+    "EncoderDecoderTransformer",
     "DeformableTransformerEncoder",
     "DeformableTransformerDecoder",
     "DeformableEncoderLayer",
@@ -275,7 +275,33 @@ def reset_deformable_parameters(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-class DeformableTransformer(nn.Module):
+class EncoderDecoderTransformer(nn.Module):
+    """What the transformers of Deformable DETR and DINO share: ``encoder``, ``decoder``, the
+    per-level embeddings ``level_embeds [L,D]``, the valid ratio of a level's mask and the projection
+    of the encoder proposals (``enc_output`` + ``enc_output_norm``, registered by the subclass)."""
+
+    def __init__(self, encoder: DeformableTransformerEncoder, decoder: nn.Module, num_feature_levels: int,
+                 two_stage_num_proposals: int):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.num_feature_levels = num_feature_levels
+        self.two_stage_num_proposals = two_stage_num_proposals
+        self.embed_dim = encoder.embed_dim
+        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, self.embed_dim))
+
+    # The valid fraction of each level (``[B,2]`` (w, h) of a mask ``[B,H,W]``).
+    valid_ratio = staticmethod(valid_ratio)
+
+    def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
+        """One proposal per valid token: cell centre, size 0.05 * 2^level (un-sigmoided ``[B,S,4]``,
+        ``inf`` on padding and near the border) and the projected memory
+        ``enc_output_norm(enc_output(memory))`` ``[B,S,D]`` (zeroed memory there)."""
+        out, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
+        return self.enc_output_norm(self.enc_output(out)), proposals
+
+
+class DeformableTransformer(EncoderDecoderTransformer):
     """Encoder + decoder + level embeddings + the query initialisation parameters.
 
     Single-stage: ``reference_points`` Linear(D -> 2) maps the positional half of a query to its
@@ -285,14 +311,8 @@ class DeformableTransformer(nn.Module):
 
     def __init__(self, encoder: DeformableTransformerEncoder, decoder: DeformableTransformerDecoder,
                  as_two_stage: bool = False, num_feature_levels: int = 4, two_stage_num_proposals: int = 300):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
+        super().__init__(encoder, decoder, num_feature_levels, two_stage_num_proposals)
         self.as_two_stage = as_two_stage
-        self.num_feature_levels = num_feature_levels
-        self.two_stage_num_proposals = two_stage_num_proposals
-        self.embed_dim = encoder.embed_dim
-        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, self.embed_dim))
         if as_two_stage:
             self.enc_output = nn.Linear(self.embed_dim, self.embed_dim)
             self.enc_output_norm = nn.LayerNorm(self.embed_dim)
@@ -311,15 +331,6 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_normal_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embeds)
-
-    # The valid fraction of each level (``[B,2]`` (w, h) of a mask ``[B,H,W]``), shared with DINO.
-    valid_ratio = staticmethod(valid_ratio)
-
-    def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
-        """One proposal per valid token: cell centre, size 0.05 * 2^level (un-sigmoided ``[B,S,4]``,
-        ``inf`` on padding and near the border) and the projected memory ``[B,S,D]`` (zero there)."""
-        out, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
-        return self.enc_output_norm(self.enc_output(out)), proposals
 
     @staticmethod
     def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature: float = 10000) -> Tensor:
@@ -411,11 +422,7 @@ class DeformableDETR(MultiScaleDETRDetector):
         num_heads = num_pred if with_box_refine else 1
         self.class_embed = nn.ModuleList(nn.Linear(embed_dim, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_heads))
-        self.register_pixel_stats(pixel_mean, pixel_std)
-        set_layer_options(self, use_checkpoint, msda_backend)
-        self.reset_head_parameters()
-        if device is not None:
-            self.to(device)
+        self.finish_init(pixel_mean, pixel_std, use_checkpoint, msda_backend, device)
 
     @torch.no_grad()
     def reset_head_parameters(self) -> None:
@@ -563,45 +570,26 @@ class DeformableDETR(MultiScaleDETRDetector):
     # ---------------------------------------------------------------------------------------
     # Full stage-wise forward
     # ---------------------------------------------------------------------------------------
-    def decode_memory(
-        self,
-        enc: Dict[str, Tensor],
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        return_attention: bool = False,
-        taps: Optional[Dict[str, Any]] = None,
-    ) -> DetectorOutputs:
+    def decode_memory(self, enc: Dict[str, Tensor], query_groups: Sequence[QueryGroup] = (), *,
+                      targets: Optional[Sequence[Dict[str, Tensor]]] = None, return_attention: bool = False,
+                      taps: Optional[Dict[str, Any]] = None) -> DetectorOutputs:
         """Queries, decoder and heads on an encoder state (possibly another model's memory);
-        ``targets`` are not used (no denoising)."""
+        ``targets`` are not used (no denoising).
+
+        Stage-wise predictions of the main group (``[L,B,Q,.]``), of each extra query group
+        (``.groups[name]``), two-stage proposals (``.enc``) and the taps (with those of
+        :meth:`forward_outputs`: backbone dict, neck maps and masks, memory, spatial shapes, level
+        start index, valid ratios, memory mask, the model's own initial queries as a
+        :class:`QueryGroup`, and with ``return_attention`` the per-layer decoder self-attention
+        weights ``[B,M,Qt,Qt]`` and cross-attention sampling locations/weights over all groups;
+        ``group_slices`` gives each group's query range)."""
         main, enc_out = self.initial_queries(enc)
         main_preds, groups, maps, slices, next_ref = self.decode(enc, main, query_groups, return_attention)
-        taps = dict(taps or {})
-        taps.update(self.memory_taps(enc))
-        taps.update(
-            queries=QueryGroup("queries", main.content, main.reference, main.position),
-            next_reference=next_ref,
-            group_slices=slices,
-        )
-        taps.update(attention_taps(maps, enc["spatial_shapes"], enc["level_start_index"]))
+        queries = QueryGroup("queries", main.content, main.reference, main.position)
+        taps = self.decoder_taps(enc, taps, queries, next_ref, slices, maps)
         return DetectorOutputs(main=main_preds, groups=groups, enc=enc_out, taps=taps)
 
-    def forward_outputs(
-        self,
-        images: ImageBatch,
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        return_attention: bool = False,
-    ) -> DetectorOutputs:
-        """Stage-wise predictions of the main group (``[L,B,Q,.]``), of each extra query group
-        (``.groups[name]``), two-stage proposals (``.enc``) and the taps (backbone dict, neck maps and
-        masks, memory, spatial shapes, level start index, valid ratios, memory mask, the model's own
-        initial queries as a :class:`QueryGroup`, and with ``return_attention`` the per-layer decoder
-        self-attention weights ``[B,M,Qt,Qt]`` and cross-attention sampling locations/weights over all
-        groups; ``group_slices`` gives each group's query range)."""
-        enc, taps = self.encode_images(images)
-        return self.decode_memory(enc, query_groups, return_attention=return_attention, taps=taps)
+    # forward_outputs (encode_images, then decode_memory) comes from DETRDetector.
 
     # ---------------------------------------------------------------------------------------
     # Training / inference: forward, compute_losses, inference and postprocess come from

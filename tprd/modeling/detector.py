@@ -2,8 +2,9 @@
 
 * :class:`DETRDetector`: pixel normalisation buffers, ``device``, ``preprocess`` (normalise + pad ->
   :class:`~tprd.modeling.outputs.ImageBatch`), ``prepare_targets``, ``inference`` / ``postprocess``
-  (:mod:`tprd.modeling.postprocess`) and the ``forward`` train/eval dispatch on top of each
-  detector's ``forward_outputs`` and ``compute_losses``.
+  (:mod:`tprd.modeling.postprocess`), ``forward_outputs`` (each detector's ``encode_images`` then
+  its ``decode_memory``) and the ``forward`` train/eval dispatch on top of ``forward_outputs`` and
+  ``compute_losses``.
 * :class:`MultiScaleDETRDetector`: backbone -> neck -> per-level padding masks -> sine + level
   embeddings -> flattened tokens -> deformable encoder, for Deformable DETR and DINO, built on the
   standalone functions :func:`level_masks`, :func:`flatten_levels`, :func:`valid_ratio` and
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.activation_checkpoint import set_layer_options
 from ..layers.box_ops import box_xyxy_to_cxcywh
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 from .postprocess import detector_postprocess, select_topk
@@ -295,9 +297,9 @@ class DETRDetector(nn.Module):
 
     A subclass sets the class attributes, calls :meth:`register_pixel_stats` in ``__init__`` and
     implements :attr:`num_stages`, :attr:`num_feature_levels`, :meth:`extract_features`,
-    :meth:`decode_memory` and :meth:`forward_outputs`; it may override :meth:`compute_losses`
-    (default: the criterion's weighted losses) and :meth:`train_outputs` (default:
-    ``forward_outputs(images)``).
+    :meth:`encode_images` and :meth:`decode_memory`; it may override :meth:`forward_outputs`
+    (default: ``encode_images`` then ``decode_memory``), :meth:`compute_losses` (default: the
+    criterion's weighted losses) and :meth:`train_outputs` (default: ``forward_outputs(images)``).
 
     ``batched_inputs``: list of dicts ``image`` ``[3,H,W]`` RGB 0..255, ``height``/``width`` (output
     size, optional), ``gt_boxes`` ``[G,4]`` xyxy pixels of ``image`` (``gt_boxes_xyxy`` accepted
@@ -393,15 +395,16 @@ class DETRDetector(nn.Module):
         backbone, neck, masks = self.extract_features(images)
         return {"backbone": backbone, "neck": list(neck), "neck_masks": list(masks)}
 
-    def forward_outputs(
-        self,
-        images: ImageBatch,
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        return_attention: bool = False,
-    ) -> DetectorOutputs:  # pragma: no cover - every detector defines it
-        """The full stage-wise forward of a padded batch ``images.tensor [B,3,H,W]``.
+    def encode_images(self, images: ImageBatch) -> Tuple[Dict[str, Any], Dict[str, Any]]:  # pragma: no cover
+        """Backbone, neck and encoder: the encoder state ``enc`` (what :meth:`decode_memory` reads)
+        and the feature taps (``backbone``, ``neck``, ``neck_masks`` and the family's others)."""
+        raise NotImplementedError
+
+    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (), *,
+                        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
+                        return_attention: bool = False) -> DetectorOutputs:
+        """The full stage-wise forward of a padded batch ``images.tensor [B,3,H,W]``:
+        :meth:`encode_images`, then :meth:`decode_memory` (which lists the family's taps).
 
         Returns :class:`DetectorOutputs`: ``main`` (logits ``[L,B,Q,C]``, boxes ``[L,B,Q,4]``
         normalised cxcywh, hidden ``[L,B,Q,D]``, per-stage input references), ``groups[name]`` of
@@ -415,17 +418,12 @@ class DETRDetector(nn.Module):
         are used only by a detector that builds training queries from them (DINO's denoising);
         the others ignore them.
         """
-        raise NotImplementedError
+        enc, taps = self.encode_images(images)
+        return self.decode_memory(enc, query_groups, targets=targets, return_attention=return_attention, taps=taps)
 
-    def decode_memory(
-        self,
-        enc: Dict[str, Tensor],
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        return_attention: bool = False,
-        taps: Optional[Dict[str, Any]] = None,
-    ) -> DetectorOutputs:  # pragma: no cover - every detector defines it
+    def decode_memory(self, enc: Dict[str, Tensor], query_groups: Sequence[QueryGroup] = (), *,
+                      targets: Optional[Sequence[Dict[str, Tensor]]] = None, return_attention: bool = False,
+                      taps: Optional[Dict[str, Any]] = None) -> DetectorOutputs:  # pragma: no cover
         """The post-encoder path alone -- queries, decoder, heads -- on an encoder state ``enc``
         (``memory [B,S,D]``, ``memory_mask [B,S]``, ``spatial_shapes [num_feature_levels,2]`` and
         the family's other entries, as in the ``taps`` of :meth:`forward_outputs`), which may come
@@ -536,7 +534,30 @@ class MultiScaleDETRDetector(DETRDetector):
         enc = self.encode(feats, masks)
         return enc, {"backbone": features, "neck": feats, "neck_masks": masks}
 
+    def finish_init(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], use_checkpoint,
+                    msda_backend: Optional[str], device: Optional[str]) -> None:
+        """The end of ``__init__`` (once every module exists): pixel statistics, the checkpointing and
+        deformable-attention backend options of every layer, the head init
+        (``reset_head_parameters``), then the device (``None``: leave it)."""
+        self.register_pixel_stats(pixel_mean, pixel_std)
+        set_layer_options(self, use_checkpoint, msda_backend)
+        self.reset_head_parameters()
+        if device is not None:
+            self.to(device)
+
     def memory_taps(self, enc: Mapping[str, Tensor], keys: Sequence[str] = (
             "memory", "memory_mask", "spatial_shapes", "level_start_index", "valid_ratios")) -> Dict[str, Any]:
         """The encoder-state entries exposed as taps."""
         return {k: enc[k] for k in keys}
+
+    def decoder_taps(self, enc: Mapping[str, Tensor], taps: Optional[Dict[str, Any]], queries: QueryGroup,
+                     next_reference: Tensor, slices: Dict[str, slice], maps,
+                     keys: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """A copy of ``taps`` with the encoder state (:meth:`memory_taps`, ``keys``), the model's own
+        ``queries``, the main group's ``next_reference``, the ``group_slices`` and the decoder
+        attention maps (:func:`attention_taps`; nothing unless ``maps``)."""
+        taps = dict(taps or {})
+        taps.update(self.memory_taps(enc) if keys is None else self.memory_taps(enc, keys))
+        taps.update(queries=queries, next_reference=next_reference, group_slices=slices)
+        taps.update(attention_taps(maps, enc["spatial_shapes"], enc["level_start_index"]))
+        return taps

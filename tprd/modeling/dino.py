@@ -52,24 +52,26 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..layers.activation_checkpoint import run_layer, set_layer_options
+from ..layers.activation_checkpoint import run_layer
 from ..layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from ..layers.mlp import MLP
 from ..layers.position_embedding import get_sine_pos_embed
 from .criterion import SetCriterion, get_num_boxes
-from .deformable_detr import DeformableDecoderLayer, DeformableTransformerEncoder, reset_deformable_parameters
+from .deformable_detr import (
+    DeformableDecoderLayer,
+    DeformableTransformerEncoder,
+    EncoderDecoderTransformer,
+    reset_deformable_parameters,
+)
 from .detector import (
     PIXEL_MEAN,
     PIXEL_STD,
     MultiScaleDETRDetector,
-    attention_taps,
     block_diagonal_mask,
     check_mask_mode,
-    encoder_output_proposals,
     focal_prior_bias,
     group_slices,
     reset_neck_parameters,
-    valid_ratio,
 )
 from .outputs import DetectorOutputs, ImageBatch, QueryGroup, StagePredictions
 
@@ -101,19 +103,9 @@ class DINOTransformerDecoder(nn.Module):
     compatibility; every stage is always returned.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        feedforward_dim: int = 1024,
-        attn_dropout: float = 0.1,
-        ffn_dropout: float = 0.1,
-        num_layers: int = 6,
-        return_intermediate: bool = True,
-        num_feature_levels: int = 4,
-        look_forward_twice: bool = True,
-        num_points: int = 4,
-    ):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, feedforward_dim: int = 1024, attn_dropout: float = 0.1,
+                 ffn_dropout: float = 0.1, num_layers: int = 6, return_intermediate: bool = True,
+                 num_feature_levels: int = 4, look_forward_twice: bool = True, num_points: int = 4):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_layers = num_layers
@@ -164,7 +156,7 @@ class DINOTransformerDecoder(nn.Module):
         return torch.stack(hidden), torch.stack(refined), (maps if return_attention else None)
 
 
-class DINOTransformer(nn.Module):
+class DINOTransformer(EncoderDecoderTransformer):
     """Encoder + decoder + level embeddings + the two-stage query-selection parameters.
 
     ``enc_output`` (+ ``enc_output_norm``) turns the memory into proposal features; ``tgt_embed``
@@ -180,14 +172,8 @@ class DINOTransformer(nn.Module):
         two_stage_num_proposals: int = 900,
         learnt_init_query: bool = True,
     ):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.num_feature_levels = num_feature_levels
-        self.two_stage_num_proposals = two_stage_num_proposals
+        super().__init__(encoder, decoder, num_feature_levels, two_stage_num_proposals)
         self.learnt_init_query = learnt_init_query
-        self.embed_dim = encoder.embed_dim
-        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, self.embed_dim))
         if learnt_init_query:
             self.tgt_embed = nn.Embedding(two_stage_num_proposals, self.embed_dim)
         self.enc_output = nn.Linear(self.embed_dim, self.embed_dim)
@@ -201,15 +187,7 @@ class DINOTransformer(nn.Module):
         reset_deformable_parameters(self)
         nn.init.normal_(self.level_embeds)
 
-    # The valid fraction of each level (``[B,2]`` (w, h) of a mask ``[B,H,W]``), as Deformable DETR.
-    valid_ratio = staticmethod(valid_ratio)
-
-    def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
-        """As two-stage Deformable DETR: one proposal per valid token (cell centre, size
-        0.05 * 2^level, un-sigmoided ``[B,S,4]``, ``inf`` on padding and near the border) and the
-        projected memory ``enc_output_norm(enc_output(memory))`` ``[B,S,D]`` (zeroed memory there)."""
-        out, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
-        return self.enc_output_norm(self.enc_output(out)), proposals
+    # valid_ratio and gen_encoder_output_proposals: as Deformable DETR (EncoderDecoderTransformer).
 
 
 # ============================================================================================
@@ -365,11 +343,7 @@ class DINO(MultiScaleDETRDetector):
         self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in range(num_pred))
         # denoising: embedding of the (noised) GT labels
         self.label_enc = nn.Embedding(num_classes, embed_dim)
-        self.register_pixel_stats(pixel_mean, pixel_std)
-        set_layer_options(self, use_checkpoint, msda_backend)
-        self.reset_head_parameters()
-        if device is not None:
-            self.to(device)
+        self.finish_init(pixel_mean, pixel_std, use_checkpoint, msda_backend, device)
 
     @torch.no_grad()
     def reset_head_parameters(self) -> None:
@@ -609,16 +583,9 @@ class DINO(MultiScaleDETRDetector):
         taps.update(image_sizes=list(images.image_sizes), padded_size=tuple(images.tensor.shape[-2:]))
         return enc, taps
 
-    def decode_memory(
-        self,
-        enc: Dict[str, Tensor],
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        use_dn: Optional[bool] = None,
-        return_attention: bool = False,
-        taps: Optional[Dict[str, Any]] = None,
-    ) -> DetectorOutputs:
+    def decode_memory(self, enc: Dict[str, Tensor], query_groups: Sequence[QueryGroup] = (), *,
+                      targets: Optional[Sequence[Dict[str, Tensor]]] = None, use_dn: Optional[bool] = None,
+                      return_attention: bool = False, taps: Optional[Dict[str, Any]] = None) -> DetectorOutputs:
         """Query selection, (denoising,) decoder and heads on an encoder state (possibly another
         model's memory). ``use_dn``: ``None`` = in training, when targets are given and
         ``dn_number > 0``."""
@@ -640,26 +607,14 @@ class DINO(MultiScaleDETRDetector):
                 "pad_size": dn["pad_size"],
                 "attn_mask": dn["attn_mask"],
             }
-        taps = dict(taps or {})
-        taps.update(self.memory_taps(
-            enc, ("memory", "memory_mask", "pos", "spatial_shapes", "level_start_index", "valid_ratios")))
-        taps.update(
-            queries=QueryGroup("queries", main.content, main.reference),
-            next_reference=next_ref,
-            group_slices=slices,
-        )
-        taps.update(attention_taps(maps, enc["spatial_shapes"], enc["level_start_index"]))
+        taps = self.decoder_taps(
+            enc, taps, QueryGroup("queries", main.content, main.reference), next_ref, slices, maps,
+            keys=("memory", "memory_mask", "pos", "spatial_shapes", "level_start_index", "valid_ratios"))
         return DetectorOutputs(main=main_preds, groups=groups, enc=proposals, dn=dn_out, taps=taps)
 
-    def forward_outputs(
-        self,
-        images: ImageBatch,
-        query_groups: Sequence[QueryGroup] = (),
-        *,
-        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
-        use_dn: Optional[bool] = None,
-        return_attention: bool = False,
-    ) -> DetectorOutputs:
+    def forward_outputs(self, images: ImageBatch, query_groups: Sequence[QueryGroup] = (), *,
+                        targets: Optional[Sequence[Dict[str, Tensor]]] = None, use_dn: Optional[bool] = None,
+                        return_attention: bool = False) -> DetectorOutputs:
         """Stage-wise predictions of the main group (``[L,B,Q,.]``), of each extra query group
         (``.groups[name]``), the selected encoder proposals (``.enc``), the denoising predictions and
         meta data (``.dn``: ``predictions``, ``single_padding``, ``dn_num``, ``pad_size``,

@@ -52,8 +52,8 @@ __all__ = [
 # Deformable transformer keys: detrex -> ours
 # ============================================================================================
 
-_ENC_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.*)$")
-_DEC_LAYER = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
+_ENC_LAYER = re.compile(r"^(transformer\.encoder\.layers\.\d+\.)(.*)$")  # (layer prefix, the part renamed)
+_DEC_LAYER = re.compile(r"^(transformer\.decoder\.layers\.\d+\.)(.*)$")
 _HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 _FFN = {"ffns.0.layers.0.0.": "ffn.linear1.", "ffns.0.layers.1.": "ffn.linear2."}
 _ENC_TABLE = {"attentions.0.": "self_attn.", "norms.0.": "norm1.", "norms.1.": "norm2."}
@@ -74,14 +74,9 @@ def deformable_detrex_to_ours(key: str, per_stage_heads: bool) -> Optional[str]:
     ``{class,bbox}_embed.k``, ``k > 0``)."""
     if key.startswith("backbone."):
         return convert_backbone_key(key)
-    m = _ENC_LAYER.match(key)
-    if m:
-        return f"transformer.encoder.layers.{m.group(1)}." + _rename_layer_part(m.group(2), _ENC_TABLE)
-    m = _DEC_LAYER.match(key)
-    if m:
-        return f"transformer.decoder.layers.{m.group(1)}." + _rename_layer_part(m.group(2), _DEC_TABLE)
-    if key.startswith("transformer.encoder.post_norm_layer."):
-        return "transformer.encoder.norm." + key[len("transformer.encoder.post_norm_layer."):]
+    renamed = _rename_transformer_key(key, back=False)
+    if renamed is not None:
+        return renamed
     if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
         return None
     m = _HEAD.match(key)
@@ -120,15 +115,21 @@ def deformable_ours_to_detrex(key: str) -> str:
     :func:`deformable_detrex_to_ours` on the keys it keeps)."""
     if key.startswith("backbone."):
         return backbone_key_to_detrex(key)
-    m = _ENC_LAYER.match(key)
-    if m:
-        return f"transformer.encoder.layers.{m.group(1)}." + _rename_layer_part_back(m.group(2), _ENC_TABLE)
-    m = _DEC_LAYER.match(key)
-    if m:
-        return f"transformer.decoder.layers.{m.group(1)}." + _rename_layer_part_back(m.group(2), _DEC_TABLE)
-    if key.startswith("transformer.encoder.norm."):
-        return "transformer.encoder.post_norm_layer." + key[len("transformer.encoder.norm."):]
-    return key
+    renamed = _rename_transformer_key(key, back=True)
+    return key if renamed is None else renamed
+
+
+def _rename_transformer_key(key: str, back: bool) -> Optional[str]:
+    """A key of an encoder/decoder layer or of the encoder's final norm, renamed detrex -> ours
+    (``back``: ours -> detrex); ``None`` for any other key. Layer indices keep their place."""
+    for pattern, table in ((_ENC_LAYER, _ENC_TABLE), (_DEC_LAYER, _DEC_TABLE)):
+        m = pattern.match(key)
+        if m:
+            rest = _rename_layer_part_back(m.group(2), table) if back else _rename_layer_part(m.group(2), table)
+            return m.group(1) + rest
+    detrex_norm, our_norm = "transformer.encoder.post_norm_layer.", "transformer.encoder.norm."
+    src, dst = (our_norm, detrex_norm) if back else (detrex_norm, our_norm)
+    return dst + key[len(src):] if key.startswith(src) else None
 
 
 def deformable_detrex_names(key: str, per_stage_heads: bool, num_pred: int,

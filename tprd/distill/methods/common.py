@@ -30,6 +30,7 @@ __all__ = [
     "STAGE_PAIRINGS",
     "stage_pairing",
     "check_same_stages",
+    "check_same_width",
     "paired_stages",
     "paired_matches",
     "tprd_refine_and_targets",
@@ -85,6 +86,15 @@ def check_same_stages(student: DETRDetector, teacher: DETRDetector, method: str)
         stage_pairing(student.num_stages, teacher.num_stages)
     except ValueError as e:
         raise ValueError(f"{method}: {e}") from None
+
+
+def check_same_width(student: DETRDetector, teacher: DETRDetector, error: str) -> int:
+    """The ``embed_dim`` student and teacher share; ``ValueError(error)`` when they differ (``error``
+    is formatted with the student's width ``ds`` and the teacher's ``dt``)."""
+    ds, dt = student.embed_dim, teacher.embed_dim
+    if ds != dt:
+        raise ValueError(error.format(ds=ds, dt=dt))
+    return ds
 
 
 def _is_identity(stages: Optional[Sequence[int]], num_teacher: int) -> bool:

@@ -43,7 +43,7 @@ from tprd.modeling.outputs import DetectorOutputs
 
 from .base import DistillContext, DistillMethod, TPRDOptions
 from .aligned_kd import matching_kd
-from .common import tprd_stats
+from .common import check_same_width, tprd_stats
 
 __all__ = ["CrossKD", "ENCODER_STATE_KEYS", "crossed_teacher_outputs"]
 
@@ -96,12 +96,8 @@ class CrossKD(DistillMethod):
                 f"CrossKD decodes the student's memory with the teacher: one detector family needed, got "
                 f"{student.family} and {teacher.family}"
             )
-        ds, dt = student.embed_dim, teacher.embed_dim
-        if ds != dt:
-            raise ValueError(
-                f"CrossKD feeds the student's {ds}-d memory to the teacher's {dt}-d decoder; use the same "
-                "transformer embed_dim in both models"
-            )
+        check_same_width(student, teacher, "CrossKD feeds the student's {ds}-d memory to the teacher's {dt}-d "
+                         "decoder; use the same transformer embed_dim in both models")
         ls, lt = student.num_feature_levels, teacher.num_feature_levels
         if ls != lt:
             raise ValueError(f"CrossKD: the student's memory has {ls} feature levels but the teacher's decoder expects {lt}")

@@ -40,7 +40,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import aligned_prediction_kd, soft_matched_indices
-from .common import check_same_stages, paired_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, check_same_width, paired_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["D3DETR", "self_attention_kd", "cross_attention_kd"]
 
@@ -123,10 +123,8 @@ class D3DETR(DistillMethod):
             self.needs, self.student_needs = ("predictions", "queries"), ()  # no maps to compute
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = student.embed_dim, teacher.embed_dim
-        if ds != dt:
-            raise ValueError(f"D³ETR feeds the teacher's queries to the student; widths differ ({dt} vs {ds})")
-        self._embed_dim = ds
+        self._embed_dim = check_same_width(
+            student, teacher, "D³ETR feeds the teacher's queries to the student; widths differ ({dt} vs {ds})")
         check_same_stages(student, teacher, "D³ETR")
 
     def _uses(self, prefix: str = "") -> bool:

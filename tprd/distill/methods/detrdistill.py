@@ -39,7 +39,7 @@ from tprd.modeling.outputs import QueryGroup
 
 from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
 from .aligned_kd import matching_kd
-from .common import check_same_stages, paired_matches, paired_stages, tprd_stats
+from .common import check_same_stages, check_same_width, paired_matches, paired_stages, tprd_stats
 
 __all__ = ["DETRDistill", "target_aware_weights", "target_aware_masks", "target_aware_loss"]
 
@@ -149,10 +149,9 @@ class DETRDistill(DistillMethod):
         self._focal = (0.25, 2.0)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = student.embed_dim, teacher.embed_dim
-        if ds != dt:
-            raise ValueError(f"DETRDistill feeds teacher queries to the student and compares neck maps; widths differ ({dt} vs {ds})")
-        self._embed_dim = ds
+        self._embed_dim = check_same_width(
+            student, teacher,
+            "DETRDistill feeds teacher queries to the student and compares neck maps; widths differ ({dt} vs {ds})")
         check_same_stages(student, teacher, "DETRDistill")
         self._focal = student.focal_loss_params  # RT-DETR: its matcher's 0.25 / 2, not VFL's alpha
 

@@ -46,7 +46,7 @@ from tprd.modeling.detector import DETRDetector
 from tprd.modeling.outputs import QueryGroup, StagePredictions
 
 from .base import DistillContext, DistillMethod, TPRDOptions, query_group_from_tap
-from .common import check_same_stages, paired_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, check_same_width, paired_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = ["KDDETR", "general_point_kind"]
 
@@ -133,13 +133,9 @@ class KDDETR(DistillMethod):
             if ks != kt:
                 raise ValueError(f"KD-DETR needs a student and teacher of one family; got query kinds {ks!r} and {kt!r}")
             self.query_kind = kt
-        ds, dt = student.embed_dim, teacher.embed_dim
-        if ds != dt:
-            raise ValueError(
-                f"KD-DETR feeds the teacher's queries to the student, but their widths differ ({dt} vs {ds}); "
-                "use the same transformer embed_dim"
-            )
-        self._embed_dim = ds
+        self._embed_dim = check_same_width(
+            student, teacher, "KD-DETR feeds the teacher's queries to the student, but their widths differ "
+            "({dt} vs {ds}); use the same transformer embed_dim")
         check_same_stages(student, teacher, "KD-DETR")
         if self.shared_general_refs and self.query_kind != "position":
             raise ValueError("shared_general_refs only applies to Deformable DETR (query_kind 'position')")

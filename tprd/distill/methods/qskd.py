@@ -59,7 +59,7 @@ from tprd.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from tprd.modeling.outputs import StagePredictions
 
 from .base import DistillContext, DistillMethod, TPRDOptions
-from .common import check_same_stages, paired_matches, paired_stages, tprd_refine_and_targets, tprd_stats
+from .common import check_same_stages, check_same_width, paired_matches, paired_stages, tprd_refine_and_targets, tprd_stats
 
 __all__ = [
     "QSKD",
@@ -261,9 +261,8 @@ class QSKD(DistillMethod):
         self.reference_stage_order = bool(reference_stage_order)
 
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
-        ds, dt = student.embed_dim, teacher.embed_dim
-        if ds != dt:
-            raise ValueError(f"QSKD compares the encoder memories; their widths differ (teacher {dt}, student {ds})")
+        check_same_width(student, teacher,
+                         "QSKD compares the encoder memories; their widths differ (teacher {dt}, student {ds})")
         check_same_stages(student, teacher, "QSKD")
 
     # ------------------------------------------------------------------ terms
