@@ -1,4 +1,4 @@
-"""RT-DETRv2's data pipeline (tprd/data/rtdetr_transforms.py, docs/rt_detr.md#training-recipe): boxes
+"""RT-DETRv2's data pipeline (tprd/data/rtdetr_transforms.py, docs/rt_detr.md#data-pipeline): boxes
 stay on their pixels, degenerate boxes leave with their labels, the output is what RTDETR consumes,
 the stop iteration switches the early ops and the multi-scale sizes off (also after a resume and in
 loader workers), every process draws the same batch size, and a tiny RT-DETR trains on it."""

@@ -17,7 +17,7 @@
 Data: COCO 2017 (``common/coco_training.py``: total batch 16; contiguous labels 0..79, the
 evaluator maps them back to COCO category ids, which is what the reference's
 ``remap_mscoco_category`` does) through RT-DETRv2's own pipeline (``include/dataloader.yml``;
-``common/data/rtdetr_mappers.py``, docs/rt_detr.md#training-recipe):
+``common/data/rtdetr_mappers.py``, docs/rt_detr.md#data-pipeline):
 
 * train: RandomPhotometricDistort (p 0.5), RandomZoomOut (fill 0), RandomIoUCrop (p 0.8),
   SanitizeBoundingBoxes (min size 1), RandomHorizontalFlip, Resize 640x640, SanitizeBoundingBoxes;

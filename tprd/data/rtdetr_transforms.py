@@ -1,5 +1,5 @@
 """RT-DETRv2's data pipeline (lyuwenyu/RT-DETR ``rtdetrv2_pytorch``, ``configs/rtdetrv2/include/dataloader.yml``)
-on ``torchvision.transforms.v2``; docs/rt_detr.md#training-recipe.
+on ``torchvision.transforms.v2``; docs/rt_detr.md#data-pipeline.
 
 Training, per image (:func:`rtdetr_train_augmentation`)::
 

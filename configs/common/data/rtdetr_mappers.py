@@ -1,4 +1,4 @@
-"""RT-DETRv2's data pipeline as lazy config nodes (docs/rt_detr.md#training-recipe;
+"""RT-DETRv2's data pipeline as lazy config nodes (docs/rt_detr.md#data-pipeline;
 ``tprd/data/rtdetr_transforms.py``), for ``common/rtdetr_training.py`` and the RT-DETR VOC configs.
 
 Helper functions only (this file defines no config entries). Each op is its own node, so a config
