@@ -14,10 +14,23 @@
   epochs here) is set by each config (``r18vd_120e``: 120 epochs, ``r50vd_m_7x``: 84), which then
   sets ``lr_multiplier.warmup_length = 2000 / train.max_iter``.
 
-Data: the toolbox's COCO detection data at total batch 16 (``common/coco_training.py``; contiguous
-labels 0..79, the evaluator maps them back to COCO category ids, which is what the reference's
-``remap_mscoco_category`` does). The RT-DETR augmentation pipeline is not wired in yet (see
-docs/rt_detr.md#training-recipe): images go through the DETR mapper.
+Data: COCO 2017 (``common/coco_training.py``: total batch 16; contiguous labels 0..79, the
+evaluator maps them back to COCO category ids, which is what the reference's
+``remap_mscoco_category`` does) through RT-DETRv2's own pipeline (``include/dataloader.yml``;
+``common/data/rtdetr_mappers.py``, docs/rt_detr.md#data-pipeline):
+
+* train: RandomPhotometricDistort (p 0.5), RandomZoomOut (fill 0), RandomIoUCrop (p 0.8),
+  SanitizeBoundingBoxes (min size 1), RandomHorizontalFlip, Resize 640x640, SanitizeBoundingBoxes;
+  the first three stop at ``dataloader.train.mapper.stop_iter``;
+* per batch, one square size of 480..800 (``RTDETR_TRAIN_SCALES``, the same on every process)
+  until ``dataloader.train.batch_transform.stop_iter``;
+* test: Resize 640x640.
+
+The reference's stop epoch is an epoch index (0-based: ``epoch: 71`` leaves the last of 72 epochs
+without those ops); here it is the iteration ``STOP_EPOCH x ITERS_PER_EPOCH``, which the loader
+passes to the mapper and the batch transform, so ``--resume`` and any number of loader workers
+switch at the same iteration. The defaults below are the L / X ones (stop epoch 71 of 72, with
+multi-scale); each config sets its own (S: 117 of 120 without multi-scale, M*: 117, M: 81 of 84).
 """
 from fvcore.common.param_scheduler import ConstantParamScheduler
 
@@ -25,12 +38,19 @@ from tprd.config import LazyCall as L
 from tprd.config import get_config
 from tprd.engine.lr_scheduler import WarmupParamScheduler
 
+from .data.rtdetr_mappers import rtdetr_multiscale, rtdetr_test_mapper, rtdetr_train_mapper
+
 ITERS_PER_EPOCH = 7500
 WARMUP_ITERS = 2000
+STOP_EPOCH = 71  # include/dataloader.yml: "epoch in [71, ~) stop ops" (and the multi-scale sizes)
 
 _coco = get_config("common/coco_training.py")
 dataloader = _coco.dataloader
 dataloader.evaluator.output_dir = "${train.output_dir}"
+dataloader.train.mapper = rtdetr_train_mapper((640, 640), stop_iter=STOP_EPOCH * ITERS_PER_EPOCH)
+dataloader.train.batch_transform = rtdetr_multiscale(stop_iter=STOP_EPOCH * ITERS_PER_EPOCH)
+dataloader.train.aspect_ratio_grouping = False  # every image becomes 640x640; the reference shuffles plainly
+dataloader.test.mapper = rtdetr_test_mapper((640, 640))
 
 optimizer = get_config("common/rtdetr_optim.py").AdamW
 

@@ -29,6 +29,13 @@ from .loader import (  # noqa: E402
     get_detection_dataset_dicts,
     skip_train_batches,
 )
+from .rtdetr_transforms import (  # noqa: E402
+    RTDETR_TRAIN_SCALES,
+    BatchMultiScaleResize,
+    RTDETRDatasetMapper,
+    rtdetr_test_augmentation,
+    rtdetr_train_augmentation,
+)
 from .transforms import (  # noqa: E402
     DetrDatasetMapper,
     RandomCrop,

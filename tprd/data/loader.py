@@ -14,6 +14,13 @@
 Reproducibility: every training sample is augmented under its own seed, drawn from
 ``(seed, rank)`` in sampling order, so the augmented stream of a process depends only on the seed,
 its rank and the world size — not on ``num_workers``.
+
+The train loader also tells the mapper which iteration a sample is for (batch ``i`` of the stream
+is iteration ``i``; a resumed run skips batches, not numbers), so a schedule of augmentations
+(RT-DETR's stop epoch, :class:`tprd.data.RTDETRDatasetMapper`) follows the trainer's iteration in
+every worker process. A ``batch_transform`` (RT-DETR's per-batch multi-scale resize,
+:class:`tprd.data.BatchMultiScaleResize`) sees a whole batch under a seed of ``(seed, iteration)``
+only, so its random choice is the same on every process.
 """
 from __future__ import annotations
 
@@ -236,7 +243,8 @@ class GroupedBatchSampler(Sampler):
 
 
 class _SeededBatches(Sampler):
-    """Attach a per-sample augmentation seed to every index of a batch sampler's batches.
+    """Attach a per-sample augmentation seed and the iteration to every index of a batch sampler's
+    batches: batch ``i`` of the stream is a list of ``(index, seed, i)``.
 
     ``skip_batches``: leave out the first N batches of the stream (indices and seeds only; no image
     is read), so that a resumed run sees the batches the uninterrupted run would have seen.
@@ -247,12 +255,12 @@ class _SeededBatches(Sampler):
         self.seed, self.rank = int(seed), int(rank)
         self.skip_batches = 0
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
         rng = np.random.default_rng([self.seed, self.rank])
         for i, batch in enumerate(self.batch_sampler):
             seeds = rng.integers(0, 2**63 - 1, size=len(batch), dtype=np.int64).tolist()
             if i >= self.skip_batches:
-                yield list(zip(batch, seeds))
+                yield [(idx, s, i) for idx, s in zip(batch, seeds)]
 
 
 def skip_train_batches(loader: Any, num_batches: int) -> bool:
@@ -266,24 +274,51 @@ def skip_train_batches(loader: Any, num_batches: int) -> bool:
     return True
 
 
-class _SeededMapDataset(Dataset):
-    """``mapper(dataset[idx])`` run under ``torch.manual_seed(seed)`` for ``(idx, seed)`` keys."""
+def batch_seed(seed: int, iteration: int) -> int:
+    """The seed of a train loader's batch transform at ``iteration``: a function of the loader's
+    shared seed and the iteration only (not the rank), so every process draws the same."""
+    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(iteration), 0xBA7C]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
-    def __init__(self, dataset: Any, mapper: Optional[Callable[[Any], Any]]):
+
+class _SeededMapDataset(Dataset):
+    """``mapper(dataset[idx])`` run under ``torch.manual_seed(seed)`` for ``(idx, seed[, iteration])``
+    keys; a mapper whose ``takes_iteration`` attribute is true is called as
+    ``mapper(record, iteration=iteration)``. Whole batches (``__getitems__``, which torch's loader
+    prefers) then go through ``batch_transform(samples, iteration)`` under
+    :func:`batch_seed` ``(seed, iteration)``."""
+
+    def __init__(self, dataset: Any, mapper: Optional[Callable[[Any], Any]],
+                 batch_transform: Optional[Callable[[List[Any], int], List[Any]]] = None, seed: int = 0):
         self.dataset = dataset
         self.mapper = mapper
+        self.batch_transform = batch_transform
+        self.seed = int(seed)
+        self._takes_iteration = bool(getattr(mapper, "takes_iteration", False))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Any:
-        idx, seed = key
+    def __getitem__(self, key: Tuple[int, ...]) -> Any:
+        idx, seed = key[0], key[1]
+        iteration = key[2] if len(key) > 2 else None
         record = self.dataset[idx]
         if self.mapper is None:
             return record
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            if self._takes_iteration:
+                return self.mapper(record, iteration=iteration)
             return self.mapper(record)
+
+    def __getitems__(self, keys: Sequence[Tuple[int, ...]]) -> List[Any]:
+        samples = [self[key] for key in keys]
+        if self.batch_transform is None or not keys:
+            return samples
+        iteration = int(keys[0][2])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed(self.seed, iteration))
+            return list(self.batch_transform(samples, iteration))
 
 
 def trivial_batch_collator(batch: List[Any]) -> List[Any]:
@@ -334,6 +369,7 @@ def build_detection_train_loader(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     pin_memory: bool = False,
+    batch_transform: Optional[Callable[[List[Any], int], List[Any]]] = None,
 ) -> DataLoader:
     """Infinite training loader: each iteration yields this process's share of a global batch.
 
@@ -347,6 +383,9 @@ def build_detection_train_loader(
         aspect_ratio_grouping: put only landscape or only portrait images (by original size) in
             a batch, which reduces padding.
         rank, world_size: override the ``torch.distributed`` values (tests, custom launchers).
+        batch_transform: optional ``(samples, iteration) -> samples`` applied to each process's
+            batch after the mapper (e.g. :class:`tprd.data.BatchMultiScaleResize`); it draws from
+            torch's generator, seeded by ``(seed, iteration)`` so that every process draws the same.
     """
     rank, world_size = _dist_rank_world(rank, world_size)
     total_batch_size = int(total_batch_size)
@@ -367,7 +406,7 @@ def build_detection_train_loader(
     generator = torch.Generator()
     generator.manual_seed(seed + 1000003 * (rank + 1))
     return DataLoader(
-        _SeededMapDataset(dataset, mapper),
+        _SeededMapDataset(dataset, mapper, batch_transform, seed),
         batch_sampler=_SeededBatches(batch_sampler, seed, rank),
         collate_fn=trivial_batch_collator,
         num_workers=int(num_workers),

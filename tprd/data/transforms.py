@@ -264,6 +264,10 @@ class DetrDatasetMapper:
         return f"DetrDatasetMapper(is_train={self.is_train}, transform={self.transform})"
 
     def __call__(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        return self.map_record(record, self.transform)
+
+    def map_record(self, record: Dict[str, Any], transform: v2.Transform) -> Dict[str, Any]:
+        """Read, check and transform one record with ``transform`` (see the class doc)."""
         file_name = str(record["file_name"])
         image = read_image(file_name)
         h, w = int(image.shape[-2]), int(image.shape[-1])
@@ -285,7 +289,7 @@ class DetrDatasetMapper:
             "boxes": tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(h, w)),
             "labels": classes,
         }
-        out = self.transform(sample)
+        out = transform(sample)
         img = out["image"].as_subclass(torch.Tensor)
         H, W = int(img.shape[-2]), int(img.shape[-1])
         b = out["boxes"].as_subclass(torch.Tensor).to(torch.float32)

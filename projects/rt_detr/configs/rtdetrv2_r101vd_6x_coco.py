@@ -2,7 +2,8 @@
 (official ``rtdetrv2_r101vd_6x_coco.yml``).
 
 Weights ``rtdetrv2_r101vd_6x_coco_from_paddle.pth`` (nested as ``{"ema": {"module": ...}}``). Recipe as
-``rtdetrv2_r50vd_6x_coco.py`` (docs/rt_detr.md#training-recipe).
+``rtdetrv2_r50vd_6x_coco.py`` (docs/rt_detr.md#training-recipe), its data pipeline included
+(multi-scale batches; both stop at epoch 71 of 72).
 """
 from tprd.config import get_config
 

@@ -14,6 +14,12 @@ from tprd.config import get_config
 
 from .models.rtdetrv2_r18vd import model
 
+# Data: the DETR mapper of the other detectors' synthetic configs, not RT-DETRv2's pipeline
+# (docs/rt_detr.md#training-recipe). That pipeline resizes to 640x640 (20x the pixels of the 128x160
+# images, so a CPU step costs many times more), and its zoom-out (up to 4x smaller objects) and IoU
+# crops are made for 72-120 epoch schedules, not for a few hundred iterations; the DETR mapper also
+# keeps these runs comparable with the other detectors'. Tests run the RT-DETR pipeline on this model
+# at small sizes (tests/test_rtdetr_transforms.py).
 _cpu = get_config("common/synthetic_cpu.py")  # "_": not a config entry
 dataloader = _cpu.dataloader
 optimizer = _cpu.optimizer

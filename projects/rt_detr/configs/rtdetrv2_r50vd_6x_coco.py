@@ -2,7 +2,9 @@
 
 Weights ``rtdetrv2_r50vd_6x_coco_ema.pth``. Recipe (``common/rtdetr_training.py``,
 docs/rt_detr.md#training-recipe): AdamW lr 1e-4, backbone (not its norms) 1e-5, no weight decay on the
-encoder's and decoder's norm / BN parameters, EMA 0.9999, AMP, clip 0.1, 72 epochs.
+encoder's and decoder's norm / BN parameters, EMA 0.9999, AMP, clip 0.1, 72 epochs. Data: RT-DETRv2's
+pipeline with multi-scale batches, both stopping at epoch 71 of 72 (``include/dataloader.yml``; the
+defaults of ``common/rtdetr_training.py``).
 """
 from tprd.config import get_config
 

@@ -14,6 +14,7 @@ from tprd.config import get_config
 
 from ..cfg_distill.base.rtdetrv2_r50vd_distill_r18vd_synthetic import model as _distill
 
+# Data: the DETR mapper, not RT-DETRv2's pipeline, for the reasons in rtdetrv2_r18vd_synthetic.py
 _cpu = get_config("common/synthetic_cpu.py")  # "_": not a config entry
 dataloader = _cpu.dataloader
 optimizer = _cpu.optimizer

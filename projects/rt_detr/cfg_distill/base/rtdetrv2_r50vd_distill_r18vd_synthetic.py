@@ -35,7 +35,8 @@ for _detector, _layers in ((model.student, 3), (model.teacher, 6)):
     _detector.backbone.freeze_norm = False
     _detector.backbone.freeze_at = -1
 
-# data, schedule and training loop: the CPU smoke setting of every detector (batch 2, 20 it)
+# data, schedule and training loop: the CPU smoke setting of every detector (batch 2, 20 it); the DETR
+# mapper, not RT-DETRv2's pipeline, for the reasons in ../../configs/rtdetrv2_r18vd_synthetic.py
 _cpu = get_config("common/synthetic_cpu_distill.py")  # "_": not a config entry
 train = _cpu.train
 dataloader = _cpu.dataloader
