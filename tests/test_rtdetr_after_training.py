@@ -10,7 +10,8 @@
 * ``--eval-spatial-size`` writes the anchors of another input size;
 * ``ModelEMA`` loads the file's ``ema`` entry (the reference's layout);
 * ``tools/export_onnx.py``: onnxruntime agrees with PyTorch on the extracted student, with the
-  default (``grid_sample``) and the discrete sampling (no ``GridSample`` node).
+  default (``grid_sample``) and the discrete sampling (no ``GridSample`` node); the traced function
+  pads a size that is not a multiple of 32 as the detector does.
 """
 import importlib.util
 import json
@@ -257,3 +258,35 @@ def test_onnx_export_of_the_extracted_student(distilled, extracted, tmp_path, ca
             assert scores.shape == tuple(ref_scores.shape) and boxes.shape == tuple(ref_boxes.shape)
             torch.testing.assert_close(torch.from_numpy(scores), ref_scores, rtol=0, atol=1e-5)
             torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, rtol=0, atol=1e-3)  # pixels
+
+
+def test_tensor_detector_pads_as_the_detector_does(distilled):
+    """At a size that is not a multiple of 32 the traced function pads as ``RTDETR.forward`` does:
+    its top detections (over queries x classes) are the detector's, boxes in pixels of the input."""
+    _, trained, _, _, images = distilled
+    model = fresh_student()
+    model.load_state_dict(trained)
+    x = images[:, :, :60, :90]
+    scores, boxes = predictions(model, x)
+    with torch.no_grad():
+        dets = model([{"image": im, "height": 60, "width": 90} for im in x])
+    for s, b, d in zip(scores, boxes, dets):
+        top, index = s.flatten().topk(d["scores"].numel())
+        torch.testing.assert_close(top, d["scores"], rtol=0, atol=1e-6)
+        assert torch.equal(index % s.shape[1], d["labels"])
+        torch.testing.assert_close(b[index // s.shape[1]], d["boxes"], rtol=0, atol=1e-4)
+
+
+def test_read_rtdetr_checkpoint_of_each_layout():
+    """Official ``ema/module`` first; our own training checkpoints (``"ema"``: averaged tensors by
+    name) give ``model``; an ``ema`` without ``module`` and no ``model`` is an error."""
+    from tprd.checkpoint import read_rtdetr_checkpoint
+    from tprd.checkpoint.files import CheckpointFileError
+
+    trained, averaged = {"decoder.w": torch.zeros(2)}, {"decoder.w": torch.ones(2)}
+    assert torch.equal(read_rtdetr_checkpoint({"model": trained, "ema": {"module": averaged}})["decoder.w"],
+                       averaged["decoder.w"])
+    ours = {"model": trained, "ema": {"decoder.w": torch.ones(2), "_ema_updates": torch.tensor(3)}}
+    assert torch.equal(read_rtdetr_checkpoint(ours)["decoder.w"], trained["decoder.w"])
+    with pytest.raises(CheckpointFileError, match="'ema' has no 'module'.*no 'model' entry"):
+        read_rtdetr_checkpoint({"ema": {"decoder.w": torch.ones(2)}})

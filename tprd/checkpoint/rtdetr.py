@@ -3,8 +3,9 @@
 
 Our module names equal the reference's, so the checkpoint's keys load 1:1, strictly. A file (or an
 already loaded dict) nests the weights as the reference's loaders expect them:
-``ckpt["ema"]["module"]`` when an ``"ema"`` entry exists (the EMA weights, behind every released
-number), else ``ckpt["model"]``; a flat state dict is accepted as it is.
+``ckpt["ema"]["module"]`` when it exists (the EMA weights, behind every released number), else
+``ckpt["model"]`` (also our own training checkpoints, whose ``"ema"`` holds the averaged tensors by
+name); a flat state dict is accepted as it is. :func:`rtdetr_checkpoint` writes that layout.
 
 Buffers that are constants of the configuration travel in the checkpoints too:
 ``decoder.anchors [1,S,4]`` / ``decoder.valid_mask [1,S,1]`` (computed for the model's
