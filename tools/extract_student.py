@@ -58,7 +58,7 @@ def _set_eval_spatial_size(cfg, size, config_file):
     node = detector_config(cfg, "student")
     for part in ("encoder", "decoder"):
         if part not in node:
-            raise ValueError(f"--eval-spatial-size: the student of {config_file} has no {part}.eval_spatial_size "
+            raise ValueError(f"--eval-spatial-size: the student of {config_file} has no {part} "
                              "(not an RT-DETR config); drop --eval-spatial-size")
         node[part].eval_spatial_size = list(size)
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     if fmt == "rtdetr" and student.ema_state_dict is not None and not args.ema:
         parts.append(("ema", student.ema_state_dict))
     if model is not None:
-        parts = [(name, _checked(model, weights, args, is_rtdetr)) for name, weights in parts]
+        parts = [(name, _checked(model, weights, args)) for name, weights in parts]
     if fmt == "detrex":
         parts = [(name, student_to_detrex(student.detector, weights)) for name, weights in parts]
     if os.path.abspath(args.output) == os.path.abspath(args.input):
@@ -126,10 +126,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _checked(model, weights, args, is_rtdetr):
-    """``weights`` loaded strictly into ``model``; RT-DETR: the model's own anchors / valid mask (of
-    ``--eval-spatial-size``) replace the checkpoint's, and the result is the model's state dict."""
-    if not is_rtdetr:
+def _checked(model, weights, args):
+    """``weights`` loaded strictly into ``model``. With ``--eval-spatial-size`` (RT-DETR) the model's
+    own anchors / valid mask (of that size) replace the checkpoint's: the result is the model's
+    state dict."""
+    if not args.eval_spatial_size:
         from tprd.checkpoint import load_state_dict_checked
 
         load_state_dict_checked(model, weights, strict=True, source=args.input)
