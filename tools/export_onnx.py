@@ -12,7 +12,16 @@ image size is fixed at ``--height`` x ``--width`` (the feature-map sizes of the 
 attention are constants of the traced graph): resize or pad your images to it. ``--verify`` runs
 the file with onnxruntime on the CPU against PyTorch (batch ``--batch-size`` and one more) and
 prints the largest differences. Needs the ``export`` extra: ``pip install -e ".[export]"``.
-The checkpoint may be a plain detector checkpoint (ours or detrex's) or a distillation checkpoint.
+The checkpoint may be a plain detector checkpoint (ours, detrex's, an official RT-DETRv2 file or
+``tools/extract_student.py`` output: ``ema/module`` before ``model``) or a distillation checkpoint.
+
+RT-DETRv2 (docs/rt_detr.md#after-training): the same graph, from stage ``eval_idx``; the image
+size defaults to the model's ``eval_spatial_size`` (640x640 in the official configs) and is padded
+bottom/right to a multiple of 32 inside the graph. ``--cross-attn-method discrete`` exports the
+decoder's discrete sampling (the nearest cell, gathered: no ``GridSample`` node) for runtimes that
+lack or mishandle ``GridSample``; it changes the predictions of a model trained with bilinear
+sampling (the reference fine-tunes its ``*_dsp`` models for it), so export such a model, or one
+whose config already says ``cross_attn_method="discrete"``.
 """
 from __future__ import annotations
 
@@ -35,8 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config-file", required=True, help="detector or distillation config")
     p.add_argument("--checkpoint", required=True, help="weights (.pth / .pkl)")
     p.add_argument("--output", required=True, help="the .onnx file to write")
-    p.add_argument("--height", type=int, default=800, help="input height the graph is fixed to (default 800)")
-    p.add_argument("--width", type=int, default=1333, help="input width the graph is fixed to (default 1333)")
+    p.add_argument("--height", type=int, default=None,
+                   help="input height the graph is fixed to (default 800; RT-DETR: its eval_spatial_size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="input width the graph is fixed to (default 1333; RT-DETR: its eval_spatial_size)")
+    p.add_argument("--cross-attn-method", choices=("default", "discrete"), default=None,
+                   help="RT-DETR: the decoder's deformable sampling (default: the config's; discrete: no GridSample)")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the example input (the axis stays dynamic)")
     p.add_argument("--teacher", action="store_true", help="export the teacher of a distillation config")
     p.add_argument("--verify", action="store_true", help="compare onnxruntime (CPU) with PyTorch")
@@ -53,6 +66,33 @@ def require_export_extra():
             missing.append(name)
     if missing:
         raise ImportError(f"{', '.join(missing)} not installed; install the export extra: pip install -e \".[export]\"")
+
+
+def default_size(detector):
+    """``(height, width)`` of the example input: an RT-DETR's ``eval_spatial_size`` when it has one
+    (the size its anchors are cached for), else 800x1333."""
+    from tprd.modeling.rt_detr import RTDETR
+
+    if isinstance(detector, RTDETR) and detector.decoder.eval_spatial_size:
+        return tuple(int(v) for v in detector.decoder.eval_spatial_size)
+    return 800, 1333
+
+
+def set_cross_attn_method(detector, method: str) -> str:
+    """Switch every RT-DETRv2 deformable cross-attention of ``detector`` to ``method``; returns the
+    method it had."""
+    from tprd.modeling.rt_detr import RTDETR
+    from tprd.modeling.rtdetr_decoder import MSDeformableAttentionV2
+
+    if not isinstance(detector, RTDETR):
+        raise ValueError(f"--cross-attn-method is RT-DETRv2's decoder option; {type(detector).__name__} has no "
+                         "such option: drop --cross-attn-method")
+    layers = [m for m in detector.modules() if isinstance(m, MSDeformableAttentionV2)]
+    before = layers[0].method
+    for m in layers:
+        m.method = method
+    detector.decoder.cross_attn_method = method
+    return before
 
 
 def export(model, images, path: str) -> None:
@@ -107,6 +147,15 @@ def main(argv=None) -> int:
     part = "teacher" if args.teacher else "student"
     detector = build_detector(cfg, part, device="cpu")
     load_detector_weights(detector, args.checkpoint, part)
+    if args.cross_attn_method:
+        before = set_cross_attn_method(detector, args.cross_attn_method)
+        if before != args.cross_attn_method:
+            print(f"note: the config's cross_attn_method is {before!r}; exporting {args.cross_attn_method!r} "
+                  "sampling changes the predictions of weights trained with the other")
+    if args.height is None or args.width is None:
+        h, w = default_size(detector)
+        args.height = h if args.height is None else args.height
+        args.width = w if args.width is None else args.width
     model = TensorDetector(detector)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.height, args.width, generator=g) * 255

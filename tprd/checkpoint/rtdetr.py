@@ -3,8 +3,9 @@
 
 Our module names equal the reference's, so the checkpoint's keys load 1:1, strictly. A file (or an
 already loaded dict) nests the weights as the reference's loaders expect them:
-``ckpt["ema"]["module"]`` when an ``"ema"`` entry exists (the EMA weights, behind every released
-number), else ``ckpt["model"]``; a flat state dict is accepted as it is.
+``ckpt["ema"]["module"]`` when it exists (the EMA weights, behind every released number), else
+``ckpt["model"]`` (also our own training checkpoints, whose ``"ema"`` holds the averaged tensors by
+name); a flat state dict is accepted as it is. :func:`rtdetr_checkpoint` writes that layout.
 
 Buffers that are constants of the configuration travel in the checkpoints too:
 ``decoder.anchors [1,S,4]`` / ``decoder.valid_mask [1,S,1]`` (computed for the model's
@@ -32,6 +33,7 @@ from .files import CheckpointFileError, read_weight_file
 __all__ = [
     "load_rtdetr_checkpoint",
     "read_rtdetr_checkpoint",
+    "rtdetr_checkpoint",
     "rtdetr_key_report",
     "RTDETR_CONSTANT_BUFFERS",
 ]
@@ -48,24 +50,45 @@ def _leaf(key: str) -> str:
 
 def read_rtdetr_checkpoint(source: StateSource) -> Dict[str, Tensor]:
     """The model state dict of an RT-DETR checkpoint file or loaded dict: ``["ema"]["module"]`` if
-    there is an ``"ema"`` entry, else ``["model"]``, else the mapping itself (a flat state dict)."""
+    there is such an entry, else ``["model"]`` (also our own checkpoints, whose ``"ema"`` is the
+    averaged tensors by name), else the mapping itself (a flat state dict)."""
     name = "<mapping>" if isinstance(source, Mapping) else os.fspath(source)
     data = source if isinstance(source, Mapping) else read_weight_file(source)
     if not isinstance(data, Mapping):
         raise CheckpointFileError(f"checkpoint {name}: holds a {type(data).__name__}, not a dict", name)
-    if "ema" in data:
-        ema = data["ema"]
-        if not (isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping)):
-            raise CheckpointFileError(f"checkpoint {name}: 'ema' has no 'module' state dict "
-                                      f"(keys: {sorted(ema) if isinstance(ema, Mapping) else type(ema).__name__})",
-                                      name)
+    ema = data.get("ema")
+    if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
         data = ema["module"]
     elif "model" in data and isinstance(data["model"], Mapping):
+        # also this toolbox's own checkpoints, whose "ema" entry holds only the averaged tensors
+        # (train.model_ema applies it on evaluation)
         data = data["model"]
+    elif ema is not None:
+        raise CheckpointFileError(f"checkpoint {name}: 'ema' has no 'module' state dict "
+                                  f"(keys: {sorted(ema) if isinstance(ema, Mapping) else type(ema).__name__}) "
+                                  "and there is no 'model' entry", name)
     state = {k: v for k, v in data.items() if isinstance(v, Tensor)}
     if not state:
         raise CheckpointFileError(f"checkpoint {name}: no tensors found (top-level keys: {sorted(data)[:10]})", name)
     return state
+
+
+def rtdetr_checkpoint(model: Mapping[str, Tensor], ema: Optional[Mapping[str, Tensor]] = None,
+                      ema_updates: Optional[int] = None) -> Dict[str, Any]:
+    """A checkpoint nested as the reference's training checkpoints: ``{"model": model}`` plus
+    ``"ema": {"module": ema, "updates": n}`` when there is an EMA. The reference's inference loaders
+    and ``--tuning`` take ``["ema"]["module"]`` when it exists, else ``["model"]``; its ``--resume``
+    loads both strictly (``ModelEMA.load_state_dict``; ``updates`` optional). Both state dicts must
+    have the same keys (each a complete model)."""
+    out: Dict[str, Any] = {"model": dict(model)}
+    if ema is not None:
+        differ = sorted(set(model) ^ set(ema))
+        if differ:
+            raise ValueError(f"the EMA and the model weights must have the same keys; they differ in {differ[:5]}")
+        out["ema"] = {"module": dict(ema)}
+        if ema_updates is not None:
+            out["ema"]["updates"] = int(ema_updates)
+    return out
 
 
 def _frozen_bn_prefixes(model: nn.Module) -> List[str]:

@@ -8,10 +8,17 @@ takes the student part, brings it to our naming through its detector's detrex ad
 (:mod:`tprd.checkpoint.detrex`) when it is in detrex naming, and :func:`student_to_detrex` converts it
 back with the same adapter, checking that loading the result gives exactly
 the tensors it started from.
+
+Our ``"ema"`` entry (:class:`~tprd.engine.ema.ModelEMA`) holds only what the average changes: the
+trainable parameters and the floating-point buffers of trainable modules. The student's EMA
+weights are therefore the checkpoint's student with those entries replaced by their averages
+(what :meth:`ModelEMA.applied` evaluates); integer buffers (``num_batches_tracked``), frozen
+parts and constant buffers (RT-DETR's anchors) come from ``"model"``.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Type
 
@@ -22,8 +29,12 @@ from .detrex import ADAPTERS, adapter_for, adapter_for_keys
 from .state_dict import read_checkpoint
 from .files import read_weight_file
 
-__all__ = ["StudentWeights", "read_raw_checkpoint", "detector_class_of", "is_detrex_naming",
+__all__ = ["EMA_UPDATES_KEY", "StudentWeights", "read_raw_checkpoint", "detector_class_of", "is_detrex_naming",
            "extract_student", "student_to_detrex", "count_values"]
+
+#: the EMA's update count inside our checkpoints' ``"ema"`` entry (written by
+#: :class:`tprd.engine.ema.ModelEMA` when it has warmups)
+EMA_UPDATES_KEY = "_ema_updates"
 
 
 def read_raw_checkpoint(path: str) -> Mapping[str, Any]:
@@ -49,8 +60,8 @@ def detector_class_of(state_dict: Mapping[str, Tensor]) -> Type:
 def is_detrex_naming(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether keys use detrex/detectron2 names (``backbone.res2.*``, ``backbone.stem.*``,
     ``attentions.k`` / ``ffns.0`` in transformer layers) rather than ours."""
-    return any(k.startswith(("backbone.res", "backbone.stem.")) or ".attentions." in k or ".ffns." in k
-               for k in state_dict)
+    return any(re.match(r"backbone\.(res\d|stem)\.", k) or ".attentions." in k or ".ffns." in k
+               for k in state_dict)  # (RT-DETR's PResNet: backbone.res_layers.*, ours and official)
 
 
 @dataclass
@@ -61,19 +72,41 @@ class StudentWeights:
     detector: Type
     source_naming: str  # "tprd" or "detrex"
     iteration: Optional[int] = None
+    #: the complete student with the checkpoint's EMA averages in (``None``: no ``"ema"`` entry)
+    ema_state_dict: Optional[Dict[str, Tensor]] = None
+    #: the EMA's update count when the checkpoint stores it (with ``train.model_ema.warmups``)
+    ema_updates: Optional[int] = None
+
+
+def _student_ema(path: str, raw: Mapping[str, Any], student: Mapping[str, Tensor]):
+    """The student with the averages of the checkpoint's ``"ema"`` entry in, and its update count."""
+    entry = raw["ema"]
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"checkpoint {path!r}: its 'ema' entry is a {type(entry).__name__}, not a state dict")
+    averaged = {k[len("student."):]: v for k, v in entry.items() if k.startswith("student.") and isinstance(v, Tensor)}
+    unknown = sorted(set(averaged) - set(student))
+    if unknown:
+        raise ValueError(f"checkpoint {path!r}: its 'ema' entry has student tensors the model part lacks, e.g. "
+                         f"{unknown[:3]}; the file is not one checkpoint of one training run")
+    if not averaged:
+        raise ValueError(f"checkpoint {path!r}: its 'ema' entry holds no 'student.*' tensors (keys: "
+                         f"{sorted(entry)[:5]}); extract without --ema")
+    merged = dict(student)
+    merged.update(averaged)
+    updates = entry.get(EMA_UPDATES_KEY)
+    return merged, (int(updates) if updates is not None else None)
 
 
 def extract_student(path: str, ema: bool = False, detector: Optional[Type] = None) -> StudentWeights:
     """The ``student.*`` part of the distillation checkpoint at ``path`` in our naming (``ema``: the
-    checkpoint's averaged weights). ``detector``: the student's class (else from the keys)."""
+    checkpoint's averaged weights as :attr:`StudentWeights.state_dict`; an error without an
+    ``"ema"`` entry). ``detector``: the student's class (else from the keys). Whenever the
+    checkpoint has an EMA, :attr:`StudentWeights.ema_state_dict` holds the averaged student."""
     raw = read_raw_checkpoint(path)
-    if ema:
-        if "ema" not in raw:
-            raise KeyError(f"checkpoint {path!r} has no 'ema' entry (trained without train.model_ema.enabled=True); "
-                           "extract without --ema")
-        weights = read_checkpoint(raw["ema"])
-    else:
-        weights = read_checkpoint(raw)
+    if ema and "ema" not in raw:
+        raise KeyError(f"checkpoint {path!r} has no 'ema' entry (trained without train.model_ema.enabled=True); "
+                       "extract without --ema")
+    weights = read_checkpoint(raw)
     student = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
     if not student:
         sample = ", ".join(list(weights)[:5]) or "none"
@@ -86,8 +119,15 @@ def extract_student(path: str, ema: bool = False, detector: Optional[Type] = Non
     naming = "detrex" if is_detrex_naming(student) else "tprd"
     if naming == "detrex":
         student = adapter_for(detector).to_ours(student)
+    averaged = updates = None
+    if "ema" in raw:
+        if naming != "tprd":
+            raise ValueError(f"checkpoint {path!r}: an 'ema' entry next to weights in detrex naming is not a "
+                             "checkpoint of this toolbox; remove the 'ema' entry or pass our own checkpoint")
+        averaged, updates = _student_ema(path, raw, student)
     iteration = raw.get("iteration")
-    return StudentWeights(student, detector, naming, int(iteration) if iteration is not None else None)
+    return StudentWeights(averaged if ema else student, detector, naming,
+                          int(iteration) if iteration is not None else None, averaged, updates)
 
 
 def student_to_detrex(detector: Type, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from tprd.checkpoint.student import EMA_UPDATES_KEY
 
 from .trainer import HookBase
 
 __all__ = ["ModelEMA", "EMAHook"]
 
-_UPDATES = "_ema_updates"  # the update count in a checkpoint's EMA state (with warmups)
+_UPDATES = EMA_UPDATES_KEY  # the update count in a checkpoint's EMA state (with warmups)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -117,6 +119,14 @@ class ModelEMA:
         return out
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        """Our layout (the averaged tensors by name, ``_ema_updates``) or RT-DETR's official one,
+        ``{"module": <the whole averaged model's state dict>, "updates": n}`` (its release files and
+        ``tools/extract_student.py`` output, docs/rt_detr.md#after-training)."""
+        if isinstance(state.get("module"), Mapping):
+            updates = state.get("updates")
+            state = dict(state["module"])
+            if updates is not None:
+                state[_UPDATES] = torch.as_tensor(int(updates))
         missing = sorted(set(self.names) - set(state))
         if missing:
             raise KeyError(

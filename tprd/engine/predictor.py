@@ -54,20 +54,23 @@ def build_detector(cfg, part: str = "student", device: Optional[str] = None) -> 
 
 
 def load_detector_weights(model: nn.Module, path: str, part: str = "student") -> None:
-    """Load ``path`` into the detector ``model`` strictly: a plain detector checkpoint (ours or detrex)
-    or the ``<part>.*`` weights of a distillation checkpoint. Raises naming the file and the fix."""
-    from tprd.checkpoint import load_state_dict_checked, read_checkpoint
+    """Load ``path`` into the detector ``model`` strictly: a plain detector checkpoint (ours, detrex's,
+    or nested as the detector family's released files: RT-DETR's ``ema/module`` first) or the
+    ``<part>.*`` weights of a distillation checkpoint. Raises naming the file and the fix."""
+    from tprd.checkpoint import load_state_dict_checked, read_checkpoint, read_weight_file
     from tprd.checkpoint.detrex import adapter_for
     from tprd.checkpoint.student import is_detrex_naming
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass train.init_checkpoint=<model .pth file>")
-    weights = read_checkpoint(path)
+    weights = read_checkpoint(read_weight_file(path))
     prefix = f"{part}."
     if any(k.startswith(("student.", "teacher.")) for k in weights):
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not weights:
             raise ValueError(f"checkpoint {path!r} is a distillation checkpoint without '{prefix}*' keys")
+    elif adapter_for(model, default=None) is not None:
+        weights = adapter_for(model).read(path)  # the family's nesting (RT-DETR: ema/module before model)
     if is_detrex_naming(weights):
         weights = adapter_for(model).to_ours(weights)
     report = load_state_dict_checked(model, weights, strict=True, source=path)
@@ -128,6 +131,9 @@ class TensorDetector(nn.Module):
     ``forward(images)``: ``images [B,3,H,W]`` float RGB in 0..255, all of one size (no padding) ->
     ``scores [B,Q,C]`` (sigmoid class scores of the final stage) and ``boxes [B,Q,4]`` (its boxes,
     ``x0, y0, x1, y1`` in pixels of ``images``). Top-k selection and thresholds stay outside.
+    RT-DETR: the final stage is ``eval_idx`` (what its ``inference`` uses); the images are padded
+    bottom/right to a multiple of 32 (its FPN needs it; boxes are normalised to the padded frame),
+    and the boxes stay in pixels of ``images``.
     """
 
     def __init__(self, detector: nn.Module):
@@ -138,12 +144,17 @@ class TensorDetector(nn.Module):
     def forward(self, images: Tensor):
         from tprd.layers.box_ops import box_cxcywh_to_xyxy
         from tprd.modeling.outputs import ImageBatch
+        from tprd.modeling.rt_detr import RTDETR
 
         det = self.detector
         h, w = images.shape[-2], images.shape[-1]
         normed = (images - det.pixel_mean) / det.pixel_std
         mask = torch.zeros_like(normed[:, 0], dtype=torch.bool)
         batch = ImageBatch(tensor=normed, mask=mask, image_sizes=[(int(h), int(w))] * int(images.shape[0]))
+        if isinstance(det, RTDETR):
+            batch = det.pad_batch(batch)
+            h, w = batch.tensor.shape[-2], batch.tensor.shape[-1]
         main = det.forward_outputs(batch).main
+        stage = det.eval_stage(main) if isinstance(det, RTDETR) else -1
         scale = torch.stack([w, h, w, h]).to(normed) if isinstance(w, Tensor) else normed.new_tensor([w, h, w, h])
-        return main.logits[-1].sigmoid(), box_cxcywh_to_xyxy(main.boxes[-1]) * scale
+        return main.logits[stage].sigmoid(), box_cxcywh_to_xyxy(main.boxes[stage]) * scale
