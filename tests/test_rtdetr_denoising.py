@@ -308,6 +308,11 @@ def test_parity_runner_seeds_before_the_forward_and_dumps_the_denoising_part(tmp
     assert [(p.tolist(), g.tolist()) for p, g in dump["dn_matches"]] == [([0, 1, 2, 6, 7, 8], [0, 1, 2, 0, 1, 2]),
                                                                         ([0, 6], [0, 0])]
     assert dump["dn_num_boxes"] == 4 * 2
+    # the dn L1 loss: fixed pairs (positive slot of every group <-> its box), over num_boxes * num_group
+    for i, stage in enumerate(dump["dn_aux_outputs"]):
+        l1 = sum(float((stage["pred_boxes"][b, j] - TRAIN_TARGETS[b]["boxes"][j % 6]).abs().sum())
+                 for b, slots in enumerate(exp["positives"]) for j in slots)
+        assert float(dump["losses_unweighted"][f"loss_bbox_dn_{i}"]) == pytest.approx(l1 / 8, rel=1e-5)
     assert len(dump["dn_aux_outputs"]) == 2
     for stage in dump["dn_aux_outputs"]:
         assert stage["pred_logits"].shape == (2, 12, NUM_CLASSES) and stage["pred_boxes"].shape == (2, 12, 4)
