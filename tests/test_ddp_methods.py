@@ -14,10 +14,9 @@ projection have no norm option, so the test freezes the student's BatchNorm laye
 RT-DETR trains a representative subset of ten folders (``RT_DETR_FOLDERS``: every ``_TPRD`` folder, and
 MGD and KD_DETR): on the shared, loaded two-core machine all 17 folders added 2m50s (115 s of CPU),
 the ten 1m20s to 3m depending on the load (60 to 80 s of CPU); the other folders' tests are reported
-as skipped for it. Each ``_TPRD`` folder computes its
-method's losses and TPRD's (QSKD_TPRD is QSKD with refinement), so the subset runs every loss of the
-skipped plain folders and of TPRD alone; MGD and KD_DETR are kept because their deterministic
-versions are the only exact check of their scale.
+as skipped for it. Each ``_TPRD`` folder computes its method's losses and TPRD's (QSKD_TPRD is QSKD
+with refinement), so the subset runs every loss of the skipped plain folders and of TPRD alone; MGD
+and KD_DETR are kept because their deterministic versions are the only exact check of their scale.
 
 Checked per folder:
 
