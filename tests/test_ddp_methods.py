@@ -249,4 +249,5 @@ def test_two_processes_train_every_method_like_one(runs, folder):
 
 def test_no_method_needs_find_unused_parameters(runs):
     detector, results = runs
-    assert {f: r[2]["find_unused_parameters"] for f, r in results.items()} == {f: False for f in FOLDERS_OF[detector]}, detector
+    unused = {f: r[2]["find_unused_parameters"] for f, r in results.items()}
+    assert unused == {f: False for f in FOLDERS_OF[detector]}, detector
