@@ -261,11 +261,11 @@ class RTDETR(DETRDetector):
         bsz, d = memory.shape[0], self.embed_dim
         if use_dn is None:
             use_dn = self.training and targets is not None and dec.num_denoising > 0
-        dn_content = dn_ref = dn_mask = dn_meta = None
+        dn_content = dn_ref = dn_mask = dn_meta = dn_class = None
         if use_dn:
             if targets is None:
                 raise ValueError("use_dn=True needs the targets (prepare_targets(batched_inputs))")
-            dn_content, dn_ref, dn_mask, dn_meta = dec.denoising(targets)
+            dn_content, dn_ref, dn_mask, dn_meta, dn_class = dec.denoising(targets)
         sel = dec.select(memory, shapes)
 
         names = ["main"] + [g.name for g in query_groups]
@@ -305,7 +305,7 @@ class RTDETR(DETRDetector):
         dn_out = None
         if has_dn:
             dn_out = {"predictions": dn_preds, "dn_meta": dn_meta, "attn_mask": dn_mask,
-                      "reference_unact": dn_ref, "content": dn_content}
+                      "reference_unact": dn_ref, "content": dn_content, "query_class": dn_class}
         taps = dict(taps or {})
         taps.update({k: enc[k] for k in ("memory", "memory_mask", "spatial_shapes", "level_start_index",
                                           "valid_ratios") if k in enc})
@@ -338,7 +338,8 @@ class RTDETR(DETRDetector):
         training, ``eval_idx + 1`` in eval unless :attr:`eval_all_layers`), of each extra query group,
         the selected encoder proposals (``.enc``: ``pred_logits``, ``pred_boxes``, ``topk_indices``,
         ``hidden``, ``all_token_logits``, ``all_token_coords_unact``, ``anchors``, ``valid_mask``),
-        the denoising predictions (``.dn``: ``predictions``, ``dn_meta``, ``attn_mask``) and the taps:
+        the denoising predictions (``.dn``: ``predictions``, ``dn_meta``, ``attn_mask``, and the inputs
+        ``content``, ``reference_unact``, ``query_class``: the noisy class ids) and the taps:
         ``backbone``, ``neck``, ``neck_masks``, ``aifi``, ``memory``, ``memory_mask``,
         ``spatial_shapes``, ``level_start_index``, ``valid_ratios``, ``queries``, ``group_slices``,
         ``image_sizes``, ``padded_size`` (+ attention maps with ``return_attention``)."""
@@ -399,10 +400,20 @@ class RTDETR(DETRDetector):
     # Reference layouts
     # ---------------------------------------------------------------------------------------
     def parity_intermediates(self, outputs: DetectorOutputs) -> Dict[str, Any]:
-        """Our tensors in the layout of an RT-DETRv2 fixture's ``intermediates.pt``."""
+        """Our tensors in the layout of an RT-DETRv2 fixture's ``intermediates.pt`` (with denoising
+        also its ``dn_input_query_class``, ``dn_input_query_logits``, ``dn_input_query_bbox_unact``
+        and ``dn_attn_mask``)."""
         taps, main, enc = outputs.taps, outputs.main, outputs.enc
         aifi = taps.get("aifi", {})
-        return {
+        dn = {}
+        if outputs.dn is not None:
+            dn = {
+                "dn_input_query_class": outputs.dn["query_class"],
+                "dn_input_query_logits": outputs.dn["content"].detach(),
+                "dn_input_query_bbox_unact": outputs.dn["reference_unact"],
+                "dn_attn_mask": outputs.dn["attn_mask"],
+            }
+        return dn | {
             "backbone": list(taps["backbone"].values()),
             "aifi_input": aifi.get("aifi_input"),
             "aifi_pos_embed": aifi.get("aifi_pos_embed"),

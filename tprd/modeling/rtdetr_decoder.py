@@ -318,7 +318,7 @@ def generate_anchors(spatial_shapes: Sequence[Tuple[int, int]], grid_size: float
 
 def contrastive_denoising_group(targets: Sequence[Dict[str, Tensor]], num_classes: int, num_queries: int,
                                 class_embed: nn.Module, num_denoising: int = 100, label_noise_ratio: float = 0.5,
-                                box_noise_scale: float = 1.0):
+                                box_noise_scale: float = 1.0, return_class: bool = False):
     """Contrastive denoising queries of RT-DETR (``get_contrastive_denoising_training_group``).
 
     With ``G`` the largest GT count (1 dummy slot for a batch without GT) there are
@@ -333,10 +333,11 @@ def contrastive_denoising_group(targets: Sequence[Dict[str, Tensor]], num_classe
 
     Returns ``(content [B,N,D], reference_unact [B,N,4], attn_mask [N+Q,N+Q] (True = blocked),
     dn_meta {"dn_positive_idx": per image positive slots, "dn_num_group", "dn_num_split": [N, Q]})``
-    or four ``None`` when ``num_denoising <= 0``.
+    or four ``None`` when ``num_denoising <= 0``; with ``return_class`` also the noisy class ids
+    ``[B,N]`` (int32, the reference's ``input_query_class``) as a fifth element.
     """
     if num_denoising <= 0:
-        return None, None, None, None
+        return (None,) * (5 if return_class else 4)
     num_gts = [len(t["labels"]) for t in targets]
     device = targets[0]["labels"].device
     max_gt = max(num_gts)
@@ -391,6 +392,8 @@ def contrastive_denoising_group(targets: Sequence[Dict[str, Tensor]], num_classe
         attn_mask[rows, block * (g + 1):total] = True
         attn_mask[rows, :block * g] = True
     dn_meta = {"dn_positive_idx": dn_positive_idx, "dn_num_group": num_group, "dn_num_split": [total, num_queries]}
+    if return_class:
+        return content, reference_unact, attn_mask, dn_meta, query_class
     return content, reference_unact, attn_mask, dn_meta
 
 
@@ -571,11 +574,13 @@ class RTDETRTransformerv2(nn.Module):
         }
 
     def denoising(self, targets: Sequence[Dict[str, Tensor]]):
-        """:func:`contrastive_denoising_group` with this module's settings (four ``None`` when off)."""
+        """:func:`contrastive_denoising_group` with this module's settings and ``return_class=True``:
+        ``(content, reference_unact, attn_mask, dn_meta, noisy class ids)`` (five ``None`` when off)."""
         if self.num_denoising <= 0 or targets is None:
-            return None, None, None, None
+            return None, None, None, None, None
         return contrastive_denoising_group(targets, self.num_classes, self.num_queries, self.denoising_class_embed,
-                                           self.num_denoising, self.label_noise_ratio, self.box_noise_scale)
+                                           self.num_denoising, self.label_noise_ratio, self.box_noise_scale,
+                                           return_class=True)
 
     def decode(self, content: Tensor, reference: Tensor, memory: Tensor, spatial_shapes, attn_mask=None,
                num_layers: Optional[int] = None, return_attention: bool = False) -> Dict[str, Any]:

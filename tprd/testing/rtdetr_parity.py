@@ -298,9 +298,31 @@ def compare_rtdetr_fixture(result: RTDETRParityResult, path) -> List[Check]:
             checks.append(compare_tensors(f"match_cost_matrices.{layer}[{b}]",
                                           dump["match_cost_matrices"][layer][b], c, **tol))
     checks.append(Check("matcher_call_order", 0.0, dump["matcher_call_order"] == losses["matcher_call_order"]))
+    checks += _compare_dn(dump, ref, tol)
     grads_path = path / "grad_checksums.json"
     if grads_path.is_file():
         checks += _compare_grads(result, json.loads(grads_path.read_text()))
+    return checks
+
+
+def _compare_dn(dump: Dict[str, Any], ref: Dict[str, Any], tol: Dict[str, float]) -> List[Check]:
+    """The denoising part of a training fixture with ``num_denoising > 0`` (nothing otherwise):
+    ``dn_aux_outputs`` at the training tolerance; ``dn_meta``, ``dn_matches`` and ``dn_num_boxes``
+    exactly. Their presence on our side is checked too (a missing key fails)."""
+    checks: List[Check] = []
+    if "dn_aux_outputs" in ref:
+        ours = dump.get("dn_aux_outputs")
+        n_ours, n_ref = (len(ours) if ours is not None else None), len(ref["dn_aux_outputs"])
+        checks.append(Check("dn_aux_outputs layers", 0.0, n_ours == n_ref, f"ours {n_ours}, reference {n_ref}"))
+        checks += compare_tree("dn_aux_outputs", ours, ref["dn_aux_outputs"], **tol)
+    for key in ("dn_meta", "dn_matches"):
+        if key in ref:
+            checks += compare_tree(key, dump.get(key), ref[key], 0.0, 0.0)
+    if "dn_num_boxes" in ref:
+        r = ref["dn_num_boxes"]
+        ours = dump.get("dn_num_boxes")
+        ok = ours is not None and float(ours) == float(r)
+        checks.append(Check("dn_num_boxes", 0.0 if ok else float("nan"), ok, f"ours {ours}, reference {float(r)}"))
     return checks
 
 
