@@ -13,9 +13,9 @@ projection have no norm option, so the test freezes the student's BatchNorm laye
 
 RT-DETR trains a representative subset of ten folders (``RT_DETR_FOLDERS``: every ``_TPRD`` folder, and
 MGD and KD_DETR): on the shared, loaded two-core machine all 17 folders added 2m50s (115 s of CPU),
-the ten 1m20s to 3m depending on the load (60 to 80 s of CPU); the other folders' tests are reported
-as skipped for it. Each ``_TPRD`` folder computes its method's losses and TPRD's (QSKD_TPRD is QSKD
-with refinement), so the subset runs every loss of the skipped plain folders and of TPRD alone; MGD
+the ten 1m20s to 3m depending on the load (60 to 80 s of CPU); the other folders are not
+parametrized for it. Each ``_TPRD`` folder computes its method's losses and TPRD's (QSKD_TPRD is QSKD
+with refinement), so the subset runs every loss of the plain folders left out and of TPRD alone; MGD
 and KD_DETR are kept because their deterministic versions are the only exact check of their scale.
 
 Checked per folder:
@@ -42,7 +42,6 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import torch
 
 from tprd.data.synthetic import generate_synthetic_dataset
 from tprd.engine.launch import launch
@@ -186,14 +185,12 @@ def datasets(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=list(CONFIG_NAMES))
-def runs(request, datasets, tmp_path_factory):
-    """``(detector, {folder: (one-process metrics, two-process metrics, two-process ddp record)})``."""
-    detector = request.param
+def _train_both(detector, datasets, root):
+    """``{folder: (one-process metrics, two-process metrics, two-process ddp record, one-process
+    ddp record)}`` of every folder of ``detector``."""
     old = os.environ.get("DETECTRON2_DATASETS")
     os.environ["DETECTRON2_DATASETS"] = str(datasets)  # the spawned workers inherit it
     try:
-        root = tmp_path_factory.mktemp(f"ddp_{detector}")
         train_every_folder(detector, root / "one")
         launch(train_every_folder, 2, args=(detector, str(root / "two")))
     finally:
@@ -206,7 +203,24 @@ def runs(request, datasets, tmp_path_factory):
         one, two = root / "one" / folder, root / "two" / folder
         results[folder] = (_metrics(one), _metrics(two), json.loads((two / "ddp.json").read_text()),
                            json.loads((one / "ddp.json").read_text()))
-    return detector, results
+    return results
+
+
+@pytest.fixture(scope="module")
+def run_of(datasets, tmp_path_factory):
+    """``run_of(detector)``: the detector's runs (:func:`_train_both`), trained on first use and kept
+    for the module, so each detector trains once however many (detector, folder) tests use it."""
+    cache = {}
+
+    def get(detector):
+        if detector not in cache:
+            cache[detector] = _train_both(detector, datasets, tmp_path_factory.mktemp(f"ddp_{detector}"))
+        return cache[detector]
+    return get
+
+
+#: every (detector, folder) pair tested, grouped by detector (tests run in this order)
+PAIRS = [(d, f) for d in CONFIG_NAMES for f in FOLDERS_OF[d]]
 
 
 def _compared_keys(detector, iteration, keys):
@@ -217,15 +231,14 @@ def _compared_keys(detector, iteration, keys):
     return sorted(k for k in keys if "_dn" not in k)
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_two_processes_train_every_method_like_one(runs, folder):
-    detector, results = runs
-    if folder not in FOLDERS_OF[detector]:
-        pytest.skip(f"{detector} trains a subset of the folders: {FOLDERS_OF[detector]}")
-    one, two, ddp, single = results[folder]
+@pytest.mark.parametrize("detector, folder", PAIRS)
+def test_two_processes_train_every_method_like_one(run_of, detector, folder):
+    one, two, ddp, single = run_of(detector)[folder]
     where = f"{detector}/{folder}"
     assert sorted(two) == sorted(one) == list(range(ITERS)), where
     assert ddp["world_size"] == 2 and ddp["wrapped"] and not single["wrapped"], where
+    # no method needs DDP's find_unused_parameters: every trainable parameter gets a gradient
+    assert ddp["find_unused_parameters"] is False, where
     # the teacher: not synchronised, not updated
     assert ddp["synced_teacher_params"] == [], where
     assert ddp["synced_params"] > 0
@@ -245,9 +258,3 @@ def test_two_processes_train_every_method_like_one(runs, folder):
     # the methods that draw differ from one process (other draws on rank 1), but not everywhere
     if folder in RANDOM and detector != "dino":
         assert any(one[0][k] != two[0][k] for k in one[0] if k.startswith("distill_")), where
-
-
-def test_no_method_needs_find_unused_parameters(runs):
-    detector, results = runs
-    unused = {f: r[2]["find_unused_parameters"] for f, r in results.items()}
-    assert unused == {f: False for f in FOLDERS_OF[detector]}, detector
