@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fixed-budget distillation benchmark on synthetic data: does the student beat itself trained alone?
 
-    python tools/distill_benchmark.py --out OUT [--detector deformable_detr|dino|dab_detr] \\
+    python tools/distill_benchmark.py --out OUT [--detector deformable_detr|dino|dab_detr|rt_detr] \\
         [--methods none,KD_DETR,KD_DETR_TPRD,DETRDistill,DETRDistill_TPRD] [--seeds 1,2,3] \\
         [--budget quick|full] [--dataset coco|voc] [key=value ...]
 
@@ -15,14 +15,18 @@ checkpoint):
    method configs with the student's ResNet-18 backbone (a ResNet-50 from scratch learned too
    slowly on the CPU: 0.31 AP after the quick budget), made wider (FFN x2), one encoder layer
    deeper, with iterative box refinement and without dropout, trained for four times the
-   student's iterations (:func:`model_overrides`);
+   student's iterations (:func:`model_overrides`). RT-DETRv2 (``--detector rt_detr``): the
+   distillation base's ``model.teacher`` (6 decoder layers against the student's 3) with the
+   student's PResNet-18vd, one more AIFI layer, FFN x2, no dropout; budgets ``quick`` and ``full``
+   only (the ``paper`` regime is built for the Deformable-DETR family);
 3. per seed, the distillation init file is built with ``merge_weight.py``'s code
    (:func:`tprd.checkpoint.merge.merge_weights`): the teacher checkpoint plus, standing in for the
    ImageNet backbone, the student backbone that the seed draws (the ``none`` run starts from the
    same draw);
 4. the student (``model.student`` of the method configs, ResNet-18) is trained alone (``none``)
    and with each method -- any folder name under ``projects/<detector>/cfg_distill/``, using its
-   ``<detector>_r50_distill_r18_synthetic.py`` -- for the same iterations, batch, data order and
+   synthetic config (``<detector>_r50_distill_r18_synthetic.py``; RT-DETRv2:
+   ``rtdetrv2_r50vd_distill_r18vd_synthetic.py``, :func:`detector_spec`) -- for the same iterations, batch, data order and
    seed; each run is evaluated during and after training with the COCO evaluator (the VOC one
    for ``--dataset voc``);
 5. ``OUT/results.md``, ``OUT/results.json`` and the plots ``OUT/curves.png`` (training losses, AP
@@ -756,7 +760,9 @@ def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder of the plan (runs, results, plots)")
-    p.add_argument("--detector", choices=DETECTORS, default="deformable_detr")
+    p.add_argument("--detector", choices=DETECTORS, default="deformable_detr",
+                   help="a projects/<detector>/cfg_distill family; rt_detr (RT-DETRv2 R50vd -> R18vd configs, "
+                        "teacher 6 decoder layers vs the student's 3) has the quick and full budgets only")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: 'none' (student alone) and cfg_distill folder names; each is an arm "
                         "named after its method ('' for none but the --arm ones)")
