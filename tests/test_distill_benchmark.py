@@ -315,6 +315,13 @@ def test_rt_detr_paper_budget_is_refused_by_name(tmp_path, capsys):
     assert bench.budget_for("dino", "paper").regime == "paper"  # the DETR family keeps it
 
 
+def test_dataset_option_takes_the_layouts(tmp_path):
+    # --dataset names the layout (coco, voc) of every regime, not the regimes
+    assert bench.parse_args(["--out", str(tmp_path), "--dataset", "voc"]).dataset == "voc"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path), "--dataset", "scratch"])
+
+
 def test_visualize_tprd_random_teacher(tmp_path, datasets):
     vis = _load_tool("visualize_tprd")
     from tprd.config import instantiate

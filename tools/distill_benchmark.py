@@ -772,7 +772,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "plan-wide key=value overrides before the first --arm)")
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the budget's)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="coco",
+    p.add_argument("--dataset", choices=sorted(DATASETS["scratch"]), default="coco",
                    help="coco: synthetic_bench_train/val, COCO evaluator; voc: the VOC layout, VOC evaluator")
     for field in dataclasses.fields(Budget):
         if field.name != "seeds":
