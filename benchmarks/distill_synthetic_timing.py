@@ -72,7 +72,7 @@ def main():
     args = bench.parse_args(["--out", str(a.out), "--detector", a.detector,
                              "dataloader.train.dataset.names=synthetic_train",
                              "dataloader.test.dataset.names=synthetic_val"])
-    plan = bench.build_plan(args, bench.BUDGETS["quick"])
+    plan = bench.build_plan(args, bench.budget_for(a.detector, "quick"))
     runs = [plan["teacher"]] + plan["runs"]
     built = {r.method: build(r) for r in runs}
     for cfg, model, opt, data in built.values():
@@ -84,7 +84,7 @@ def main():
             step[m].append(train_steps(model, opt, data, a.steps))
             image[m].append(eval_images(cfg, model, a.eval_images))
     print(f"threads {torch.get_num_threads()}, {a.rounds} interleaved rounds of {a.steps} steps, batch "
-          f"{bench.BUDGETS['quick'].batch}")
+          f"{bench.budget_for(a.detector, 'quick').batch}")
     print("| run | CPU s / train step (median; rounds) | CPU s / val image |")
     print("|---|---|---|")
     for m in built:

@@ -1,6 +1,7 @@
 """tools/distill_benchmark.py (end to end on a tiny plan, killed and resumed) and tools/visualize_tprd.py."""
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -239,6 +240,86 @@ def test_paper_budget_plan(tmp_path, monkeypatch):
 
     cfg = load_config(str(dd.config), [o for o in dd.overrides if not o.startswith("train.init_checkpoint")])
     assert cfg.model.student.num_classes == 24 and cfg.model.teacher.transformer.decoder.num_layers == 6
+
+
+RT_TINY = ["--detector", "rt_detr", "--methods", "none,KD_DETR_TPRD", "--seeds", "1", "--student-iter", "3",
+           "--teacher-iter", "2", "--batch", "2", "--num-evals", "1",
+           "dataloader.train.dataset.names=synthetic_train", "dataloader.test.dataset.names=synthetic_val"]
+
+
+def test_tiny_rt_detr_plan_end_to_end(tmp_path, datasets):
+    # RT-DETRv2 through the whole plan: teacher, init file, student alone and one method (~40 s)
+    out = tmp_path / "bench"
+    report = bench.main(["--out", str(out), *RT_TINY])
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert sorted((r["method"], r["seed"]) for r in data["runs"]) == [("KD_DETR_TPRD", 1), ("none", 1)]
+    for r in [data["teacher"], *data["runs"]]:
+        assert all(math.isfinite(r[k]) and 0.0 <= r[k] <= 100.0 for k in ("bbox/AP", "bbox/AP50", "bbox/AP75"))
+    # every run went through RT-DETR's train_net with the RT-DETRv2 configs
+    commands = (out / "commands.sh").read_text().splitlines()[1:]
+    assert len(commands) == 3 and all("projects/rt_detr/train_net.py" in c for c in commands)
+    assert "rtdetrv2_r50vd_distill_r18vd_synthetic.py" in (out / "configs" / "KD_DETR_TPRD.py").read_text()
+    # the distillation run started from the trained teacher (the init file has every teacher key)
+    log = (out / "runs" / "KD_DETR_TPRD_seed1" / "log.txt").read_text()
+    assert "teacher complete" in log
+    md = (out / "results.md").read_text()
+    assert "Student R18vd" in md and "6 decoder layers vs 3" in md and "| KD_DETR_TPRD |" in md
+
+
+def test_rt_detr_plan_builds_a_deeper_teacher_and_a_fair_student(tmp_path):
+    from tprd.config import instantiate
+    from tprd.engine.defaults import seed_all_rng
+    from tprd.engine.main import load_config
+
+    assert bench.method_config("rt_detr", "DETRDistill_TPRD").name == "rtdetrv2_r50vd_distill_r18vd_synthetic.py"
+    args = bench.parse_args(["--out", str(tmp_path), "--detector", "rt_detr", "--methods", "none,DETRDistill_TPRD",
+                             "--seeds", "1"])
+    plan = bench.build_plan(args, bench.budget_for("rt_detr", "full"))
+    teacher, none, dd = plan["teacher"], *plan["runs"]
+    assert (none.name, dd.name) == ("none_seed1", "DETRDistill_TPRD_seed1")
+    assert teacher.max_iter > none.max_iter == dd.max_iter
+    # RT-DETR's optimizer has no lr_factor_func (one lr already): no override may invent that key
+    assert not any("lr_factor_func" in o for r in [teacher, *plan["runs"]] for o in r.overrides)
+
+    def build(run, seed=0):
+        cfg = load_config(str(run.config), [o for o in run.overrides if not o.startswith("train.init_checkpoint=")])
+        seed_all_rng(seed)
+        return instantiate(cfg.model)
+
+    alone = build(teacher)
+    distiller = build(dd, seed=1)
+    student = build(none, seed=1)
+    # the teacher trained alone is the distiller's teacher (merge_weights fills it key for key)
+    t_state, d_state = alone.state_dict(), distiller.teacher.state_dict()
+    assert {k: v.shape for k, v in t_state.items()} == {k: v.shape for k, v in d_state.items()}
+    # teacher: 6 decoder layers vs 3, one more AIFI layer, FFN x2, the student's PResNet-18vd
+    assert len(alone.decoder.decoder.layers) == 6 and len(distiller.student.decoder.decoder.layers) == 3
+    assert len(alone.encoder.encoder[0].layers) == len(distiller.student.encoder.encoder[0].layers) + 1
+    assert alone.backbone.depth == distiller.student.backbone.depth == 18
+    assert sum(p.numel() for p in alone.parameters()) > sum(p.numel() for p in distiller.student.parameters())
+    # trained from scratch: trainable BatchNorm everywhere
+    assert all(p.requires_grad for p in alone.parameters()) and all(p.requires_grad for p in student.parameters())
+    # same seed: the distiller's student starts as the student alone
+    s_state, ds_state = student.state_dict(), distiller.student.state_dict()
+    assert set(s_state) == set(ds_state) and all(torch.equal(s_state[k], ds_state[k]) for k in s_state)
+
+
+def test_rt_detr_paper_budget_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--budget paper"):
+        bench.budget_for("rt_detr", "paper")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path), "--detector", "rt_detr", "--budget", "paper"])
+    err = capsys.readouterr().err
+    assert "--budget paper" in err and "--detector rt_detr" in err and "deformable_detr" in err
+    assert bench.budget_for("dino", "paper").regime == "paper"  # the DETR family keeps it
+
+
+def test_dataset_option_takes_the_layouts(tmp_path):
+    # --dataset names the layout (coco, voc) of every regime, not the regimes
+    assert bench.parse_args(["--out", str(tmp_path), "--dataset", "voc"]).dataset == "voc"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path), "--dataset", "scratch"])
 
 
 def test_visualize_tprd_random_teacher(tmp_path, datasets):

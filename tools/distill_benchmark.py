@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fixed-budget distillation benchmark on synthetic data: does the student beat itself trained alone?
 
-    python tools/distill_benchmark.py --out OUT [--detector deformable_detr|dino|dab_detr] \\
+    python tools/distill_benchmark.py --out OUT [--detector deformable_detr|dino|dab_detr|rt_detr] \\
         [--methods none,KD_DETR,KD_DETR_TPRD,DETRDistill,DETRDistill_TPRD] [--seeds 1,2,3] \\
         [--budget quick|full] [--dataset coco|voc] [key=value ...]
 
@@ -15,14 +15,18 @@ checkpoint):
    method configs with the student's ResNet-18 backbone (a ResNet-50 from scratch learned too
    slowly on the CPU: 0.31 AP after the quick budget), made wider (FFN x2), one encoder layer
    deeper, with iterative box refinement and without dropout, trained for four times the
-   student's iterations (:func:`model_overrides`);
+   student's iterations (:func:`model_overrides`). RT-DETRv2 (``--detector rt_detr``): the
+   distillation base's ``model.teacher`` (6 decoder layers against the student's 3) with the
+   student's PResNet-18vd, one more AIFI layer, FFN x2, no dropout; budgets ``quick`` and ``full``
+   only (the ``paper`` regime is built for the Deformable-DETR family);
 3. per seed, the distillation init file is built with ``merge_weight.py``'s code
    (:func:`tprd.checkpoint.merge.merge_weights`): the teacher checkpoint plus, standing in for the
    ImageNet backbone, the student backbone that the seed draws (the ``none`` run starts from the
    same draw);
 4. the student (``model.student`` of the method configs, ResNet-18) is trained alone (``none``)
    and with each method -- any folder name under ``projects/<detector>/cfg_distill/``, using its
-   ``<detector>_r50_distill_r18_synthetic.py`` -- for the same iterations, batch, data order and
+   synthetic config (``<detector>_r50_distill_r18_synthetic.py``; RT-DETRv2:
+   ``rtdetrv2_r50vd_distill_r18vd_synthetic.py``, :func:`detector_spec`) -- for the same iterations, batch, data order and
    seed; each run is evaluated during and after training with the COCO evaluator (the VOC one
    for ``--dataset voc``);
 5. ``OUT/results.md``, ``OUT/results.json`` and the plots ``OUT/curves.png`` (training losses, AP
@@ -125,6 +129,49 @@ class PaperRegime:
 PAPER = PaperRegime()
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """What the plan needs to know of a detector's synthetic distillation configs (one row of
+    :func:`detector_spec`): the file name under ``cfg_distill/<Method>/`` and ``cfg_distill/base/``,
+    the model family (which config keys :func:`model_overrides` sets), the student's backbone name
+    (reports), whether the ``paper`` regime is built for it, and per-budget changes of
+    :data:`BUDGETS`."""
+
+    config_name: str
+    #: "detr": Deformable-DETR family (ResNet ``backbone.depth``/``norm``, ``transformer.*`` keys);
+    #: "rt_detr": RT-DETRv2 (PResNet-vd ``backbone``, hybrid ``encoder.*``, ``decoder.*``)
+    family: str = "detr"
+    student_backbone: str = "R18"
+    paper: bool = True
+    budgets: Tuple[Tuple[str, Dict[str, Any]], ...] = ()
+
+
+#: detectors whose configs do not follow the Deformable-DETR family's naming and keys
+_SPECS = {
+    # RT-DETRv2 R50vd -> R18vd (6 -> 3 decoder layers). Teacher: see model_overrides and
+    # benchmarks/distill_synthetic.md ("Other detectors", RT-DETRv2).
+    "rt_detr": DetectorSpec("rtdetrv2_r50vd_distill_r18vd_synthetic.py", family="rt_detr", student_backbone="R18vd",
+                            paper=False),
+}
+
+
+def detector_spec(detector: str) -> DetectorSpec:
+    """The row of ``detector``: an entry of ``_SPECS``, else the Deformable-DETR family's layout
+    (``<detector>_r50_distill_r18_synthetic.py``, ResNet backbones, ``transformer.*`` keys)."""
+    return _SPECS.get(detector) or DetectorSpec(f"{detector}_r50_distill_r18_synthetic.py")
+
+
+def budget_for(detector: str, name: str) -> Budget:
+    """``BUDGETS[name]`` with the detector's changes (a fresh copy); the ``paper`` budget only where
+    the detector has the paper regime."""
+    spec = detector_spec(detector)
+    if BUDGETS[name].regime == "paper" and not spec.paper:
+        family = ", ".join(d for d in DETECTORS if detector_spec(d).paper)
+        raise ValueError(f"--budget {name}: the paper regime is built for the Deformable-DETR family only ({family}); "
+                         f"use --budget quick or full with --detector {detector}")
+    return dataclasses.replace(BUDGETS[name], **dict(spec.budgets).get(name, {}))
+
+
 # --------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------
@@ -187,9 +234,9 @@ class Run:
 
 
 def method_config(detector: str, method: str) -> Path:
-    """``projects/<detector>/cfg_distill/<method>/<detector>_r50_distill_r18_synthetic.py``."""
+    """``projects/<detector>/cfg_distill/<method>/<synthetic config>`` (:func:`detector_spec`)."""
     folder = REPO / "projects" / detector / "cfg_distill"
-    path = folder / method / f"{detector}_r50_distill_r18_synthetic.py"
+    path = folder / method / detector_spec(detector).config_name
     if not path.is_file():
         known = sorted(p.name for p in folder.iterdir() if (p / path.name).is_file() and p.name != "base")
         raise FileNotFoundError(
@@ -231,8 +278,47 @@ def write_config(out: Path, name: str, source: Path, member: Optional[str], data
     return path
 
 
-def model_overrides(prefix: str, teacher: bool, student_cfg: Any, regime: str = "scratch") -> List[str]:
-    """Model changes of the benchmark. ``scratch``: backbones trained from scratch (trainable
+def model_overrides(prefix: str, teacher: bool, student_cfg: Any, regime: str = "scratch",
+                    family: str = "detr") -> List[str]:
+    """Model changes of the benchmark for the detector family ``family`` (:class:`DetectorSpec`):
+    :func:`_detr_model_overrides` or :func:`_rtdetr_model_overrides`."""
+    if family == "rt_detr":
+        return _rtdetr_model_overrides(prefix, teacher, student_cfg, regime)
+    return _detr_model_overrides(prefix, teacher, student_cfg, regime)
+
+
+def _rtdetr_model_overrides(prefix: str, teacher: bool, student_cfg: Any, regime: str = "scratch") -> List[str]:
+    """RT-DETRv2 (scratch regime only): trainable BatchNorm and nothing frozen in the PResNet-vd
+    backbones (as the synthetic base already sets; stated here so the command shows it).
+
+    The teacher is the distillation base's ``model.teacher`` -- hybrid encoder with CSP expansion
+    1.0 (the student: 0.5) and **6 decoder layers against the student's 3**, the stage pairing this
+    detector's distillation exercises (docs/methods.md#stage-pairing) -- with the student's backbone
+    (PResNet-18vd instead of 50vd, :data:`TEACHER_BACKBONE_FROM_STUDENT`, so ``encoder.in_channels``
+    follow), one more AIFI encoder layer, a twice wider FFN in encoder and decoder, and no dropout.
+    RT-DETRv2 always refines boxes layer by layer (no switch). Width, heads, queries and denoising
+    queries stay the student's, so query groups and per-stage losses line up."""
+    if regime != "scratch":
+        raise ValueError(f"regime {regime!r}: RT-DETRv2 has the scratch regime only (budgets quick, full)")
+    out = [f"{prefix}backbone.freeze_norm=False", f"{prefix}backbone.freeze_at=-1"]
+    if not teacher:
+        return out
+    ffn = 2 * int(student_cfg.encoder.dim_feedforward)
+    out += [
+        f"{prefix}encoder.num_encoder_layers={int(student_cfg.encoder.num_encoder_layers) + 1}",
+        f"{prefix}encoder.dim_feedforward={ffn}",
+        f"{prefix}decoder.dim_feedforward={2 * int(student_cfg.decoder.dim_feedforward)}",
+        f"{prefix}encoder.dropout=0.0",
+        f"{prefix}decoder.dropout=0.0",
+    ]
+    if TEACHER_BACKBONE_FROM_STUDENT:
+        out += [f"{prefix}backbone.depth={int(student_cfg.backbone.depth)}",
+                f"{prefix}encoder.in_channels={_as_override(student_cfg.encoder.in_channels)}"]
+    return out
+
+
+def _detr_model_overrides(prefix: str, teacher: bool, student_cfg: Any, regime: str = "scratch") -> List[str]:
+    """Model changes of the benchmark, Deformable-DETR family. ``scratch``: backbones trained from scratch (trainable
     BatchNorm). ``paper``: :data:`PAPER`'s classes, queries and stages; pretrained backbones keep
     the configs' frozen batch norm and stem.
 
@@ -286,8 +372,12 @@ def _regime_line(budget: Budget) -> str:
             f"classification-pretrained ResNet-18 ({PAPER.pretrain_iters} iterations). ")
 
 
-def _teacher_name() -> str:
-    backbone = "R18" if TEACHER_BACKBONE_FROM_STUDENT else "R50"
+def _teacher_name(detector: str = "deformable_detr") -> str:
+    spec = detector_spec(detector)
+    if spec.family == "rt_detr":
+        backbone = spec.student_backbone if TEACHER_BACKBONE_FROM_STUDENT else "R50vd"
+        return f"{backbone} (6 decoder layers vs 3, CSP expansion 1.0, +1 AIFI layer, FFN x2, no dropout)"
+    backbone = spec.student_backbone if TEACHER_BACKBONE_FROM_STUDENT else "R50"
     return f"{backbone} (+1 encoder layer, FFN x2, box refinement, no dropout)"
 
 
@@ -305,10 +395,11 @@ def _as_override(value: Any) -> str:
     return str(value)
 
 
-def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: str) -> List[str]:
+def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: str,
+                       family: str = "detr") -> List[str]:
     """The same training loop for every run: iterations, batch, lr (scratch: one lr for every
-    parameter, nothing is pretrained; paper: the configs' backbone x0.1), lr x0.1 for the last 20%,
-    5% warmup, evaluations, checkpoints."""
+    parameter, nothing is pretrained -- RT-DETRv2's R18vd optimizer, ``AdamW_r18``, has one already;
+    paper: the configs' backbone x0.1), lr x0.1 for the last 20%, 5% warmup, evaluations, checkpoints."""
     eval_period = max(1, max_iter // max(1, budget.num_evals))
     return [
         f"train.max_iter={max_iter}",
@@ -321,7 +412,7 @@ def schedule_overrides(budget: Budget, max_iter: int, train_set: str, val_set: s
         f"dataloader.train.dataset.names={train_set}",
         f"dataloader.test.dataset.names={val_set}",
         f"optimizer.lr={budget.lr}",
-        *(["optimizer.params.lr_factor_func=None"] if budget.regime == "scratch" else []),
+        *(["optimizer.params.lr_factor_func=None"] if budget.regime == "scratch" and family == "detr" else []),
         f"lr_multiplier.scheduler.milestones=[{max(1, int(max_iter * 0.8))},{max_iter}]",
         "lr_multiplier.warmup_length=0.05",
         "lr_multiplier.warmup_factor=0.1",
@@ -338,10 +429,14 @@ def build_plan(args: argparse.Namespace, budget: Budget) -> Dict[str, Any]:
     train_set, val_set, data_config = DATASETS[regime][args.dataset]
     arms = parse_arms(args.methods, args.arm)
     sources = {a.method: method_config(detector, a.method) for a in arms if a.method != "none"}
-    base = REPO / "projects" / detector / "cfg_distill" / "base" / f"{detector}_r50_distill_r18_synthetic.py"
+    base = REPO / "projects" / detector / "cfg_distill" / "base" / detector_spec(detector).config_name
     seeds = [int(s) for s in (args.seeds or budget.seeds).split(",") if s.strip()]
     user = list(args.overrides)
 
+    spec = detector_spec(detector)
+    if regime == "paper" and not spec.paper:
+        raise ValueError(f"the paper regime is not built for {detector} (--budget quick or full)")
+    family = spec.family
     student_arch = load_config(str(base)).model.student
     teacher_cfg = write_config(out, "teacher", base, "teacher", data_config, "the teacher trained alone")
     student_cfg = write_config(out, "none", base, "student", data_config, "the student trained alone")
@@ -350,14 +445,14 @@ def build_plan(args: argparse.Namespace, budget: Budget) -> Dict[str, Any]:
     backbone_init = [f"train.init_checkpoint={backbone}"] if backbone is not None else []
     teacher = Run(
         "teacher", "teacher", 0, teacher_cfg,
-        model_overrides("model.", True, student_arch, regime)
-        + schedule_overrides(budget, budget.teacher_iter, train_set, val_set)
+        model_overrides("model.", True, student_arch, regime, family)
+        + schedule_overrides(budget, budget.teacher_iter, train_set, val_set, family)
         + ["train.seed=0", f"train.output_dir={out / 'teacher'}"] + backbone_init + user,
         budget.teacher_iter, out / "teacher", arm="teacher",
     )
-    student_model = model_overrides("model.", False, student_arch, regime)
-    distill_model = model_overrides("model.student.", False, student_arch, regime) + model_overrides(
-        "model.teacher.", True, student_arch, regime
+    student_model = model_overrides("model.", False, student_arch, regime, family)
+    distill_model = model_overrides("model.student.", False, student_arch, regime, family) + model_overrides(
+        "model.teacher.", True, student_arch, regime, family
     )
     runs: List[Run] = []
     inits = {seed: out / "init" / f"teacher_student_seed{seed}.pth" for seed in seeds}
@@ -365,7 +460,7 @@ def build_plan(args: argparse.Namespace, budget: Budget) -> Dict[str, Any]:
         for arm in arms:
             name = f"{arm.name}_seed{seed}"
             run_dir = out / "runs" / name
-            common = schedule_overrides(budget, budget.student_iter, train_set, val_set) + [
+            common = schedule_overrides(budget, budget.student_iter, train_set, val_set, family) + [
                 f"train.seed={seed}", f"train.output_dir={run_dir}"
             ]
             if arm.method == "none":
@@ -665,7 +760,9 @@ def write_plots(out: Path, plan_runs: List[Run], results: List[Dict[str, Any]],
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder of the plan (runs, results, plots)")
-    p.add_argument("--detector", choices=DETECTORS, default="deformable_detr")
+    p.add_argument("--detector", choices=DETECTORS, default="deformable_detr",
+                   help="a projects/<detector>/cfg_distill family; rt_detr (RT-DETRv2 R50vd -> R18vd configs, "
+                        "teacher 6 decoder layers vs the student's 3) has the quick and full budgets only")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: 'none' (student alone) and cfg_distill folder names; each is an arm "
                         "named after its method ('' for none but the --arm ones)")
@@ -675,7 +772,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "plan-wide key=value overrides before the first --arm)")
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the budget's)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="coco",
+    p.add_argument("--dataset", choices=sorted(DATASETS["scratch"]), default="coco",
                    help="coco: synthetic_bench_train/val, COCO evaluator; voc: the VOC layout, VOC evaluator")
     for field in dataclasses.fields(Budget):
         if field.name != "seeds":
@@ -700,6 +797,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.store = args.store.resolve()
     try:
         parse_arms(args.methods, args.arm)
+        budget_for(args.detector, args.budget)
     except ValueError as exc:
         p.error(str(exc))
     if args.msda_backend:
@@ -789,7 +887,7 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     # a plain `kill` stops the current run too (the finally of execute); a run resumes next time
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    budget = dataclasses.replace(BUDGETS[args.budget])
+    budget = budget_for(args.detector, args.budget)
     for field in dataclasses.fields(Budget):
         value = getattr(args, field.name, None)
         if value is not None and field.name != "seeds":
@@ -970,7 +1068,8 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
     header = [
         f"# Distillation benchmark: {args.detector}, budget {args.budget}, dataset {args.dataset}",
         "",
-        f"{_regime_line(budget)}Student R18 {budget.student_iter} iterations, teacher {_teacher_name()} {budget.teacher_iter} "
+        f"{_regime_line(budget)}Student {detector_spec(args.detector).student_backbone} {budget.student_iter} "
+        f"iterations, teacher {_teacher_name(args.detector)} {budget.teacher_iter} "
         f"iterations, batch "
         f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
         f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
