@@ -59,6 +59,18 @@ def test_detectron2_named_backbone_and_mismatch_report():
     assert "NOT matched" in report.summary()
 
 
+def test_report_names_the_backbone_only_when_it_recognises_it():
+    d2 = {k[len("backbone."):]: v for k, v in _detrex_state_dict("deformable_detr_r18_student").items()
+          if k.startswith("backbone.")}
+    assert merge_weights(d2, {})[1].summary().startswith("student backbone (ResNet-18)")
+    # a distiller's own student.* keys are taken as they are: no depth is claimed for them
+    given = {"student.backbone." + k: v for k, v in d2.items()}
+    summary = merge_weights(given, {})[1].summary()
+    assert summary.startswith("student backbone (student.* keys as given)") and "ResNet-0" not in summary
+    assert merge_weights({"foo.weight": torch.zeros(2)}, {})[1].summary().startswith(
+        "student backbone (ResNet of unrecognised depth)")
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "merge_weight.py"), "--input1", str(tmp_path / "nope.pth"),

@@ -138,6 +138,8 @@ class MergeReport:
 
     @property
     def backbone_name(self) -> str:
+        if not self.backbone_depth:  # student.* keys are taken as given; anything else was not recognised
+            return f"{self.backbone_kind} of unrecognised depth" if self.backbone_unexpected else "student.* keys as given"
         return f"{self.backbone_kind}-{self.backbone_depth}" + ("vd" if self.backbone_kind == "PResNet" else "")
 
     def summary(self) -> str:
