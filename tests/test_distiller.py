@@ -263,6 +263,18 @@ def test_feature_only_method_runs_teacher_only_to_the_neck():
     assert "distill_neckonly_mse" in losses and torch.isfinite(losses["distill_neckonly_mse"])
 
 
+def test_teacher_backbone_maps_dropped_unless_needed():
+    """The teacher's backbone taps are released before the student runs unless a method needs them."""
+    student, teacher = pair()
+    method = _NeckOnly(weights={"mse": 3.0})
+    distiller = Distiller(student, teacher, [method]).train()
+    distiller(batch())
+    assert "backbone" not in method.seen.taps and len(method.seen.taps["neck"]) == 4
+    method.needs = ("backbone", "neck")
+    distiller(batch())
+    assert "backbone" in method.seen.taps
+
+
 def test_construction_errors_are_actionable():
     student, teacher = pair()
     other_mean = tiny_deformable(seed=3, pixel_mean=(0.0, 0.0, 0.0))

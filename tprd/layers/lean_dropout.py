@@ -16,14 +16,21 @@ token, these tensors are a large share of a training step's memory. Two replacem
 
 Gradients equal autograd's of the plain expressions bit for bit on CPU (the products are the same
 floats), tested in ``tests/test_lean_dropout.py``.
+
+A third tool, :func:`lean_attention_saves`, serves ``nn.MultiheadAttention`` (whose attention
+dropout is inside its scaled-dot-product core, out of reach of the functions above): a context in
+which what autograd saves for backward is repacked, without changing any op it runs. See its
+docstring.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dropout", "ReLUDropout", "dropout", "relu_dropout", "set_lean_dropout"]
+__all__ = ["Dropout", "ReLUDropout", "dropout", "relu_dropout", "set_lean_dropout", "lean_attention_saves"]
 
 _ENABLED = True
 
@@ -101,3 +108,100 @@ class ReLUDropout(torch.nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         return relu_dropout(x, self.p, self.training)
+
+
+# --------------------------------------------------------------------------------------------
+# nn.MultiheadAttention: the attention dropout's saved tensors, repacked
+# --------------------------------------------------------------------------------------------
+
+_MIN_NUMEL = 1 << 14  # smaller saved tensors are kept as they are (not worth the checks)
+
+
+class _Noise:
+    """A dropout noise (values 0 and ``scale`` only, contiguous) kept as a byte mask and its scale."""
+
+    __slots__ = ("mask", "scale", "dtype")
+
+    def __init__(self, mask: Tensor, scale: Tensor, dtype):
+        self.mask, self.scale, self.dtype = mask, scale, dtype
+
+    def tensor(self) -> Tensor:
+        return self.mask.to(self.dtype) * self.scale
+
+
+class _Product:
+    """A contiguous ``probs * noise`` kept as its factors (``probs`` is saved by the softmax anyway)."""
+
+    __slots__ = ("probs", "noise", "shape", "version")
+
+    def __init__(self, probs: Tensor, noise: _Noise, shape):
+        self.probs, self.noise, self.shape, self.version = probs, noise, shape, probs._version
+
+    def tensor(self) -> Tensor:
+        if self.probs._version != self.version:
+            raise RuntimeError("attention probabilities saved for backward were modified in place")
+        return torch.mul(self.probs, self.noise.tensor().view(self.probs.shape)).view(self.shape)
+
+
+def _bits_equal(a: Tensor, b: Tensor) -> bool:
+    """Equal as bit patterns (``torch.equal`` says ``-0.0 == 0.0``; no NaN expected here)."""
+    return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+def lean_attention_saves():
+    """Around a training call of ``nn.MultiheadAttention`` (CPU): keep its attention dropout's noise
+    as a byte mask, and the dropped-out probabilities (saved by the product with the values) as the
+    softmax output (saved anyway) times that noise, rebuilt in backward.
+
+    On CPU the scaled-dot-product core saves, per layer, three float tensors of the attention's
+    shape ``[B, heads, Q, K]``: the softmax output ``P``, the dropout noise ``N`` (0 or
+    ``1/(1-p)``) and ``D = P * N`` (for the value gradient). Here ``N`` is kept as a bool mask
+    plus its scale and ``D`` as ``(P, N)``: 5 bytes per element kept instead of 12. The forward
+    runs the same ops; backward multiplies ``P * N`` again (the size of the softmax; each of the
+    attention's two batched matrix products does ``head_dim`` multiply-adds per element of it).
+    Exact: a repacked tensor is first rebuilt at pack time and compared bit for bit with the one
+    autograd saves (a few element-wise passes over the attention; anything else, or a mismatch, is
+    kept as it is), and the rebuild in backward is the same op on the same inputs. Nothing changes with the lean dropout off
+    (:func:`set_lean_dropout`), without gradients, or off CPU.
+    """
+    from .saved_tensors import may_repack, outer_observer
+
+    if not (_ENABLED and torch.is_grad_enabled() and may_repack()):
+        return contextlib.nullcontext()
+    state = {"probs": None, "noise": None}
+    observe = outer_observer() or (lambda t: t)
+
+    def pack(t: Tensor):
+        kept = repack(t)
+        for x in ((kept.mask,) if isinstance(kept, _Noise) else () if isinstance(kept, _Product) else (kept,)):
+            observe(x)
+        return kept
+
+    def repack(t: Tensor):
+        if not (t.device.type == "cpu" and t.is_floating_point() and t.is_contiguous() and t.numel() >= _MIN_NUMEL):
+            return t
+        probs, noise = state["probs"], state["noise"]
+        if t.requires_grad:
+            if noise is not None and probs is not None and t.numel() == probs.numel():
+                product = torch.mul(probs, noise.tensor().view(probs.shape))
+                if _bits_equal(product.view(-1), t.view(-1)):
+                    state["noise"] = state["probs"] = None
+                    return _Product(probs, noise, t.shape)
+            if noise is None:
+                state["probs"] = t  # maybe the softmax output (saved as itself), a factor later
+            return t
+        if probs is None or t.numel() != probs.numel():
+            return t
+        mask = t != 0
+        scale = t.amax()
+        if _bits_equal(mask.to(t.dtype) * scale, t):
+            state["noise"] = _Noise(mask, scale, t.dtype)
+            return state["noise"]
+        return t
+
+    def unpack(packed):
+        if isinstance(packed, (_Noise, _Product)):
+            return packed.tensor()
+        return packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)

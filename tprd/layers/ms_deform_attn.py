@@ -53,6 +53,8 @@ __all__ = [
     "get_msda_backend",
     "available_msda_backends",
     "cpu_backend",
+    "saved_as_sum",
+    "set_sum_recipe",
 ]
 
 # A backend: (value [B,S,M,Dh], spatial_shapes [L,2] (h, w) int64, level_start_index [L],
@@ -284,6 +286,78 @@ _ACTIVE = _backend_from_environment()
 
 
 # --------------------------------------------------------------------------------------------
+# Keeping a sum's terms instead of the sum for backward
+# --------------------------------------------------------------------------------------------
+
+_SUM_RECIPE = True
+
+
+def set_sum_recipe(enabled: bool) -> None:
+    """Keep ``query = content + query_pos`` as its two terms for backward (default) or as itself
+    (the plain autograd path; tests and benchmarks compare)."""
+    global _SUM_RECIPE
+    _SUM_RECIPE = bool(enabled)
+
+
+def _keep_sum_recipe(query: Tensor) -> bool:
+    from .saved_tensors import may_repack
+
+    return (_SUM_RECIPE and torch.is_grad_enabled() and query.requires_grad
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and may_repack())
+
+
+class _SumRecipe:
+    """What a saved view of ``a + b`` is packed into: the terms, the view's geometry, and (during
+    backward, shared by every node that saved the sum) the sum recomputed once."""
+
+    __slots__ = ("a", "b", "versions", "total")
+
+    def __init__(self, a: Tensor, b: Tensor):
+        self.a, self.b, self.total = a, b, None
+        self.versions = (a._version, b._version)
+
+    def unpack(self, size, stride, offset) -> Tensor:
+        if self.total is None:
+            if (self.a._version, self.b._version) != self.versions:
+                raise RuntimeError("a term of a sum saved for backward (deformable attention's query + query_pos) "
+                                   "was modified in place after the forward")
+            self.total = self.a + self.b  # the forward's op on the same tensors: the same bits
+        return self.total.as_strided(size, stride, offset)
+
+
+class saved_as_sum(torch.autograd.graph.saved_tensors_hooks):
+    """Inside this context, a tensor saved for backward that shares ``total``'s storage (``total =
+    a + b``, contiguous, e.g. the 2-d view a linear layer saves) is kept as ``(a, b)`` and added
+    again when backward needs it. Exact (an element-wise add gives the same floats again); it saves
+    the storage of ``total`` when ``a`` and ``b`` are kept alive anyway (here: the layer's input,
+    which its value projection saves, and the position embedding, shared by every layer). Other
+    saved tensors are kept as they are. The recompute is one element-wise add per layer in backward
+    (next to the layer's matrix products, about 1/256 of their operations)."""
+
+    def __init__(self, total: Tensor, a: Tensor, b: Tensor):
+        from .saved_tensors import outer_observer
+
+        ptr, dtype, contiguous = total.untyped_storage().data_ptr(), total.dtype, total.is_contiguous()
+        recipe = _SumRecipe(a, b)
+        observe = outer_observer() or (lambda t: t)
+
+        def pack(t: Tensor):
+            if contiguous and t.untyped_storage().data_ptr() == ptr and t.dtype == dtype:
+                observe(a)
+                observe(b)
+                return (recipe, t.size(), t.stride(), t.storage_offset())
+            observe(t)
+            return t
+
+        def unpack(packed):
+            if isinstance(packed, tuple):
+                return packed[0].unpack(*packed[1:])
+            return packed
+
+        super().__init__(pack, unpack)
+
+
+# --------------------------------------------------------------------------------------------
 # Module
 # --------------------------------------------------------------------------------------------
 
@@ -379,6 +453,7 @@ class MultiScaleDeformableAttention(nn.Module):
         projection. Returns ``[B,Q,D]``, or ``(output, {"sampling_locations", "attention_weights"})``
         with ``return_sampling``.
         """
+        content = query
         if query_pos is not None:
             query = query + query_pos
         bsz, nq, _ = query.shape
@@ -387,7 +462,13 @@ class MultiScaleDeformableAttention(nn.Module):
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(bsz, nv, self.num_heads, -1)
-        locations, weights = self.sampling(query, reference_points, spatial_shapes)
+        if query_pos is not None and _keep_sum_recipe(query):
+            # the offset and weight projections keep ``content`` and ``query_pos`` (alive anyway)
+            # instead of their sum, which backward adds again: one tensor [B,Q,D] less per layer
+            with saved_as_sum(query, content, query_pos):
+                locations, weights = self.sampling(query, reference_points, spatial_shapes)
+        else:
+            locations, weights = self.sampling(query, reference_points, spatial_shapes)
         out = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights,
                                                backend=self.msda_backend)
         out = self.output_proj(out)

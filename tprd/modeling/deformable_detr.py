@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..layers.mlp import MLP
 from ..layers.box_ops import inverse_sigmoid
 from ..layers.activation_checkpoint import run_layer
-from ..layers.lean_dropout import Dropout, ReLUDropout
+from ..layers.lean_dropout import Dropout, ReLUDropout, lean_attention_saves
 from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from .criterion import SetCriterion
 from .detector import (
@@ -136,7 +136,8 @@ class DeformableDecoderLayer(nn.Module):
         or ``{"self_attn" [B,M,Q,Q] (softmax before dropout), "sampling_locations" [B,Q,M,L,P,2],
         "attention_weights" [B,Q,M,L,P]}``; the outputs are the same with or without maps."""
         q = k = tgt + query_pos
-        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        with lean_attention_saves():  # its dropout's noise kept as a byte mask (exact, CPU training)
+            attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         self_weights = multihead_attention_weights(self.self_attn, q, k, self_attn_mask) if return_attention else None
         tgt = self.norm1(tgt + attn)
         cross = self.cross_attn(tgt, memory, reference_points, spatial_shapes, level_start_index,
