@@ -265,6 +265,8 @@ def test_tiny_rt_detr_plan_end_to_end(tmp_path, datasets):
     assert "teacher complete" in log
     md = (out / "results.md").read_text()
     assert "Student R18vd" in md and "6 decoder layers vs 3" in md and "| KD_DETR_TPRD |" in md
+    # RT-DETRv2's decoder samples on its own: the report does not claim a deformable-attention backend
+    assert "--msda-backend does not apply" in md and "Deformable-attention backend" not in md
 
 
 def test_rt_detr_plan_builds_a_deeper_teacher_and_a_fair_student(tmp_path):

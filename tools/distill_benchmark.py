@@ -932,7 +932,6 @@ def main(argv=None) -> Dict[str, Any]:
     if need_teacher:
         total += teacher_run.max_iter
     started = time.time()
-    results: List[Dict[str, Any]] = []
     lock = threading.Lock()
     with tqdm(total=total, unit="it", desc="benchmark", dynamic_ncols=True, smoothing=0.05) as bar:
         only_none = all(r.method == "none" for r in runs)
@@ -1051,6 +1050,14 @@ def write_store_summary(store: Store, args, budget: Budget, fallback_teacher: Di
     return path
 
 
+def _sampling_line(detector: str, backend: str) -> str:
+    """The report's line on the attention sampling: the deformable-attention backend, which RT-DETRv2's
+    decoder (its own per-level sampling) does not use."""
+    if detector_spec(detector).family == "rt_detr":
+        return "Decoder sampling: RT-DETRv2's own (--msda-backend does not apply)."
+    return f"Deformable-attention backend: {backend}."
+
+
 def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, Any],
                  results: List[Dict[str, Any]], wall: float, complete: bool) -> Dict[str, Any]:
     """``results.json``, ``results.md`` and the plots of the runs finished so far."""
@@ -1073,7 +1080,7 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
         f"iterations, batch "
         f"{budget.batch}, seeds {', '.join(map(str, plan['seeds']))}; train {plan['datasets'][0]}, "
         f"validation {plan['datasets'][1]}. Commands: commands.sh. This call: {wall / 60:.1f} min "
-        f"(finished runs are not rerun). Deformable-attention backend: {backend}.{state}",
+        f"(finished runs are not rerun). {_sampling_line(args.detector, backend)}{state}",
     ]
     write_results_md(args.out / "results.md", report["teacher"], report["runs"], plan["arms"], header)
     done = {(r["arm"], r["seed"]) for r in results}
