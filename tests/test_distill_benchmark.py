@@ -403,3 +403,59 @@ def test_store_continues_a_plan_elsewhere_and_jobs_run_side_by_side(tmp_path, da
     # a plan whose command differs from the stored one is refused, naming the store
     with pytest.raises(RuntimeError, match="stored by a different plan"):
         bench.main(["--out", str(tmp_path / "c"), "--store", str(store), *TINY, "train.log_period=3"])
+
+
+def test_a_failure_or_a_stop_ends_a_plan_running_side_by_side():
+    """--jobs 2: the first failed run ends the plan at once -- the run in flight stops (it would
+    resume next time) and queued runs never start -- and the failure is what the caller sees."""
+    import threading
+
+    started, stopped = [], []
+
+    def one(run):
+        started.append(run)
+        if run == "fails":
+            time.sleep(0.2)
+            raise RuntimeError("run 'fails' failed")
+        # a training in flight: execute() ends it when the plan stops
+        if bench.STOP.wait(30.0):
+            stopped.append(run)
+            raise RuntimeError("stopped with the plan")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="run 'fails' failed"):
+        bench.run_side_by_side(["long", "fails", "queued1", "queued2"], one, jobs=2)
+    assert time.monotonic() - t0 < 10.0
+    assert started == ["long", "fails"] and stopped == ["long"]
+    assert not bench.STOP.is_set()  # the next plan in this process starts clean
+
+    # a stop of the benchmark itself (SIGTERM -> SystemExit in the main thread) stops the runs too
+    stopped.clear()
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    previous = signal.signal(signal.SIGUSR1, lambda *a: sys.exit(128 + signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(SystemExit):
+            bench.run_side_by_side(["a", "b", "c"], one, jobs=2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert sorted(stopped) == ["a", "b"]
+
+
+def test_execute_ends_its_training_when_the_plan_stops(tmp_path, monkeypatch):
+    run = bench.Run("none_seed1", "none", 1, tmp_path / "cfg.py", [], 10, tmp_path / "run")
+    monkeypatch.setattr(bench.Run, "command", lambda self, det: [sys.executable, "-c", "import time; time.sleep(60)"])
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    timer = __import__("threading").Timer(0.5, bench.STOP.set)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match="stopped with the plan; it resumes"):
+            bench.execute(run, "dino", dict(os.environ), Bar())
+    finally:
+        bench.STOP.clear()
+    assert time.monotonic() - t0 < 10.0

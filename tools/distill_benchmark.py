@@ -527,6 +527,10 @@ def summarise(run: Run) -> Dict[str, Any]:
     return out
 
 
+#: set while a plan stops: :func:`execute` then ends its training subprocess (see :func:`run_side_by_side`)
+STOP = threading.Event()
+
+
 def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]:
     """Run one training (or resume it) in a subprocess, advancing ``bar`` from its metrics.json."""
     run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -539,7 +543,8 @@ def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]
         try:
             shown = 0
             while proc.poll() is None:
-                time.sleep(1.0)
+                if STOP.wait(1.0):  # the plan is stopping (a signal, or another run failed)
+                    break
                 records = read_metrics(run.output_dir / "metrics.json")
                 it = int(records[-1]["iteration"]) + 1 if records else 0
                 if it > shown:
@@ -550,6 +555,8 @@ def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]
             if proc.poll() is None:  # the benchmark itself is being stopped: stop the run too
                 proc.terminate()
                 proc.wait()
+    if STOP.is_set() and proc.returncode != 0:
+        raise RuntimeError(f"run {run.name!r} stopped with the plan; it resumes from its last checkpoint next time")
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"run {run.name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -979,14 +986,44 @@ def main(argv=None) -> Dict[str, Any]:
                 bar.set_postfix_str(run.name)
                 one(run)
         else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                for future in [pool.submit(one, run) for run in todo]:
-                    future.result()
+            run_side_by_side(todo, one, args.jobs)
         report = report_so_far()
     print((args.out / "results.md").read_text())
     return report
+
+
+def run_side_by_side(todo: Sequence[Run], one, jobs: int) -> None:
+    """``one(run)`` for every run, ``jobs`` at a time. The first failure, or a stop of the benchmark
+    (SIGTERM, Ctrl-C), ends the plan at once: queued runs do not start and the runs in flight stop
+    (:data:`STOP`); each resumes from its last checkpoint on the next call."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    first_failure: List[BaseException] = []  # the cause (the runs it stops fail after it)
+    guard = threading.Lock()
+
+    def guarded(run: Run) -> None:
+        if STOP.is_set():  # the plan is ending: a queued run does not start
+            return
+        try:
+            one(run)
+        except BaseException as exc:
+            with guard:
+                if not STOP.is_set():
+                    first_failure.append(exc)
+                STOP.set()  # before this worker takes the next run
+            raise
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        wait([pool.submit(guarded, run) for run in todo], return_when=FIRST_EXCEPTION)
+        if first_failure:
+            raise first_failure[0]
+    except BaseException:
+        STOP.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        STOP.clear()
 
 
 @contextlib.contextmanager
