@@ -789,10 +789,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--msda-backend", default=None,
                    help="deformable-attention backend of every model of every run (sets "
                         "$TPRD_MSDA_BACKEND for the runs), e.g. 'cpp' for the C++ CPU kernel; "
-                        "default: the process default ('auto': the pure-PyTorch Function on CPU)")
+                        "default: the process default ('auto': the C++ kernel on CPU when it builds, else the "
+                        "pure-PyTorch Function)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained side by side after the teacher (each a process; use OMP_NUM_THREADS=1 "
-                        "and at most the number of cores)")
+                        "and at most the number of cores); a failed run or a stop (Ctrl-C, kill) ends them all, "
+                        "and each resumes from its last checkpoint on the next call")
     p.add_argument("--store", type=Path, default=None,
                    help="keep every finished run's result and metrics here (e.g. in the repository) and take "
                         "runs found here as done, so that a plan continues on another machine; "
