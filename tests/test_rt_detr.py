@@ -69,6 +69,40 @@ def test_query_groups_do_not_change_the_main_predictions():
     assert both.taps["decoder_self_attn"][0].shape == (2, 4, 57, 57)
 
 
+def test_a_group_of_own_tokens_decodes_exactly_the_main_queries():
+    """A group with no content and the model's own selected tokens and boxes is its main group again:
+    the content a model takes at given tokens is what its own query selection takes there."""
+    from tprd.modeling.outputs import QueryGroup
+
+    model = _model().eval()
+    images = model.preprocess(_inputs())
+    with torch.no_grad():
+        alone = model.forward_outputs(images)
+        q = alone.taps["queries"]
+        assert q.token_index.shape == q.reference.shape[:2]
+        out = model.forward_outputs(images, [QueryGroup("own", None, q.reference, token_index=q.token_index)])
+    torch.testing.assert_close(out.groups["own"].logits, alone.main.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.groups["own"].boxes, alone.main.boxes, atol=1e-6, rtol=1e-6)
+    # another model's tokens: the content is this model's own features there, not the other's
+    other = _model()
+    torch.manual_seed(1)
+    for p in other.parameters():
+        p.data.normal_(0, 0.02)
+    other.eval()
+    with torch.no_grad():
+        tq = other.forward_outputs(images).taps["queries"]
+        mine = model.forward_outputs(images, [QueryGroup("t", None, tq.reference, token_index=tq.token_index)])
+        theirs = model.forward_outputs(images, [QueryGroup("t", tq.content, tq.reference)])
+        # decoding the main queries' own content at the other model's tokens and boxes
+        feats = model.decoder.select(mine.taps["memory"], [tuple(s) for s in mine.taps["spatial_shapes"].tolist()])
+        idx = tq.token_index.unsqueeze(-1).expand(-1, -1, feats["token_features"].shape[-1])
+        by_hand = model.forward_outputs(images, [QueryGroup("t", feats["token_features"].gather(1, idx), tq.reference)])
+    torch.testing.assert_close(mine.groups["t"].logits, by_hand.groups["t"].logits, atol=1e-5, rtol=1e-5)
+    assert (mine.groups["t"].logits - theirs.groups["t"].logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="token_index .* must be"):
+        model.forward_outputs(images, [QueryGroup("bad", None, tq.reference, token_index=tq.token_index[:1])])
+
+
 def test_eval_stops_at_eval_idx_unless_all_layers_are_asked_for():
     model = _model(**{"decoder.eval_idx": 0}).eval()
     images = model.preprocess(_inputs())

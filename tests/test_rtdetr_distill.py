@@ -182,3 +182,54 @@ def test_synthetic_config_trains_through_the_entry_point(path, datasets, tmp_pat
     teacher = [k for k in final if k.startswith("teacher.")]
     assert teacher and all(torch.equal(first[k], final[k]) for k in teacher)
     assert any(not torch.equal(first[k], final[k]) for k in final if k.startswith("student.") and final[k].is_floating_point())
+
+
+def test_kd_detr_own_specific_content_decodes_the_teachers_tokens_with_the_students_features():
+    """KD_DETR with specific_content="own": the student decodes the teacher's selected tokens and
+    boxes with its own features there (no teacher content vectors), and the losses train."""
+    from tprd.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(REPO / "projects/rt_detr/cfg_distill/KD_DETR/rtdetrv2_r50vd_distill_r18vd_synthetic.py"))
+    cfg.model.methods.kd_detr.specific_content = "own"
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    seen = {}
+    for role in ("student", "teacher"):
+        module = getattr(model, role)
+        original = module.forward_outputs
+
+        def spy(*args, _original=original, _role=role, **kwargs):
+            out = _original(*args, **kwargs)
+            seen[_role] = (args, kwargs, out)
+            return out
+
+        module.forward_outputs = spy
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.rand(3, 96, 128, generator=g) * 255, "height": 96, "width": 128,
+               "gt_boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "gt_classes": torch.tensor([1])}
+              for _ in range(2)]
+    losses = model(inputs)
+    args, kwargs, _ = seen["student"]
+    groups = kwargs.get("query_groups", args[1] if len(args) > 1 else ())
+    specific = next(grp for grp in groups if grp.name.endswith("specific"))
+    teacher_q = seen["teacher"][2].taps["queries"]
+    assert specific.content is None and torch.equal(specific.token_index, teacher_q.token_index)
+    assert torch.equal(specific.reference, teacher_q.reference)
+    terms = {k: v for k, v in losses.items() if "kd_detr_specific" in k}
+    assert {"distill_kd_detr_specific_class", "distill_kd_detr_specific_l1", "distill_kd_detr_specific_giou"} <= set(terms)
+    # (a fresh box head returns its reference boxes, so the box terms of an untrained pair can be 0)
+    assert all(torch.isfinite(v) for v in terms.values()) and terms["distill_kd_detr_specific_class"] > 0
+    sum(losses.values()).backward()
+    assert model.student.decoder.enc_output[0].weight.grad is not None
+    assert "specific_content='own'" in repr(model.methods[0])
+
+
+def test_own_specific_content_needs_a_teacher_of_selected_tokens():
+    from tprd.distill.methods.base import query_group_from_tap
+    from tprd.modeling.outputs import QueryGroup
+
+    tap = QueryGroup("queries", torch.zeros(2, 5, 8), torch.rand(2, 5, 4))  # a DINO-like tap: no tokens
+    with pytest.raises(ValueError, match="selected encoder tokens"):
+        query_group_from_tap(tap, "kd_detr_specific", 2, 8, own_content=True)
+    with pytest.raises(ValueError, match="DINO cannot"):
+        QueryGroup("g", None, torch.rand(5, 4), token_index=torch.zeros(1, 5, dtype=torch.long)).require_content("DINO")

@@ -425,7 +425,8 @@ class DABDETR(DETRDetector):
             ref = g.reference if g.reference.dim() == 3 else g.reference.unsqueeze(0)
             if ref.shape[-1] != 4:
                 raise ValueError(f"query group {g.name!r}: DAB-DETR needs 4-d anchor boxes, got {tuple(ref.shape)}")
-            con = g.content if g.content.dim() == 3 else g.content.unsqueeze(0)
+            con = g.require_content("DAB-DETR")
+            con = con if con.dim() == 3 else con.unsqueeze(0)
             Q = ref.shape[1]
             anchors.append(ref.to(memory.dtype).expand(B, Q, 4))
             contents.append(con.to(memory.dtype).expand(B, Q, D))

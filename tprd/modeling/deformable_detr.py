@@ -500,7 +500,7 @@ class DeformableDETR(MultiScaleDETRDetector):
         return QueryGroup("main", content, reference, position), enc_out
 
     def _group_tensors(self, group: QueryGroup, bsz: int):
-        content, position, reference = group.content, group.position, group.reference
+        content, position, reference = group.require_content("Deformable DETR"), group.position, group.reference
         if position is None:
             raise ValueError(f"query group {group.name!r}: Deformable DETR queries need a position (query_pos)")
         if content.dim() == 2:

@@ -504,7 +504,7 @@ class DINO(MultiScaleDETRDetector):
                 f"query group {group.name!r}: DINO derives query positions from the reference boxes; "
                 "pass content and reference only (position=None)"
             )
-        content, reference = group.content, group.reference
+        content, reference = group.require_content("DINO"), group.reference
         if reference is None or reference.shape[-1] != 4:
             raise ValueError(f"query group {group.name!r}: DINO needs 4-d reference boxes [B?,Q,4]")
         if content.dim() == 2:

@@ -55,12 +55,25 @@ class QueryGroup:
     ``content`` ``[B,Q,D]`` (or ``[Q,D]``, broadcast); ``reference`` ``[B,Q,2|4]`` normalised
     (after sigmoid); ``position`` ``[B,Q,D]`` optional positional query (Deformable DETR's
     positional half). ``name`` keys the group's predictions in :attr:`DetectorOutputs.groups`.
+
+    ``token_index`` ``[B,Q]``: the encoder tokens the queries were selected from (RT-DETR's queries
+    tap carries it). With ``content=None`` a detector that selects its queries from encoder tokens
+    (RT-DETR) decodes, as content, **its own** selected-query features at those tokens (the same
+    image positions in its own feature space); other detectors need ``content``.
     """
 
     name: str
-    content: Tensor
+    content: Optional[Tensor]
     reference: Tensor
     position: Optional[Tensor] = None
+    token_index: Optional[Tensor] = None
+
+    def require_content(self, family: str) -> Tensor:
+        """``content``, or an error naming the group when it is left to the decoding model."""
+        if self.content is None:
+            raise ValueError(f"query group {self.name!r} has no content vectors (token_index only): {family} cannot "
+                             "take its own features at given tokens; only RT-DETR can (own query content)")
+        return self.content
 
 
 @dataclass

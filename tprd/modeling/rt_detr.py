@@ -224,14 +224,15 @@ class RTDETR(DETRDetector):
     # ---------------------------------------------------------------------------------------
     # Queries, decoder, heads
     # ---------------------------------------------------------------------------------------
-    @staticmethod
-    def _group_tensors(group: QueryGroup, bsz: int, dim: int) -> Tuple[Tensor, Tensor]:
+    def _group_tensors(self, group: QueryGroup, bsz: int, dim: int, sel: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         if group.position is not None:
             raise ValueError(f"query group {group.name!r}: RT-DETR derives query positions from the reference "
                              "boxes; pass content and reference only (position=None)")
         content, reference = group.content, group.reference
         if reference is None or reference.shape[-1] != 4:
             raise ValueError(f"query group {group.name!r}: RT-DETR needs 4-d reference boxes [B?,Q,4]")
+        if content is None:
+            content = self._own_content(group, sel, bsz, reference.shape[-2])
         if content.dim() == 2:
             content = content.unsqueeze(0).expand(bsz, -1, -1)
         if reference.dim() == 2:
@@ -240,6 +241,23 @@ class RTDETR(DETRDetector):
             raise ValueError(f"query group {group.name!r}: content {tuple(content.shape)} and reference "
                              f"{tuple(reference.shape)} do not fit [B,Q,{dim}] / [B,Q,4] with B={bsz}")
         return content, reference
+
+    def _own_content(self, group: QueryGroup, sel: Dict[str, Tensor], bsz: int, num: int) -> Tensor:
+        """This model's selected-query features (``enc_output`` of its memory, detached as its own
+        content is) at the group's ``token_index`` -- the tokens another RT-DETR selected."""
+        idx = group.token_index
+        if idx is None:
+            raise ValueError(f"query group {group.name!r}: no content and no token_index")
+        if self.decoder.learn_query_content:
+            raise ValueError(f"query group {group.name!r}: own query content needs selected-feature content; "
+                             "this RT-DETR learns its query content (learn_query_content=True)")
+        feats = sel["token_features"]
+        if idx.dim() != 2 or idx.shape != (bsz, num):
+            raise ValueError(f"query group {group.name!r}: token_index {tuple(idx.shape)} must be [B,Q] = {(bsz, num)}")
+        if int(idx.max()) >= feats.shape[1]:
+            raise ValueError(f"query group {group.name!r}: token index {int(idx.max())} but this model has "
+                             f"{feats.shape[1]} memory tokens (teacher and student need the same strides and input)")
+        return feats.gather(1, idx.to(feats.device).unsqueeze(-1).expand(-1, -1, feats.shape[-1])).detach()
 
     def layers_to_run(self) -> int:
         """All decoder layers in training (or with :attr:`eval_all_layers`), else ``eval_idx + 1``."""
@@ -272,7 +290,7 @@ class RTDETR(DETRDetector):
         if len(set(names)) != len(names) or "dn" in names:
             raise ValueError(f"query group names must be unique and not 'main' or 'dn', got {names[1:]}")
         parts = [(sel["content"], sel["reference_unact"].sigmoid())]
-        parts += [self._group_tensors(g, bsz, d) for g in query_groups]
+        parts += [self._group_tensors(g, bsz, d, sel) for g in query_groups]
         if dn_content is not None:
             parts.insert(0, (dn_content, dn_ref.sigmoid()))
             names.insert(0, "dn")
@@ -309,7 +327,8 @@ class RTDETR(DETRDetector):
         taps = dict(taps or {})
         taps.update({k: enc[k] for k in ("memory", "memory_mask", "spatial_shapes", "level_start_index",
                                           "valid_ratios") if k in enc})
-        taps.update(queries=QueryGroup("queries", sel["content"], sel["reference_unact"].sigmoid()),
+        taps.update(queries=QueryGroup("queries", sel["content"], sel["reference_unact"].sigmoid(),
+                                       token_index=sel["topk_indices"]),
                     init_reference_unact=sel["reference_unact"], group_slices=slices)
         taps.update(attention_taps(self._attention_maps(out["attention"]), enc["spatial_shapes"],
                                    enc.get("level_start_index")))

@@ -536,7 +536,7 @@ class RTDETRTransformerv2(nn.Module):
         ``tgt_embed``), ``reference_unact [B,Q,4]`` (detached), the differentiable encoder
         predictions of the selected tokens ``pred_logits [B,Q,C]`` / ``pred_boxes [B,Q,4]``
         (sigmoid), ``topk_indices [B,Q]``, ``hidden [B,Q,D]`` and, over all tokens,
-        ``all_token_logits [B,S,C]``, ``all_token_coords_unact [B,S,4]``, ``anchors``, ``valid_mask``."""
+        ``token_features [B,S,D]`` (what queries are selected from), ``all_token_logits [B,S,C]``, ``all_token_coords_unact [B,S,4]``, ``anchors``, ``valid_mask``."""
         anchors, valid = self.anchors_for(spatial_shapes, memory.device)
         if anchors.shape[1] != memory.shape[1]:
             raise ValueError(f"{memory.shape[1]} memory tokens but {anchors.shape[1]} anchors "
@@ -567,6 +567,7 @@ class RTDETRTransformerv2(nn.Module):
             "pred_boxes": torch.sigmoid(top_coords),
             "topk_indices": topk,
             "hidden": top_memory,
+            "token_features": out_memory,
             "all_token_logits": logits,
             "all_token_coords_unact": coords,
             "anchors": anchors,

@@ -335,9 +335,14 @@ def _as_batched(x: Tensor, batch: int) -> Tensor:
     return x if x.dim() == 3 else x.unsqueeze(0).expand(batch, *x.shape)
 
 
-def query_group_from_tap(tap: Any, name: str, batch: int, embed_dim: Optional[int] = None) -> QueryGroup:
+def query_group_from_tap(tap: Any, name: str, batch: int, embed_dim: Optional[int] = None,
+                         own_content: bool = False) -> QueryGroup:
     """A detector's ``taps["queries"]`` (its own initial queries/references) as a :class:`QueryGroup`
     called ``name`` that another model of the same family can decode.
+
+    ``own_content``: the group carries the tap's ``token_index`` and no content, so the decoding
+    model takes its own selected-query features at those encoder tokens (RT-DETR, whose queries are
+    selected tokens; :class:`~tprd.modeling.outputs.QueryGroup`) instead of the tap's content vectors.
 
     Accepts a :class:`QueryGroup`, a mapping with ``content``/``reference`` (``position``
     optional; ``references`` and ``query_pos`` are accepted aliases), or a bare ``[B?,Q,4]``
@@ -357,6 +362,12 @@ def query_group_from_tap(tap: Any, name: str, batch: int, embed_dim: Optional[in
     if reference is None:
         raise ValueError("the teacher's queries tap has no reference points/boxes")
     reference = _as_batched(reference.detach(), batch)
+    if own_content:
+        index = getattr(tap, "token_index", None)
+        if index is None:
+            raise ValueError(f"{name}: own query content needs a teacher whose queries are selected encoder tokens "
+                             "(RT-DETR: taps['queries'].token_index); this teacher's queries tap has none")
+        return QueryGroup(name=name, content=None, reference=reference, token_index=index.detach())
     if content is None:
         if embed_dim is None:
             raise ValueError("the queries tap has no content vectors; pass embed_dim for zero content")

@@ -18,7 +18,10 @@ point are index-aligned (query ``q`` of the student group <-> query ``q`` of the
 
 * **specific** points, ``specific`` in loss keys: the teacher's own initial queries/references
   (``teacher_out.taps["queries"]``), decoded by the student; their targets are the teacher's main
-  predictions at the same stage.
+  predictions at the same stage. ``specific_content="own"`` (RT-DETR only, whose queries are
+  selected encoder tokens): the student decodes the teacher's boxes with **its own** selected-query
+  features at the teacher's selected tokens, instead of the teacher's feature vectors
+  (docs/rt_detr.md#distillation).
 
 Loss per stage ``l`` (student stage ``l`` <-> its paired teacher stage, ``l`` for equal depths,
 docs/methods.md#stage-pairing), per group: B5
@@ -89,6 +92,8 @@ class KDDETR(DistillMethod):
             seeded from ``(seed, i, r)`` (as MGD's masks), so every GPU draws different points and
             a resumed run draws the points of the uninterrupted one; without an iteration, one
             generator seeded from ``(seed, rank)`` is drawn from call after call.
+        specific_content: ``"teacher"`` (the teacher's query content vectors, the reference's
+            way) or ``"own"`` (RT-DETR: the student's own features at the teacher's selected tokens).
         alpha, beta: TPRD-CKD weights of TCKD / NCKD (1, 1).
     """
 
@@ -105,6 +110,7 @@ class KDDETR(DistillMethod):
         shared_general_refs: bool = False,
         query_kind: Optional[str] = None,
         seed: int = 0,
+        specific_content: str = "teacher",
         name: Optional[str] = None,
         **tprd: Any,
     ):
@@ -122,6 +128,9 @@ class KDDETR(DistillMethod):
         self.shared_general_refs = bool(shared_general_refs)
         self.query_kind = query_kind
         self.seed = int(seed)
+        if specific_content not in ("teacher", "own"):
+            raise ValueError(f"specific_content must be 'teacher' or 'own', got {specific_content!r}")
+        self.specific_content = specific_content
         self._generator: Optional[torch.Generator] = None
         self._general: Optional[QueryGroup] = None
         self._embed_dim: Optional[int] = None
@@ -192,7 +201,8 @@ class KDDETR(DistillMethod):
         tap = ctx.teacher_out.taps.get("queries")
         if tap is None:
             raise KeyError("KD-DETR needs the teacher's initial queries (taps['queries']); the teacher detector does not expose them")
-        groups.append(query_group_from_tap(tap, self.group_name("specific"), ctx.batch_size, self._embed_dim))
+        groups.append(query_group_from_tap(tap, self.group_name("specific"), ctx.batch_size, self._embed_dim,
+                                           own_content=self.specific_content == "own"))
         return groups
 
     # ------------------------------------------------------------------ losses
@@ -244,5 +254,6 @@ class KDDETR(DistillMethod):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, general_points={self.general_points}, temperature={self.temperature}, "
-            f"refine={self.tprd.refine}, query_kind={self.query_kind!r}, weights={self.weights}"
+            f"refine={self.tprd.refine}, query_kind={self.query_kind!r}, specific_content={self.specific_content!r}, "
+            f"weights={self.weights}"
         )
