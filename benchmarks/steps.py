@@ -19,11 +19,17 @@ with 7 random boxes each. Variants:
   each encoder layer checkpointed);
 * ``pytorch``: the pure-PyTorch MSDA Function (the CPU path without a compiler);
 * ``cpp`` and ``cpp+ckpt``: the C++ MSDA kernel asked for explicitly (``set_msda_backend("cpp")``),
-  without and with ``use_checkpoint``.
+  without and with ``use_checkpoint``;
+* ``after+mmap``: ``after`` with glibc's mmap threshold fixed at 4 MiB (``train.cpu_mmap_threshold``,
+  ``tprd/utils/malloc.py``), set at the child's start;
+* ``after+trim``: ``after`` with ``malloc_trim(0)`` (glibc: return the heap's free pages to the
+  system) before the forward and the backward of every encoder and decoder layer of the student: an
+  experiment, not an option of the trainer.
 
 Every (round, row, variant) runs in a fresh process: build, one untimed step, ``--steps`` timed
 steps; its time is the median of those, its memory the process's peak RSS (``ru_maxrss``, which
-includes the models and the inputs). Rounds interleave the variants so that the machine's load
+includes the models and the inputs); the user and system CPU seconds per step (``getrusage``, median)
+are reported beside the wall time, since on a loaded machine CPU time moves less than wall time. Rounds interleave the variants so that the machine's load
 hits them alike. Prints a markdown table: median over rounds (min-max), and the ratio after/before.
 """
 from __future__ import annotations
@@ -49,7 +55,7 @@ ROWS = {
     "MGD_TPRD step": ("distill", DISTILL.format("MGD_TPRD")),
     "CrossKD_TPRD step": ("distill", DISTILL.format("CrossKD_TPRD")),
 }
-VARIANTS = ("before", "after", "after+ckpt", "after+enc", "after+attn", "pytorch", "cpp", "cpp+ckpt")
+VARIANTS = ("before", "after", "after+ckpt", "after+enc", "after+attn", "pytorch", "cpp", "cpp+ckpt", "after+mmap", "after+trim")
 
 
 def build(kind: str, config: str, variant: str):
@@ -74,16 +80,37 @@ def build(kind: str, config: str, variant: str):
     return model.train()
 
 
+def add_trim_hooks(student) -> None:
+    """``malloc_trim(0)`` before the forward and the backward of every encoder/decoder layer."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+
+    def trim(*_) -> None:  # a hook returning None leaves the inputs / gradients as they are
+        libc.malloc_trim(0)
+
+    for module in student.modules():
+        if type(module).__name__.endswith(("EncoderLayer", "DecoderLayer")):
+            module.register_forward_pre_hook(trim)
+            module.register_full_backward_pre_hook(trim)
+
+
 def child(args) -> None:
     import torch
 
     sys.path.insert(0, os.path.join(REPO, "tools"))
     from benchmark import make_batch
 
+    if args.variant == "after+mmap":
+        from tprd.utils.malloc import set_mmap_threshold
+
+        assert set_mmap_threshold(4 * 1024 * 1024), "glibc's mallopt is needed for after+mmap"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kind, config = ROWS[args.row]
-    model = build(kind, config, args.variant)
+    model = build(kind, config, args.variant.replace("+trim", ""))
+    if args.variant.endswith("+trim"):
+        add_trim_hooks(model.student if kind == "distill" else model)
     num_classes = int((model.student if kind == "distill" else model).num_classes)
     data = make_batch(2, 512, 7, num_classes, seed=0)
 
@@ -92,13 +119,18 @@ def child(args) -> None:
         sum(model(data).values()).backward()
 
     step()  # warm-up
-    times = []
+    times, user, system = [], [], []
     for _ in range(args.steps):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        user.append(after.ru_utime - before.ru_utime)
+        system.append(after.ru_stime - before.ru_stime)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB -> GB
-    print(json.dumps({"time": statistics.median(times), "peak_gb": peak}))
+    print(json.dumps({"time": statistics.median(times), "user": statistics.median(user),
+                      "sys": statistics.median(system), "peak_gb": peak}))
 
 
 def main() -> None:
@@ -136,19 +168,25 @@ def main() -> None:
     print(f"{args.threads} threads, {args.rounds} rounds x {args.steps} timed step(s), load average (1 min) "
           f"{min(loads):.1f}-{max(loads):.1f}")
     print()
-    print("| step | variant | time s | peak RSS GB | time / before | peak RSS / before |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| step | variant | time s | user s | sys s | peak RSS GB | time / before | user+sys / before "
+          "| peak RSS / before |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in args.rows:
         base = results.get((row, "before"))
         for variant in args.variants:
             recs = results[(row, variant)]
             t = [r["time"] for r in recs]
+            u = [r["user"] for r in recs]
+            k = [r["sys"] for r in recs]
+            c = [r["user"] + r["sys"] for r in recs]
             m = [r["peak_gb"] for r in recs]
-            rt = rm = ""
+            rt = rc = rm = ""
             if base:
                 rt = f"{statistics.median(t) / statistics.median(r['time'] for r in base):.2f}x"
+                rc = f"{statistics.median(c) / statistics.median(r['user'] + r['sys'] for r in base):.2f}x"
                 rm = f"{statistics.median(m) / statistics.median(r['peak_gb'] for r in base):.2f}x"
-            print(f"| {row} | {variant} | {cell(t, '{:.2f}')} | {cell(m, '{:.2f}')} | {rt} | {rm} |")
+            print(f"| {row} | {variant} | {cell(t, '{:.2f}')} | {cell(u, '{:.2f}')} | {cell(k, '{:.2f}')} "
+                  f"| {cell(m, '{:.2f}')} | {rt} | {rc} | {rm} |")
 
 
 if __name__ == "__main__":

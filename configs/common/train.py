@@ -24,6 +24,10 @@ train = dict(
     device="cuda",
     seed=1,
     cudnn_benchmark=False,
+    # CPU training on Linux: fix glibc's mmap threshold at this many bytes (e.g. 4194304), so blocks
+    # of that size or more go back to the system when freed instead of fragmenting the heap: a lower
+    # peak RSS for more system time (measured in benchmarks/msda_steps.md); None: glibc's default
+    cpu_mmap_threshold=None,
     # global L2 norm of all gradients clipped to max_norm (docs/methods.md#schedules)
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
     # exponential moving average of the weights (tprd/engine/ema.py); evaluations then also report

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import comm
+from ..utils.malloc import set_mmap_threshold
 
 __all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "find_user_error", "add_override_arguments", "override_parser", "setup_logger", "seed_all_rng", "collect_env_info"]
 
@@ -279,7 +280,9 @@ def default_setup(cfg: Any, args: Any, save_config: bool = True) -> None:
     4. seed python/numpy/torch with ``train.seed + rank`` (a negative seed: random);
     5. save the full config as ``output_dir/config.yaml`` (main process; ``save_config=False``
        leaves that to the caller, see :func:`save_run_config`);
-    6. ``torch.backends.cudnn.benchmark = train.cudnn_benchmark`` (default False).
+    6. ``torch.backends.cudnn.benchmark = train.cudnn_benchmark`` (default False);
+    7. glibc's mmap threshold fixed at ``train.cpu_mmap_threshold`` bytes when set
+       (:func:`tprd.utils.malloc.set_mmap_threshold`; default None: glibc's own).
     """
     output_dir = _get(cfg, "train.output_dir")
     rank = comm.get_rank()
@@ -305,6 +308,10 @@ def default_setup(cfg: Any, args: Any, save_config: bool = True) -> None:
 
     if not (hasattr(args, "eval_only") and args.eval_only):
         torch.backends.cudnn.benchmark = bool(_get(cfg, "train.cudnn_benchmark", False))
+
+    threshold = _get(cfg, "train.cpu_mmap_threshold", None)
+    if set_mmap_threshold(threshold):
+        logger.info(f"glibc mmap threshold fixed at {threshold} bytes (train.cpu_mmap_threshold)")
 
 
 def save_run_config(cfg: Any) -> None:
