@@ -24,7 +24,10 @@ with 7 random boxes each. Variants:
   ``tprd/utils/malloc.py``), set at the child's start;
 * ``after+trim``: ``after`` with ``malloc_trim(0)`` (glibc: return the heap's free pages to the
   system) before the forward and the backward of every encoder and decoder layer of the student: an
-  experiment, not an option of the trainer.
+  experiment, not an option of the trainer;
+* ``after+cache``: ``after`` with the caching CPU allocator (``train.cpu_allocator="caching"``,
+  ``tprd/utils/cpu_allocator.py``: blocks of 1 MiB or more mapped on their own and reused across
+  steps, at most 512 MiB of freed blocks kept), installed at the child's start.
 
 Every (round, row, variant) runs in a fresh process: build, one untimed step, ``--steps`` timed
 steps; its time is the median of those, its memory the process's peak RSS (``ru_maxrss``, which
@@ -55,7 +58,7 @@ ROWS = {
     "MGD_TPRD step": ("distill", DISTILL.format("MGD_TPRD")),
     "CrossKD_TPRD step": ("distill", DISTILL.format("CrossKD_TPRD")),
 }
-VARIANTS = ("before", "after", "after+ckpt", "after+enc", "after+attn", "pytorch", "cpp", "cpp+ckpt", "after+mmap", "after+trim")
+VARIANTS = ("before", "after", "after+ckpt", "after+enc", "after+attn", "pytorch", "cpp", "cpp+ckpt", "after+mmap", "after+trim", "after+cache")
 
 
 def build(kind: str, config: str, variant: str):
@@ -105,10 +108,14 @@ def child(args) -> None:
         from tprd.utils.malloc import set_mmap_threshold
 
         assert set_mmap_threshold(4 * 1024 * 1024), "glibc's mallopt is needed for after+mmap"
+    if args.variant == "after+cache":
+        from tprd.utils import cpu_allocator
+
+        assert cpu_allocator.enable(), "the caching CPU allocator could not be built"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kind, config = ROWS[args.row]
-    model = build(kind, config, args.variant.replace("+trim", ""))
+    model = build(kind, config, args.variant.replace("+trim", "").replace("+cache", ""))
     if args.variant.endswith("+trim"):
         add_trim_hooks(model.student if kind == "distill" else model)
     num_classes = int((model.student if kind == "distill" else model).num_classes)

@@ -28,6 +28,10 @@ train = dict(
     # of that size or more go back to the system when freed instead of fragmenting the heap: a lower
     # peak RSS for more system time (measured in benchmarks/msda_steps.md); None: glibc's default
     cpu_mmap_threshold=None,
+    # CPU tensor memory: "auto" = when train.device is cpu, large blocks (>= 1 MiB) are cached and
+    # reused from step to step (tprd/utils/cpu_allocator.py: lower peak RSS, no page re-zeroing;
+    # measured in benchmarks/msda_steps.md); "caching" = also on GPU runs; "default" = torch's own
+    cpu_allocator="auto",
     # global L2 norm of all gradients clipped to max_norm (docs/methods.md#schedules)
     clip_grad=dict(enabled=True, params=dict(max_norm=0.1, norm_type=2)),
     # exponential moving average of the weights (tprd/engine/ema.py); evaluations then also report

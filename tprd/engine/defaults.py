@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import comm
+from ..utils import cpu_allocator
 from ..utils.malloc import set_mmap_threshold
 
 __all__ = ["default_argument_parser", "default_setup", "user_errors_exit", "USER_ERRORS", "find_user_error", "add_override_arguments", "override_parser", "setup_logger", "seed_all_rng", "collect_env_info"]
@@ -282,7 +283,9 @@ def default_setup(cfg: Any, args: Any, save_config: bool = True) -> None:
        leaves that to the caller, see :func:`save_run_config`);
     6. ``torch.backends.cudnn.benchmark = train.cudnn_benchmark`` (default False);
     7. glibc's mmap threshold fixed at ``train.cpu_mmap_threshold`` bytes when set
-       (:func:`tprd.utils.malloc.set_mmap_threshold`; default None: glibc's own).
+       (:func:`tprd.utils.malloc.set_mmap_threshold`; default None: glibc's own);
+    8. torch's CPU allocator per ``train.cpu_allocator`` (:func:`tprd.utils.cpu_allocator.apply_config`;
+       default ``"auto"``: the caching allocator when ``train.device`` is ``cpu``).
     """
     output_dir = _get(cfg, "train.output_dir")
     rank = comm.get_rank()
@@ -312,6 +315,10 @@ def default_setup(cfg: Any, args: Any, save_config: bool = True) -> None:
     threshold = _get(cfg, "train.cpu_mmap_threshold", None)
     if set_mmap_threshold(threshold):
         logger.info(f"glibc mmap threshold fixed at {threshold} bytes (train.cpu_mmap_threshold)")
+    choice = _get(cfg, "train.cpu_allocator", "auto")
+    if cpu_allocator.apply_config(choice, _get(cfg, "train.device", "cuda")):
+        logger.info("CPU tensors of 1 MiB or more are cached and reused across steps "
+                    "(train.cpu_allocator; \"default\" keeps torch's allocator)")
 
 
 def save_run_config(cfg: Any) -> None:
