@@ -9,8 +9,8 @@ The encoder's call: ``Q = S`` queries (every token of the 4 levels at strides 8,
 each query's own position (offsets of a few pixels, as after training) and softmax weights.
 
 Per round and backend, a fresh process (CPU) builds the inputs, runs one untimed forward+backward,
-then times one forward (grad enabled, as in training) and one forward+backward; the rounds
-interleave the backends so that load drifts hit them alike. Memory: on CPU the peak RSS of the
+then times one forward (grad enabled, as in training) and one forward+backward (on CUDA the median
+of 10 of each); the rounds interleave the backends so that load drifts hit them alike. Memory: on CPU the peak RSS of the
 process above its RSS once the inputs exist (``ru_maxrss`` - RSS before the first call); on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs. Prints a markdown table (median and min-max).
 """
@@ -93,16 +93,21 @@ def child(args) -> None:
     sync()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-    sync()
-    start = time.perf_counter()
-    out = forward()
-    sync()
-    t_fwd = time.perf_counter() - start
-    del out
-    start = time.perf_counter()
-    fwd_bwd()
-    sync()
-    t_fb = time.perf_counter() - start
+    # one timed call on CPU (seconds each); on CUDA the median of 10 (a call takes milliseconds)
+    repeats = 10 if cuda else 1
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    t_fwd = timed(forward)
+    t_fb = timed(fwd_bwd)
     print(json.dumps({"forward": t_fwd, "fwd_bwd": t_fb, "peak_mb": peak}))
 
 

@@ -12,8 +12,8 @@ reported in the table, and the rest still runs):
    against the CPU; ``tests/test_tprd.py::test_cuda_matches_cpu``).
 2. **MSDA on CUDA**: ``benchmarks/msda.py --device cuda`` with the grid_sample, pytorch and triton
    backends, forward and forward+backward, time and peak memory, at 512x512 and 800x1333.
-3. **Training steps**: per detector (Deformable DETR, DAB-DETR, DINO) one student step (R18) and one
-   distillation step (KD_DETR_TPRD, R50 teacher -> R18 student) on two random 800x800 images with
+3. **Training steps**: per detector (Deformable DETR, DAB-DETR, DINO, RT-DETRv2) one student step (R18) and one
+   distillation step (KD_DETR_TPRD, R50 teacher -> R18 student; RT-DETRv2: R50vd -> R18vd) on two random 800x800 images with
    random weights, in fp32, fp16 AMP and bf16 AMP: median time of the timed steps, peak memory
    (``torch.cuda.max_memory_allocated``), whether every loss was finite.
 4. **Two GPUs** (only when two are visible): ``tools/train_net.py --num-gpus 2`` (NCCL) on the
@@ -43,6 +43,8 @@ DETECTORS = {
                  "projects/dab_detr/cfg_distill/KD_DETR_TPRD/dab_detr_r50_distill_r18_50ep.py"),
     "DINO": ("projects/dino/configs/models/dino_r18.py",
              "projects/dino/cfg_distill/KD_DETR_TPRD/dino_r50_distill_r18_4scale_12ep.py"),
+    "RT-DETRv2": ("projects/rt_detr/configs/models/rtdetrv2_r18vd.py",
+                  "projects/rt_detr/cfg_distill/KD_DETR_TPRD/rtdetrv2_r50vd_distill_r18vd_coco.py"),
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
 TWO_GPU_CONFIG = "projects/deformable_detr/cfg_distill/KD_DETR_TPRD/deformable_detr_r50_distill_r18_synthetic.py"
@@ -103,8 +105,11 @@ def part_msda(rounds: int, timeout: float) -> list:
     return lines
 
 
-def step_child(detector: str, kind: str, precision: str, steps: int) -> None:
-    """One (detector, student|distill, precision) measurement in this process; prints JSON."""
+def step_child(detector: str, kind: str, precisions: str, steps: int, device: str = "cuda", size: int = 800) -> None:
+    """The (detector, student|distill) measurements of every precision in ``precisions`` (comma
+    separated), one model and one process for all of them; prints one JSON line per precision (an
+    ``"error"`` line for a precision that fails, and the next one still runs). ``device``/``size``
+    exist for a dry run on a CPU (``--device cpu --size 128``)."""
     import torch
 
     sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -113,60 +118,80 @@ def step_child(detector: str, kind: str, precision: str, steps: int) -> None:
 
     student_cfg, distill_cfg = DETECTORS[detector]
     cfg = LazyConfig.load(os.path.join(REPO, student_cfg if kind == "student" else distill_cfg))
-    if kind == "student":
-        cfg.model.device = None
+    if kind == "student" and "device" in cfg.model:
+        cfg.model.device = None  # the student configs may place the model themselves
     torch.manual_seed(0)
-    model = instantiate(cfg.model).cuda().train()
+    model = instantiate(cfg.model).to(device).train()
     num_classes = int((model.student if kind == "distill" else model).num_classes)
-    data = make_batch(2, 800, 7, num_classes, seed=0)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    finite = True
+    data = make_batch(2, size, 7, num_classes, seed=0)
+    on_cuda = torch.device(device).type == "cuda"
 
-    def step():
-        nonlocal finite
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            losses = model(data)
-        finite = finite and all(bool(torch.isfinite(v.detach().float()).all()) for v in losses.values())
-        total = sum(v.float() for v in losses.values())
-        (total * 1024.0 if precision == "fp16" else total).backward()  # a fixed loss scale for fp16
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize()
 
-    step()  # warm-up (kernel compilation, cudnn choices)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps({"time": statistics.median(times), "peak_gb": peak, "finite": finite}))
+    for precision in precisions.split(","):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        finite = True
+
+        def step():
+            nonlocal finite
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                losses = model(data)
+            finite = finite and all(bool(torch.isfinite(v.detach().float()).all()) for v in losses.values())
+            total = sum(v.float() for v in losses.values())
+            (total * 1024.0 if precision == "fp16" else total).backward()  # a fixed loss scale for fp16
+
+        try:
+            step()  # warm-up (kernel compilation, cudnn choices)
+            sync()
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")
+            record = {"precision": precision, "time": statistics.median(times), "peak_gb": peak, "finite": finite}
+        except Exception as exc:  # reported in the table; the next precision still runs
+            record = {"precision": precision, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(json.dumps(record), flush=True)
 
 
 def part_steps(steps: int, timeout_each: float, deadline: float) -> list:
     lines = ["## Training steps on CUDA", "",
              f"Two random 800x800 images (7 boxes each), random weights; one warm-up step, then the median of {steps} "
              "timed steps; peak = `max_memory_allocated` during the timed steps; finite = every loss finite in every "
-             "step. Student = the R18 detector; distillation = KD_DETR_TPRD, R50 teacher -> R18 student.", "",
+             "step. Student = the R18 detector (RT-DETRv2: R18vd); distillation = KD_DETR_TPRD, R50 teacher -> R18 "
+             "student (RT-DETRv2: R50vd -> R18vd). fp16 uses a fixed loss scale of 1024.", "",
              "| detector | step | precision | time s | peak memory GB | losses finite |", "|---|---|---|---:|---:|---|"]
     for detector in DETECTORS:
         for kind in ("student", "distill"):
+            label = "student step" if kind == "student" else "distillation step (KD_DETR_TPRD)"
+            left = deadline - time.perf_counter()
+            if left < 30:
+                lines += [f"| {detector} | {label} | {p} | not run | | the check's 10-minute budget |" for p in PRECISIONS]
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", detector, kind, ",".join(PRECISIONS),
+                   "--steps", str(steps)]
+            code, out, err, _ = _run(cmd, min(timeout_each, left))
+            records = {}
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    rec = json.loads(line)
+                    records[rec.get("precision")] = rec
             for precision in PRECISIONS:
-                label = "student step (R18)" if kind == "student" else "distillation step (KD_DETR_TPRD)"
-                left = deadline - time.perf_counter()
-                if left < 20:
-                    lines.append(f"| {detector} | {label} | {precision} | not run | | the check's 10-minute budget |")
-                    continue
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", detector, kind, precision, "--steps", str(steps)]
-                code, out, err, _ = _run(cmd, min(timeout_each, left))
-                if code == 0:
-                    rec = json.loads(out.strip().splitlines()[-1])
+                rec = records.get(precision)
+                if rec is not None and "error" not in rec:
                     lines.append(f"| {detector} | {label} | {precision} | {rec['time']:.3f} | {rec['peak_gb']:.2f} | "
                                  f"{'yes' if rec['finite'] else '**no**'} |")
                 else:
-                    why = "out of time" if code is None else _tail(err, 1).replace("|", "/")[:160]
-                    lines.append(f"| {detector} | {label} | {precision} | failed | | {why} |")
+                    why = rec["error"] if rec is not None else (
+                        "out of time" if code is None else _tail(err, 1) or f"exit status {code}")
+                    lines.append(f"| {detector} | {label} | {precision} | failed | | {why.replace('|', '/')[:200]} |")
                 print(lines[-1], flush=True)
     return lines + [""]
 
@@ -199,14 +224,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "gpu.md"))
     parser.add_argument("--quick", action="store_true", help="1 MSDA round and 2 timed steps")
-    parser.add_argument("--child", nargs=3, metavar=("DETECTOR", "KIND", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("DETECTOR", "KIND", "PRECISIONS"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=800, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
 
     if args.child:
-        step_child(*args.child, steps=args.steps or 3)
+        step_child(*args.child, steps=args.steps or 3, device=args.device, size=args.size)
         return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device is available on this machine (torch.cuda.is_available() is False); "
@@ -228,18 +255,26 @@ def main() -> int:
         f"(torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton_version}).", "",
     ]
     sections = []
+
+    def write(footer):
+        # written after every part (atomically), so a check stopped from outside keeps what it measured
+        text = "\n".join(header + sections + footer)
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+        return text
+
     for title, fn in (("tests", lambda: part_tests(150)), ("msda", lambda: part_msda(rounds, 150)),
-                      ("steps", lambda: part_steps(steps, 60, started + 480)), ("two GPUs", lambda: part_two_gpus(90))):
+                      ("steps", lambda: part_steps(steps, 150, started + 500)), ("two GPUs", lambda: part_two_gpus(90))):
         print(f"gpu_check: {title} ...", flush=True)
         try:
             sections += fn()
         except Exception as exc:  # report and go on with the next part
             sections += [f"## {title}", "", f"**Failed**: {type(exc).__name__}: {exc}", ""]
+        write([f"(The check was still running: the parts after {title!r} are missing.)", ""])
     total = time.perf_counter() - started
-    text = "\n".join(header + sections + [f"Total time of the check: {total / 60:.1f} min.", ""])
-    with open(args.output, "w") as f:
-        f.write(text)
-    print(text)
+    print(write([f"Total time of the check: {total / 60:.1f} min.", ""]))
     print(f"gpu_check: written to {args.output}")
     return 0
 

@@ -96,6 +96,7 @@ def loss_labels(
     targets.
     """
     staged = logits.dim() == 4
+    logits = logits.float()  # losses in fp32 under mixed precision (AMP gives half-precision logits)
     if not staged:
         logits, indices = logits[None], [indices]
     nl, bsz, nq, nc = logits.shape
@@ -118,6 +119,7 @@ def loss_boxes(
     ``indices`` -> ``[L]`` tensors. Returns ``{"loss_bbox", "loss_giou"}``.
     """
     staged = boxes.dim() == 4
+    boxes = boxes.float()  # losses in fp32 under mixed precision (AMP gives half-precision boxes)
     if not staged:
         boxes, indices = boxes[None], [indices]
     nl = boxes.shape[0]
