@@ -148,14 +148,16 @@ def main() -> None:
     print(f"device {args.device}, {args.threads} threads, {args.rounds} rounds, load average (1 min) "
           f"{min(loads):.1f}-{max(loads):.1f}")
     print()
-    print("| encoder shapes | backend | forward s | forward+backward s | peak memory MB | fwd+bwd speed-up |")
+    # seconds on CPU, milliseconds on CUDA (a call takes a few)
+    unit, scale = ("ms", 1000.0) if args.device == "cuda" else ("s", 1.0)
+    print(f"| encoder shapes | backend | forward {unit} | forward+backward {unit} | peak memory MB | fwd+bwd speed-up |")
     print("|---|---|---:|---:|---:|---:|")
     for size in args.sizes:
         ref = statistics.median(r["fwd_bwd"] for r in rows[(size, args.impls[0])])
         for impl in args.impls:
             recs = rows[(size, impl)]
             fb = [r["fwd_bwd"] for r in recs]
-            print(f"| {SIZE_NAMES[size]} | {impl} | {cell([r['forward'] for r in recs])} | {cell(fb)} | "
+            print(f"| {SIZE_NAMES[size]} | {impl} | {cell([r['forward'] for r in recs], scale)} | {cell(fb, scale)} | "
                   f"{cell([r['peak_mb'] for r in recs], fmt='{:.0f}')} | {ref / statistics.median(fb):.2f}x |")
 
 
