@@ -3,6 +3,7 @@
 
     python benchmarks/msda.py --threads 2 --rounds 3                     # CPU: grid_sample vs pytorch
     python benchmarks/msda.py --device cuda --impls grid_sample pytorch triton --rounds 5   # GPU
+    python benchmarks/msda.py --threads 1 --impls cpp_baseline cpp --rounds 5     # C++: baseline vs AVX2 build
 
 The encoder's call: ``Q = S`` queries (every token of the 4 levels at strides 8, 16, 32, 64 of a
 ``--size`` image), batch 2, 8 heads x 32 channels, 4 levels x 4 points, locations spread around
@@ -76,8 +77,15 @@ def child(args) -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    backend = args.impl
+    if args.impl == "cpp_baseline":  # the C++ kernel's build without AVX2 (what CPUs without it get)
+        from tprd.layers import msda_cpp
+
+        msda_cpp._EXTENSION = msda_cpp._build("tprd_msda_cpu", msda_cpp._BASE_FLAGS)
+        backend = "cpp"
+
     def forward():
-        return multi_scale_deformable_attention(leaves[0], shapes, starts, leaves[1], leaves[2], backend=args.impl)
+        return multi_scale_deformable_attention(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
 
     def fwd_bwd():
         for t in leaves:

@@ -130,3 +130,24 @@ def test_environment_variable_sets_the_process_default():
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "TPRD_MSDA_BACKEND": "fast"})
     assert bad.returncode != 0 and "TPRD_MSDA_BACKEND='fast'" in bad.stderr and "cpp" in bad.stderr
+
+
+def test_avx2_build_is_bit_identical_to_the_baseline_build(extension):
+    """The AVX2 build (the default on CPUs that have AVX2) gives the baseline build's bits: forward
+    and the three gradients, with 32 channels per head (the vector loops) and with 3 (their tails)."""
+    from tprd.layers import msda_cpp
+
+    builds = dict(msda_cpp._builds())
+    if "tprd_msda_cpu_avx2" not in builds:
+        pytest.skip("this CPU has no AVX2 (or is not x86-64): only the baseline build exists here")
+    assert extension.__name__ == "tprd_msda_cpu_avx2"  # the default build on this machine
+    baseline = msda_cpp._build("tprd_msda_cpu", builds["tprd_msda_cpu"])
+    for seed, dh in ((0, 32), (1, 3)):
+        value, loc, weights = random_case(torch.float32, seed, batch=2, queries=40, heads=4, dh=dh)
+        grad = torch.randn(2, 40, 4 * dh, generator=torch.Generator().manual_seed(seed))
+        results = []
+        for ext in (extension, baseline):
+            out = ext.msda_forward(value, SHAPES, STARTS, loc, weights)
+            results.append([out, *ext.msda_backward(value, SHAPES, STARTS, loc, weights, grad)])
+        for name, a, b in zip(("output", "value", "locations", "weights"), *results):
+            assert torch.equal(a, b), name
