@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,7 +102,11 @@ def test_tiny_plan_killed_resumed_then_skipped(tmp_path, datasets):
     assert isinstance(data["teacher"]["bbox/AP"], float)
     assert sorted((r["method"], r["seed"]) for r in data["runs"]) == [("KD_DETR_TPRD", 1), ("none", 1)]
     for r in data["runs"]:
-        assert set(r) == {"method", "arm", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir"}
+        keys = {"method", "arm", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir"}
+        # a distillation run records the AP of the teacher it learned from
+        assert set(r) == (keys if r["method"] == "none" else keys | {bench.TEACHER_AP})
+        if r["method"] != "none":
+            assert r[bench.TEACHER_AP] == data["teacher"]["bbox/AP"]
         assert r["arm"] == r["method"]  # --methods: arms named after their method
         assert all(isinstance(r[k], float) for k in ("bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter"))
         assert 0.0 <= r["bbox/AP"] <= 100.0 and r["sec_per_iter"] > 0
@@ -403,6 +408,39 @@ def test_store_continues_a_plan_elsewhere_and_jobs_run_side_by_side(tmp_path, da
     # a plan whose command differs from the stored one is refused, naming the store
     with pytest.raises(RuntimeError, match="stored by a different plan"):
         bench.main(["--out", str(tmp_path / "c"), "--store", str(store), *TINY, "train.log_period=3"])
+
+
+def test_a_machine_whose_teacher_differs_keeps_it_for_a_new_store(tmp_path, datasets):
+    """The numbers depend on the CPU: a machine whose retrained teacher differs from the stored one
+    stops, takes the runs it copied from the store out of its --out again, and keeps its teacher for
+    a new store, where every run is trained on this machine; a finished run in --out distilled from
+    another teacher is refused by name."""
+    store = tmp_path / "repo" / "paper_x"
+    bench.main(["--out", str(tmp_path / "a"), "--store", str(store), *TINY])
+    # the store as another machine left it: its teacher scored otherwise, one distillation run to do
+    teacher_file = store / "teacher" / bench.RESULT_FILE
+    stored = json.loads(teacher_file.read_text())
+    stored["bbox/AP"] += 1.0
+    teacher_file.write_text(json.dumps(stored))
+    shutil.rmtree(store / "runs" / "KD_DETR_TPRD_seed1")
+    out = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="retrained teacher differs"):
+        bench.main(["--out", str(out), "--store", str(store), *TINY])
+    assert (out / "teacher" / "model_final.pth").is_file()
+    assert not (out / "runs" / "none_seed1").exists()  # copied from the store, then taken out again
+    teacher_weights = (out / "teacher" / "model_final.pth").stat().st_mtime_ns
+    second = bench.main(["--out", str(out), "--store", str(tmp_path / "repo" / "paper_x_machine2"), *TINY])
+    assert (out / "teacher" / "model_final.pth").stat().st_mtime_ns == teacher_weights  # kept, not retrained
+    for name in ("none_seed1", "KD_DETR_TPRD_seed1"):
+        assert (out / "runs" / name / "log.txt").is_file(), name  # trained here
+    kd = next(r for r in second["runs"] if r["method"] == "KD_DETR_TPRD")
+    assert kd[bench.TEACHER_AP] == second["teacher"]["bbox/AP"] != stored["bbox/AP"]
+    result_file = out / "runs" / "KD_DETR_TPRD_seed1" / bench.RESULT_FILE
+    result = json.loads(result_file.read_text())
+    result[bench.TEACHER_AP] += 1.0
+    result_file.write_text(json.dumps(result))
+    with pytest.raises(RuntimeError, match="distilled from another teacher"):
+        bench.main(["--out", str(out), *TINY])
 
 
 def test_a_failure_or_a_stop_ends_a_plan_running_side_by_side():

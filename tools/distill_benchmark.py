@@ -531,8 +531,10 @@ def summarise(run: Run) -> Dict[str, Any]:
 STOP = threading.Event()
 
 
-def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]:
-    """Run one training (or resume it) in a subprocess, advancing ``bar`` from its metrics.json."""
+def execute(run: Run, detector: str, env: Dict[str, str], bar,
+            extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run one training (or resume it) in a subprocess, advancing ``bar`` from its metrics.json;
+    ``extra`` entries are added to the result (a distillation run: the AP of its teacher)."""
     run.output_dir.mkdir(parents=True, exist_ok=True)
     log = run.output_dir / "benchmark_stdout.log"
     cmd = run.command(detector)
@@ -561,7 +563,7 @@ def execute(run: Run, detector: str, env: Dict[str, str], bar) -> Dict[str, Any]
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"run {run.name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
     result = {"method": run.method, "arm": run.arm or run.method, "seed": run.seed, **summarise(run),
-              "output_dir": str(run.output_dir), "command": cmd[1:]}
+              **(extra or {}), "output_dir": str(run.output_dir), "command": cmd[1:]}
     _write_json(run.output_dir / RESULT_FILE, result)
     return result
 
@@ -892,6 +894,16 @@ class Store:
         return teacher, runs
 
 
+def unrestore(run: Run) -> None:
+    """Undo :meth:`Store.restore` in the run's folder: its copied result (and its copied metrics,
+    when the folder holds nothing else)."""
+    (run.output_dir / RESULT_FILE).unlink(missing_ok=True)
+    left = {p.name for p in run.output_dir.iterdir()} if run.output_dir.is_dir() else set()
+    if run.output_dir.is_dir() and left <= {"metrics.json"}:
+        (run.output_dir / "metrics.json").unlink(missing_ok=True)
+        run.output_dir.rmdir()
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     # a plain `kill` stops the current run too (the finally of execute); a run resumes next time
@@ -928,9 +940,7 @@ def main(argv=None) -> Dict[str, Any]:
             f.write(shlex.join(run.command(detector)[1:]) + "\n")
 
     # (b) runs finished earlier, kept in the repository
-    for run in runs:
-        if not run.done:
-            store.restore(run, detector)
+    restored = [run for run in runs if not run.done and store.restore(run, detector)]
     todo = [r for r in runs if not r.done]
     total = sum(r.max_iter for r in todo)
     teacher_weights = (teacher_run.output_dir / "model_final.pth").is_file()
@@ -955,7 +965,13 @@ def main(argv=None) -> Dict[str, Any]:
                     teacher = load_result(teacher_run, detector)
                 else:
                     teacher = execute(teacher_run, detector, env, bar)
-                    check_teacher(teacher, stored_teacher)
+                    try:
+                        check_teacher(teacher, stored_teacher)
+                    except RuntimeError:
+                        # the stored runs belong to the stored teacher (and machine): out of this --out
+                        for run in restored:
+                            unrestore(run)
+                        raise
                     store.put(teacher_run, teacher)
         else:  # every distillation run is stored: the stored teacher's result is enough
             store.restore(teacher_run, detector)
@@ -965,6 +981,10 @@ def main(argv=None) -> Dict[str, Any]:
                 build_init(init, teacher_run.output_dir, plan["student_cfg"], plan["student_overrides"], seed,
                            plan["backbone"])
         finished: Dict[str, Dict[str, Any]] = {r.name: load_result(r, detector) for r in runs if r.done}
+        for run in runs:
+            if run.name in finished:
+                check_distilled_from(run, finished[run.name], teacher)
+        extra = {TEACHER_AP: teacher["bbox/AP"]} if teacher is not None else {}
 
         def report_so_far() -> Dict[str, Any]:
             ordered = [finished[r.name] for r in runs if r.name in finished]
@@ -976,7 +996,11 @@ def main(argv=None) -> Dict[str, Any]:
 
         def one(run: Run) -> None:
             with run_lock(run):  # another call on the same --out may be training this run
-                result = load_result(run, detector) if run.done else execute(run, detector, env, bar)
+                if run.done:
+                    result = load_result(run, detector)
+                    check_distilled_from(run, result, teacher)
+                else:
+                    result = execute(run, detector, env, bar, extra if run.method != "none" else None)
             with lock:
                 store.put(run, result)
                 finished[run.name] = result
@@ -1055,6 +1079,31 @@ def run_lock(run: Run, poll: float = 10.0):
         lock.unlink(missing_ok=True)
 
 
+#: key of a distillation run's result that records the AP of the teacher it learned from
+TEACHER_AP = "teacher_bbox/AP"
+
+
+def check_distilled_from(run: Run, result: Dict[str, Any], teacher: Optional[Dict[str, Any]]) -> None:
+    """A finished distillation run must have learned from this plan's teacher (results written
+    before the teacher's AP was recorded are taken as they are)."""
+    if teacher is None or run.method == "none" or TEACHER_AP not in result:
+        return
+    if abs(float(result[TEACHER_AP]) - float(teacher["bbox/AP"])) > 1e-9:
+        raise RuntimeError(
+            f"{run.output_dir / RESULT_FILE} was distilled from another teacher (bbox/AP {result[TEACHER_AP]:.4f}, "
+            f"this plan's teacher {teacher['bbox/AP']:.4f}): it comes from another machine or store; delete "
+            f"{run.output_dir} to train it again here"
+        )
+
+
+def run_entry(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A run as ``results.json`` lists it (the teacher's AP where the result records it)."""
+    entry = {k: result.get(k) for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")}
+    if TEACHER_AP in result:
+        entry[TEACHER_AP] = result[TEACHER_AP]
+    return entry
+
+
 def check_teacher(teacher: Dict[str, Any], stored: Optional[Dict[str, Any]]) -> None:
     """A retrained teacher must be the stored one: otherwise new runs would distil from another model."""
     if stored is None:
@@ -1065,7 +1114,8 @@ def check_teacher(teacher: Dict[str, Any], stored: Optional[Dict[str, Any]]) -> 
             "the retrained teacher differs from the stored one ("
             + ", ".join(f"{k} {a:.4f} vs stored {b:.4f}" for k, (a, b) in diffs.items())
             + "): the numbers depend on the CPU and the torch build, so this machine cannot continue the stored "
-              "plan; start a new --store (and --out) to run the whole plan here"
+              "plan; start a new --store to run the whole plan here (this --out keeps the retrained teacher; the "
+              "runs that were copied into it from the store are removed from it again)"
         )
 
 
@@ -1081,8 +1131,7 @@ def write_store_summary(store: Store, args, budget: Budget, fallback_teacher: Di
         "dataset": args.dataset,
         "msda_backend": backend,
         "teacher": {k: v for k, v in teacher.items() if k not in ("command", "method", "seed", "arm")},
-        "runs": [{k: r.get(k) for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")}
-                 for r in stored],
+        "runs": [run_entry(r) for r in stored],
     }
     path = store.root.with_suffix(".json")
     _write_json(path, summary)
@@ -1104,7 +1153,7 @@ def write_report(args, budget: Budget, plan: Dict[str, Any], teacher: Dict[str, 
     report = {
         "msda_backend": backend,
         "teacher": {k: v for k, v in (teacher or {}).items() if k not in ("command", "method", "seed", "arm")},
-        "runs": [{k: r[k] for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")} for r in results],
+        "runs": [run_entry(r) for r in results],
     }
     overridden = {a.name: a.overrides for a in plan["arms"] if a.overrides}
     if overridden:
