@@ -102,7 +102,8 @@ def test_tiny_plan_killed_resumed_then_skipped(tmp_path, datasets):
     assert isinstance(data["teacher"]["bbox/AP"], float)
     assert sorted((r["method"], r["seed"]) for r in data["runs"]) == [("KD_DETR_TPRD", 1), ("none", 1)]
     for r in data["runs"]:
-        keys = {"method", "arm", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir"}
+        keys = {"method", "arm", "seed", "bbox/AP", "bbox/AP50", "bbox/AP75", "sec_per_iter", "output_dir", "machine"}
+        assert r["machine"] == bench.machine_fingerprint()  # where its numbers were made
         # a distillation run records the AP of the teacher it learned from
         assert set(r) == (keys if r["method"] == "none" else keys | {bench.TEACHER_AP})
         if r["method"] != "none":
@@ -410,6 +411,19 @@ def test_store_continues_a_plan_elsewhere_and_jobs_run_side_by_side(tmp_path, da
         bench.main(["--out", str(tmp_path / "c"), "--store", str(store), *TINY, "train.log_period=3"])
 
 
+def test_machine_fingerprint_and_the_warning_before_a_doomed_teacher():
+    here = bench.machine_fingerprint()
+    assert here == bench.machine_fingerprint()  # deterministic on one machine
+    assert set(here) == {"torch", "cpu_capability", "numeric"} and len(here["numeric"]) == 16
+    assert bench.machine_warning(None, here) is None  # nothing stored yet
+    assert bench.machine_warning({"bbox/AP": 1.0}, here) is None  # stored before fingerprints existed
+    assert bench.machine_warning({"machine": dict(here)}, here) is None
+    other = dict(here, numeric="0123456789abcdef", cpu_capability="AVX2")
+    warning = bench.machine_warning({"machine": other}, here)
+    assert "another machine" in warning and "0123456789abcdef" in warning and here["numeric"] in warning
+    assert "new --store" in warning
+
+
 def test_a_machine_whose_teacher_differs_keeps_it_for_a_new_store(tmp_path, datasets):
     """The numbers depend on the CPU: a machine whose retrained teacher differs from the stored one
     stops, takes the runs it copied from the store out of its --out again, and keeps its teacher for
@@ -424,7 +438,7 @@ def test_a_machine_whose_teacher_differs_keeps_it_for_a_new_store(tmp_path, data
     teacher_file.write_text(json.dumps(stored))
     shutil.rmtree(store / "runs" / "KD_DETR_TPRD_seed1")
     out = tmp_path / "b"
-    with pytest.raises(RuntimeError, match="retrained teacher differs"):
+    with pytest.raises(RuntimeError, match="teacher trained here differs"):
         bench.main(["--out", str(out), "--store", str(store), *TINY])
     assert (out / "teacher" / "model_final.pth").is_file()
     assert not (out / "runs" / "none_seed1").exists()  # copied from the store, then taken out again
@@ -435,6 +449,12 @@ def test_a_machine_whose_teacher_differs_keeps_it_for_a_new_store(tmp_path, data
         assert (out / "runs" / name / "log.txt").is_file(), name  # trained here
     kd = next(r for r in second["runs"] if r["method"] == "KD_DETR_TPRD")
     assert kd[bench.TEACHER_AP] == second["teacher"]["bbox/AP"] != stored["bbox/AP"]
+    # the teacher trained before this store was given is stored with its runs
+    machine2 = json.loads((tmp_path / "repo" / "paper_x_machine2" / "teacher" / bench.RESULT_FILE).read_text())
+    assert machine2["bbox/AP"] == second["teacher"]["bbox/AP"]
+    # this --out's teacher against the first machine's store: refused, nothing of the store left behind
+    with pytest.raises(RuntimeError, match="teacher trained here differs"):
+        bench.main(["--out", str(tmp_path / "b"), "--store", str(store), *TINY])
     result_file = out / "runs" / "KD_DETR_TPRD_seed1" / bench.RESULT_FILE
     result = json.loads(result_file.read_text())
     result[bench.TEACHER_AP] += 1.0

@@ -945,17 +945,36 @@ def main(argv=None) -> Dict[str, Any]:
     total = sum(r.max_iter for r in todo)
     teacher_weights = (teacher_run.output_dir / "model_final.pth").is_file()
     stored_teacher = store.get(teacher_run, detector)
+    machine = machine_fingerprint()
+    warning = machine_warning(stored_teacher, machine)
+    if warning and any(r.method != "none" for r in todo):
+        print(warning, file=sys.stderr, flush=True)
     need_teacher = any(r.method != "none" for r in todo) and not (teacher_run.done and teacher_weights)
     if all(r.method == "none" for r in runs) and stored_teacher is None and not teacher_run.done:
         need_teacher = False
     if need_teacher:
         total += teacher_run.max_iter
+    def same_teacher(teacher: Dict[str, Any]) -> None:
+        """:func:`check_teacher`; on a mismatch the runs copied from the store (the stored teacher's,
+        made on another machine) are taken out of this --out again before the error."""
+        try:
+            check_teacher(teacher, stored_teacher)
+        except RuntimeError:
+            for run in restored:
+                unrestore(run)
+            raise
+
     started = time.time()
     lock = threading.Lock()
     with tqdm(total=total, unit="it", desc="benchmark", dynamic_ncols=True, smoothing=0.05) as bar:
         only_none = all(r.method == "none" for r in runs)
         if teacher_run.done:
             teacher = load_result(teacher_run, detector)
+            if stored_teacher is None and not only_none:
+                # trained in this --out before the store was given: the store's runs learn from it
+                store.put(teacher_run, teacher)
+            else:
+                same_teacher(teacher)
         elif only_none and stored_teacher is None:  # e.g. `--methods none` beside a plan training the teacher
             teacher = None
         elif need_teacher or stored_teacher is None:
@@ -964,14 +983,8 @@ def main(argv=None) -> Dict[str, Any]:
                 if teacher_run.done:  # finished meanwhile by another call on this --out
                     teacher = load_result(teacher_run, detector)
                 else:
-                    teacher = execute(teacher_run, detector, env, bar)
-                    try:
-                        check_teacher(teacher, stored_teacher)
-                    except RuntimeError:
-                        # the stored runs belong to the stored teacher (and machine): out of this --out
-                        for run in restored:
-                            unrestore(run)
-                        raise
+                    teacher = execute(teacher_run, detector, env, bar, {"machine": machine})
+                    same_teacher(teacher)
                     store.put(teacher_run, teacher)
         else:  # every distillation run is stored: the stored teacher's result is enough
             store.restore(teacher_run, detector)
@@ -1000,7 +1013,8 @@ def main(argv=None) -> Dict[str, Any]:
                     result = load_result(run, detector)
                     check_distilled_from(run, result, teacher)
                 else:
-                    result = execute(run, detector, env, bar, extra if run.method != "none" else None)
+                    result = execute(run, detector, env, bar,
+                                     {**(extra if run.method != "none" else {}), "machine": machine})
             with lock:
                 store.put(run, result)
                 finished[run.name] = result
@@ -1083,6 +1097,44 @@ def run_lock(run: Run, poll: float = 10.0):
 TEACHER_AP = "teacher_bbox/AP"
 
 
+def machine_fingerprint() -> Dict[str, str]:
+    """What makes this machine's numbers its own: torch's version, the CPU instruction set torch
+    dispatches to, and a hash of a few fixed float32 computations on one thread (a convolution, a
+    matrix product, a softmax), whose last bits differ between CPUs or builds that round otherwise."""
+    import hashlib
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        conv = torch.nn.functional.conv2d(torch.randn(2, 16, 33, 41, generator=g), torch.randn(32, 16, 3, 3, generator=g),
+                                          padding=1)
+        product = torch.randn(97, 256, generator=g) @ torch.randn(256, 131, generator=g)
+        soft = torch.randn(64, 300, generator=g).softmax(-1)
+        digest = hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in (conv, product, soft)))
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        capability = "unknown"
+    return {"torch": torch.__version__, "cpu_capability": capability, "numeric": digest.hexdigest()[:16]}
+
+
+def machine_warning(stored_teacher: Optional[Dict[str, Any]], here: Dict[str, str]) -> Optional[str]:
+    """A warning when the store's teacher was trained on a machine whose fingerprint differs from
+    this one's (a retrained teacher will most likely differ, and the plan stop after retraining it)."""
+    there = (stored_teacher or {}).get("machine")
+    if not there or there.get("numeric") == here["numeric"]:
+        return None
+    return (f"warning: the stored teacher was trained on another machine (torch {there.get('torch')}, "
+            f"{there.get('cpu_capability')}, numeric fingerprint {there.get('numeric')}; here torch {here['torch']}, "
+            f"{here['cpu_capability']}, {here['numeric']}): the teacher retrained here will most likely differ and "
+            "the plan then stops; a new --store runs the whole plan on this machine")
+
+
 def check_distilled_from(run: Run, result: Dict[str, Any], teacher: Optional[Dict[str, Any]]) -> None:
     """A finished distillation run must have learned from this plan's teacher (results written
     before the teacher's AP was recorded are taken as they are)."""
@@ -1099,8 +1151,9 @@ def check_distilled_from(run: Run, result: Dict[str, Any], teacher: Optional[Dic
 def run_entry(result: Dict[str, Any]) -> Dict[str, Any]:
     """A run as ``results.json`` lists it (the teacher's AP where the result records it)."""
     entry = {k: result.get(k) for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")}
-    if TEACHER_AP in result:
-        entry[TEACHER_AP] = result[TEACHER_AP]
+    for key in (TEACHER_AP, "machine"):
+        if key in result:
+            entry[key] = result[key]
     return entry
 
 
@@ -1111,7 +1164,7 @@ def check_teacher(teacher: Dict[str, Any], stored: Optional[Dict[str, Any]]) -> 
     diffs = {k: (teacher[k], stored[k]) for k in METRICS if abs(float(teacher[k]) - float(stored[k])) > 1e-9}
     if diffs:
         raise RuntimeError(
-            "the retrained teacher differs from the stored one ("
+            "the teacher trained here differs from the stored one ("
             + ", ".join(f"{k} {a:.4f} vs stored {b:.4f}" for k, (a, b) in diffs.items())
             + "): the numbers depend on the CPU and the torch build, so this machine cannot continue the stored "
               "plan; start a new --store to run the whole plan here (this --out keeps the retrained teacher; the "
