@@ -534,7 +534,7 @@ STOP = threading.Event()
 def execute(run: Run, detector: str, env: Dict[str, str], bar,
             extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run one training (or resume it) in a subprocess, advancing ``bar`` from its metrics.json;
-    ``extra`` entries are added to the result (a distillation run: the AP of its teacher)."""
+    ``extra`` entries are added to the result (the machine; a distillation run: its teacher's AP)."""
     run.output_dir.mkdir(parents=True, exist_ok=True)
     log = run.output_dir / "benchmark_stdout.log"
     cmd = run.command(detector)
@@ -954,6 +954,7 @@ def main(argv=None) -> Dict[str, Any]:
         need_teacher = False
     if need_teacher:
         total += teacher_run.max_iter
+
     def same_teacher(teacher: Dict[str, Any]) -> None:
         """:func:`check_teacher`; on a mismatch the runs copied from the store (the stored teacher's,
         made on another machine) are taken out of this --out again before the error."""
@@ -1149,7 +1150,7 @@ def check_distilled_from(run: Run, result: Dict[str, Any], teacher: Optional[Dic
 
 
 def run_entry(result: Dict[str, Any]) -> Dict[str, Any]:
-    """A run as ``results.json`` lists it (the teacher's AP where the result records it)."""
+    """A run as ``results.json`` lists it (with its teacher's AP and its machine where recorded)."""
     entry = {k: result.get(k) for k in ("method", "arm", "seed", *METRICS, "sec_per_iter", "output_dir")}
     for key in (TEACHER_AP, "machine"):
         if key in result:
