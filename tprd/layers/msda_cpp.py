@@ -280,9 +280,9 @@ def load_extension():
                 return _EXTENSION
             except Exception as exc:  # compiler or ninja missing, build error, full disk
                 if i + 1 < len(builds):
+                    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                     logger.info("deformable attention: the %s build of the C++ kernel failed (%s); trying the "
-                                "baseline build", name, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else
-                                type(exc).__name__)
+                                "baseline build", name, first_line)
                     continue
                 _FAILURE = CppExtensionError(
                     "msda_backend='cpp' needs a C++ compiler (g++/clang++), ninja (`pip install ninja`) and "
