@@ -248,6 +248,43 @@ def test_paper_budget_plan(tmp_path, monkeypatch):
     assert cfg.model.student.num_classes == 24 and cfg.model.teacher.transformer.decoder.num_layers == 6
 
 
+def _class_counts(node, path=""):
+    """Every ``...num_classes`` value of a resolved config, by its dotted path."""
+    from omegaconf import DictConfig, ListConfig
+
+    out = {}
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            value = node[key]
+            name = f"{path}.{key}" if path else str(key)
+            if key == "num_classes":
+                out[name] = value
+            else:
+                out.update(_class_counts(value, name))
+    elif isinstance(node, ListConfig):
+        for i, value in enumerate(node):
+            out.update(_class_counts(value, f"{path}[{i}]"))
+    return out
+
+
+@pytest.mark.parametrize("detector", ["deformable_detr", "dino", "dab_detr"])
+def test_paper_regime_sets_every_class_count(tmp_path, monkeypatch, detector):
+    # every class count of every run's model (criterion and methods included) follows the paper
+    # data's 24 classes; DAB-DETR's criterion once kept the synthetic base's 5 and stopped the run
+    from tprd.engine.main import load_config
+
+    monkeypatch.setattr(bench, "paper_backbone", lambda train, val: tmp_path / "r18.pth")
+    args = bench.parse_args(["--out", str(tmp_path / "b"), "--detector", detector, "--budget", "paper",
+                             "--methods", "KD_DETR_TPRD,DETRDistill"])
+    plan = bench.build_plan(args, bench.budget_for(detector, "paper"))
+    runs = [plan["teacher"], *plan["runs"]]
+    assert {r.name.rsplit("_seed", 1)[0] for r in runs} >= {"teacher", "none", "KD_DETR_TPRD", "DETRDistill"}
+    for run in runs:
+        cfg = load_config(str(run.config), [o for o in run.overrides if not o.startswith("train.init_checkpoint")])
+        counts = _class_counts(cfg.model)
+        assert counts and set(counts.values()) == {24}, (run.name, counts)
+
+
 RT_TINY = ["--detector", "rt_detr", "--methods", "none,KD_DETR_TPRD", "--seeds", "1", "--student-iter", "3",
            "--teacher-iter", "2", "--batch", "2", "--num-evals", "1",
            "dataloader.train.dataset.names=synthetic_train", "dataloader.test.dataset.names=synthetic_val"]

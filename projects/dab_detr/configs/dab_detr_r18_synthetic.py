@@ -26,7 +26,6 @@ NUM_CLASSES = 5
 DIM = 128
 
 model.num_classes = NUM_CLASSES
-model.criterion.num_classes = NUM_CLASSES
 model.num_queries = 50
 model.select_box_nums_for_evaluation = 50
 model.embed_dim = DIM

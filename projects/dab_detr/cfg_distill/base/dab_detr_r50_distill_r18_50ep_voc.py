@@ -12,7 +12,6 @@ from .dab_detr_r50_distill_r18_50ep import model, optimizer, train
 NUM_CLASSES = 20
 for detector in (model.student, model.teacher):
     detector.num_classes = NUM_CLASSES
-    detector.criterion.num_classes = NUM_CLASSES
 del detector
 
 dataloader = get_config("common/data/voc_detr.py").dataloader

@@ -16,7 +16,6 @@ DIM = 64
 
 for detector in (model.student, model.teacher):
     detector.num_classes = NUM_CLASSES
-    detector.criterion.num_classes = NUM_CLASSES
     detector.num_queries = NUM_QUERIES
     detector.select_box_nums_for_evaluation = NUM_QUERIES
     detector.embed_dim = DIM
