@@ -350,6 +350,15 @@ def test_rt_detr_plan_builds_a_deeper_teacher_and_a_fair_student(tmp_path):
     assert set(s_state) == set(ds_state) and all(torch.equal(s_state[k], ds_state[k]) for k in s_state)
 
 
+def test_report_names_the_attention_each_detector_samples_with():
+    assert bench._sampling_line("dino", "cpp") == "Deformable-attention backend: cpp."
+    assert bench._sampling_line("deformable_detr", "auto") == "Deformable-attention backend: auto."
+    for detector in ("dab_detr", "rt_detr"):  # neither uses multi-scale deformable attention
+        line = bench._sampling_line(detector, "cpp")
+        assert "--msda-backend does not apply" in line and "backend: cpp" not in line
+    assert bench.detector_spec("dab_detr").config_name == "dab_detr_r50_distill_r18_synthetic.py"
+
+
 def test_rt_detr_paper_budget_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(ValueError, match="--budget paper"):
         bench.budget_for("rt_detr", "paper")

@@ -144,6 +144,8 @@ class DetectorSpec:
     student_backbone: str = "R18"
     paper: bool = True
     budgets: Tuple[Tuple[str, Dict[str, Any]], ...] = ()
+    #: whether the detector samples with multi-scale deformable attention (what --msda-backend picks)
+    deformable: bool = True
 
 
 #: detectors whose configs do not follow the Deformable-DETR family's naming and keys
@@ -151,7 +153,9 @@ _SPECS = {
     # RT-DETRv2 R50vd -> R18vd (6 -> 3 decoder layers). Teacher: see model_overrides and
     # benchmarks/distill_synthetic.md ("Other detectors", RT-DETRv2).
     "rt_detr": DetectorSpec("rtdetrv2_r50vd_distill_r18vd_synthetic.py", family="rt_detr", student_backbone="R18vd",
-                            paper=False),
+                            paper=False, deformable=False),
+    # DAB-DETR: the family's layout and keys, but plain multi-head attention on one feature level
+    "dab_detr": DetectorSpec("dab_detr_r50_distill_r18_synthetic.py", deformable=False),
 }
 
 
@@ -1194,9 +1198,12 @@ def write_store_summary(store: Store, args, budget: Budget, fallback_teacher: Di
 
 def _sampling_line(detector: str, backend: str) -> str:
     """The report's line on the attention sampling: the deformable-attention backend, which RT-DETRv2's
-    decoder (its own per-level sampling) does not use."""
-    if detector_spec(detector).family == "rt_detr":
+    decoder (its own per-level sampling) and DAB-DETR (plain attention) do not use."""
+    spec = detector_spec(detector)
+    if spec.family == "rt_detr":
         return "Decoder sampling: RT-DETRv2's own (--msda-backend does not apply)."
+    if not spec.deformable:
+        return "Attention: plain multi-head attention, no deformable sampling (--msda-backend does not apply)."
     return f"Deformable-attention backend: {backend}."
 
 
